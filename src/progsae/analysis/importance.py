@@ -1,0 +1,84 @@
+"""Latent importance: streaming statistics over activations, decoder-covariance spectrum, sort-by-importance.
+
+Statistics file (safetensors): e_z2, e_z, freq, max  [N] float64, plus dec_cov_eigs [d_in] descending;
+metadata: n_tokens, sae (the SAE's path, if known).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from ..files import ProgsaeError, load_tensors, save_tensors, tensors_metadata
+from ..sae import SAE
+
+METRICS = ("e_z2", "freq", "e_z", "max")
+
+
+@torch.no_grad()
+def latent_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """E[z_i^2], E[z_i], firing frequency and max of every latent over all rows of `batches`."""
+    N = sae.d_sae
+    s2, s1, fired = (torch.zeros(N, dtype=torch.float64) for _ in range(3))
+    mx = torch.zeros(N)
+    n = 0
+    for x in batches:
+        values, indices = sae.encode(x)
+        idx, v = indices.reshape(-1), values.reshape(-1)
+        s1.index_add_(0, idx, v.double())
+        s2.index_add_(0, idx, v.double().pow(2))
+        fired.index_add_(0, idx, (v > 0).double())
+        mx.scatter_reduce_(0, idx, v, reduce="amax")
+        n += x.shape[0]
+    if n == 0:
+        raise ProgsaeError("no activations to compute statistics on; check the activation directory")
+    return {
+        "e_z2": s2 / n,
+        "e_z": s1 / n,
+        "freq": fired / n,
+        "max": mx.double(),
+        "dec_cov_eigs": decoder_cov_eigs(sae),
+        "n_tokens": torch.tensor(n),
+    }
+
+
+@torch.no_grad()
+def decoder_cov_eigs(sae: SAE) -> torch.Tensor:
+    """Eigenvalues (descending, float64) of the covariance of the decoder rows, a [d_in, d_in] matrix."""
+    return torch.linalg.eigvalsh(torch.cov(sae.W_dec.double().t())).flip(0)
+
+
+def importance_order(stats: dict[str, torch.Tensor], metric: str = "e_z2") -> torch.Tensor:
+    """Latent indices, most important first (stable for ties)."""
+    if metric not in METRICS:
+        raise ProgsaeError(f"unknown importance metric {metric!r}; use one of {', '.join(METRICS)}")
+    return torch.sort(stats[metric], descending=True, stable=True).indices
+
+
+def sort_by_importance(sae: SAE, stats: dict[str, torch.Tensor], metric: str = "e_z2") -> SAE:
+    """The SAE with latents reordered by decreasing `metric`; identical reconstructions at full size."""
+    if stats[metric].shape != (sae.d_sae,):
+        raise ProgsaeError(
+            f"statistics cover {stats[metric].shape[0]} latents but the SAE has {sae.d_sae}; "
+            "compute them with `progsae stats` on this SAE"
+        )
+    return sae.permute(importance_order(stats, metric), metric)
+
+
+def save_stats(path: str | Path, stats: dict[str, torch.Tensor], sae_path: str = "") -> None:
+    save_tensors(
+        path,
+        {k: v for k, v in stats.items() if k != "n_tokens"},
+        {"n_tokens": str(int(stats["n_tokens"])), "sae": str(sae_path)},
+    )
+
+
+def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
+    stats = load_tensors(path)
+    missing = [m for m in METRICS if m not in stats]
+    if missing:
+        raise ProgsaeError(f"{path}: missing {', '.join(missing)}; it is not a statistics file from `progsae stats`")
+    stats["n_tokens"] = torch.tensor(int(tensors_metadata(path).get("n_tokens", 0)))
+    return stats

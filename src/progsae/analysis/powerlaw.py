@@ -1,0 +1,79 @@
+"""Power-law fits of importance against rank: log value = intercept + exponent * log rank, least squares."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..files import ProgsaeError
+
+
+@dataclass
+class PowerLawFit:
+    exponent: float
+    intercept: float  # natural log of the value at rank 1
+    r2: float
+    lo: int  # ranks lo..hi (1-based, inclusive) were fitted
+    hi: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_power_law(values, lo: int = 1, hi: int | None = None) -> PowerLawFit:
+    """Fit the values sorted descending against rank 1..n over the rank window [lo, hi].
+
+    Non-positive values (dead latents, zero eigenvalues) have no logarithm: the window is cut where
+    they begin.
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    n_pos = int((v > 0).sum())
+    hi = n_pos if hi is None else min(hi, n_pos)
+    if lo < 1 or hi - lo + 1 < 3:
+        raise ProgsaeError(f"rank window {lo}..{hi} has fewer than 3 positive values to fit; widen it")
+    rank = np.arange(lo, hi + 1, dtype=np.float64)
+    lx, ly = np.log(rank), np.log(v[lo - 1 : hi])
+    slope, intercept = np.polyfit(lx, ly, 1)
+    resid = ly - (intercept + slope * lx)
+    ss_tot = ((ly - ly.mean()) ** 2).sum()
+    r2 = 1 - (resid**2).sum() / ss_tot if ss_tot > 0 else 1.0
+    return PowerLawFit(float(slope), float(intercept), float(r2), lo, hi)
+
+
+def plot_power_laws(
+    series: dict[str, np.ndarray], fits: dict[str, PowerLawFit], path: str | Path, title: str = ""
+) -> Path:
+    """Log-log plot of each series (sorted descending) against rank, with its fit line dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, values in series.items():
+        v = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+        v = v[v > 0]
+        (line,) = ax.loglog(np.arange(1, len(v) + 1), v, lw=1.5, label=name)
+        f = fits[name]
+        r = np.array([f.lo, f.hi], dtype=np.float64)
+        ax.loglog(
+            r,
+            np.exp(f.intercept) * r**f.exponent,
+            "--",
+            color=line.get_color(),
+            lw=1,
+            label=f"fit: exponent {f.exponent:.2f}, R² {f.r2:.3f}",
+        )
+    ax.set_xlabel("rank")
+    ax.set_ylabel("value")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

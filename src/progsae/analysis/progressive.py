@@ -1,0 +1,133 @@
+"""Progressive evaluation: FVU, L0 and dead fraction at every granularity G = 1..N from one encode.
+
+For a token with active latents i_1 < ... < i_k (values v_t), the prefix reconstruction at G contains
+exactly the latents with i_t < G, so its squared residual ||r||^2 is a step function of G that changes
+only at the k active indices. We compute e_t = ||x - b_dec - sum_{s<=t} v_s W_dec[i_s]||^2 for t = 0..k,
+scatter the steps e_t - e_{t-1} onto index i_t, and one cumulative sum over indices gives
+SSE(G) = sum_tokens e_0 + sum_{i < G} step_i for every G at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..files import ProgsaeError
+from ..sae import MODES, SAE
+
+CURVE_CHUNK = 64  # tokens per cumulative-sum block: [64, k, d] stays in cache
+
+
+@dataclass
+class ProgressiveResult:
+    n_tokens: int
+    fvu: np.ndarray  # [N]: fvu[G-1] = prefix-mode FVU at granularity G
+    l0: np.ndarray  # [N]: mean number of active latents among the first G
+    dead_frac: np.ndarray  # [N]: fraction of the first G latents that never fired
+    rescaled_fvu: dict[int, float]  # G -> rescaled-mode FVU (TopK over the first G, k_G = k G / N)
+
+    def at(self, G: int) -> dict:
+        return {
+            "G": G,
+            "fvu_prefix": float(self.fvu[G - 1]),
+            "fvu_rescaled": self.rescaled_fvu.get(G),
+            "l0": float(self.l0[G - 1]),
+            "dead_frac": float(self.dead_frac[G - 1]),
+        }
+
+
+class ProgressiveEval:
+    """Accumulates the one-pass prefix curve (and rescaled FVU at chosen G) over batches of activations."""
+
+    def __init__(self, sae: SAE, rescaled_G: Iterable[int] = ()):
+        self.sae = sae
+        N, d = sae.d_sae, sae.cfg.d_in
+        self.rescaled_G = sorted(set(rescaled_G))
+        for G in self.rescaled_G:
+            sae._check_G(G)
+        self.steps = torch.zeros(N, dtype=torch.float64)
+        self.counts = torch.zeros(N, dtype=torch.float64)
+        self.sse0 = torch.zeros((), dtype=torch.float64)
+        self.sum_x = torch.zeros(d, dtype=torch.float64)
+        self.sum_x2 = torch.zeros((), dtype=torch.float64)
+        self.rescaled_sse = {G: torch.zeros((), dtype=torch.float64) for G in self.rescaled_G}
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        sae = self.sae
+        values, indices = sae.encode(x)
+        r0 = x - sae.b_dec
+        for s in range(0, x.shape[0], CURVE_CHUNK):
+            v, idx, r = values[s : s + CURVE_CHUNK], indices[s : s + CURVE_CHUNK], r0[s : s + CURVE_CHUNK]
+            partial = (sae.W_dec[idx] * v.unsqueeze(-1)).cumsum_(1)  # [c, k, d]
+            e = (r.unsqueeze(1) - partial).pow_(2).sum(-1)  # [c, k]: ||r||^2 after t+1 latents
+            e0 = r.pow(2).sum(-1)
+            step = e - torch.cat([e0.unsqueeze(1), e[:, :-1]], 1)
+            self.steps.index_add_(0, idx.reshape(-1), step.reshape(-1).double())
+            self.sse0 += e0.double().sum()
+        self.counts.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).double())
+        xd = x.double()
+        self.sum_x += xd.sum(0)
+        self.sum_x2 += xd.pow(2).sum()
+        self.n += x.shape[0]
+        for G in self.rescaled_G:
+            self.rescaled_sse[G] += (x - sae(x, G, "rescaled")).double().pow(2).sum()
+
+    def total_variance(self) -> float:
+        return float(self.sum_x2 - self.sum_x.pow(2).sum() / self.n)
+
+    def result(self) -> ProgressiveResult:
+        if self.n == 0:
+            raise ProgsaeError("no activations were evaluated; check the activation directory")
+        var = self.total_variance()
+        N = self.sae.d_sae
+        G = torch.arange(1, N + 1, dtype=torch.float64)
+        return ProgressiveResult(
+            n_tokens=self.n,
+            fvu=((self.sse0 + self.steps.cumsum(0)) / var).numpy(),
+            l0=(self.counts.cumsum(0) / self.n).numpy(),
+            dead_frac=((self.counts == 0).double().cumsum(0) / G).numpy(),
+            rescaled_fvu={g: float(s / var) for g, s in self.rescaled_sse.items()},
+        )
+
+
+def progressive_eval(sae: SAE, batches: Iterable[torch.Tensor], rescaled_G: Iterable[int] = ()) -> ProgressiveResult:
+    """One pass over `batches`: the prefix-mode curve at every G, and rescaled FVU at `rescaled_G`."""
+    acc = ProgressiveEval(sae, rescaled_G)
+    for x in batches:
+        acc.update(x)
+    return acc.result()
+
+
+@torch.no_grad()
+def fvu_at(sae: SAE, batches: Iterable[torch.Tensor], Gs: Iterable[int], mode: str = "prefix") -> dict[int, float]:
+    """Brute force: FVU of the reconstruction truncated to each G, one decode per G (the reference)."""
+    if mode not in MODES:
+        raise ProgsaeError(f"unknown truncation mode {mode!r}; use one of {', '.join(MODES)}")
+    Gs = list(Gs)
+    sse = dict.fromkeys(Gs, 0.0)
+    xs = []
+    for x in batches:
+        xs.append(x.double())
+        for G in Gs:
+            sse[G] += float((x - sae(x, G, mode)).double().pow(2).sum())
+    allx = torch.cat(xs)
+    var = float((allx - allx.mean(0)).pow(2).sum())
+    return {G: s / var for G, s in sse.items()}
+
+
+def default_grid(N: int) -> list[int]:
+    """Powers of two from N/64 up to N (and N itself): the G at which results are tabled."""
+    grid = {N}
+    g = N
+    while g >= max(1, N // 64):
+        grid.add(g)
+        g //= 2
+    return sorted(grid)
+
+
+__all__ = ["ProgressiveEval", "ProgressiveResult", "progressive_eval", "fvu_at", "default_grid"]

@@ -1,0 +1,273 @@
+"""The `progsae` command: one subcommand per stage, each a thin shell over the library.
+
+Every user error is one line `progsae: error: ...` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .files import ProgsaeError, load_json, save_json
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _rank_window(text: str) -> tuple[int, int | None]:
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo or 1), int(hi) if hi else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI ranks (e.g. 1:1000 or 10:), got {text!r}") from None
+
+
+def cmd_synth(a) -> None:
+    from .data import SyntheticConfig, SyntheticSource, write_activations
+
+    cfg = SyntheticConfig(
+        d_in=a.d_in, n_features=a.features, alpha=a.alpha, mean_active=a.mean_active, noise=a.noise, seed=a.seed
+    )
+    src = SyntheticSource(cfg)
+    n_batches = -(-a.tokens // 8192)
+    rows = (src.sample(min(8192, a.tokens - j * 8192), j) for j in range(n_batches))
+    out = write_activations(
+        a.out,
+        tqdm(rows, total=n_batches, desc="synth", unit="batch"),
+        cfg.d_in,
+        {**src.describe(), "note": "synthetic activations with known features (tests and demos only)"},
+    )
+    print(
+        f"wrote {a.tokens} synthetic activations (d_in={cfg.d_in}, {cfg.n_features} features, alpha={cfg.alpha}) to {out}"
+    )
+
+
+def cmd_train(a) -> None:
+    from .data import ActivationDir
+    from .train import TrainConfig, train
+
+    acts = ActivationDir(a.acts)
+    base = load_json(a.config) if a.config else {}
+    flags = {
+        "d_sae": a.d_sae,
+        "k": a.k,
+        "tokens": a.tokens,
+        "batch_size": a.batch_size,
+        "lr": a.lr,
+        "matryoshka": a.matryoshka,
+        "matryoshka_sampled": a.matryoshka_sampled,
+        "matryoshka_sampler": a.sampler,
+        "dead_tokens": a.dead_tokens,
+        "seed": a.seed,
+    }
+    base.update({k: v for k, v in flags.items() if v is not None})
+    base.setdefault("metadata", {}).update(
+        {k: v for k, v in acts.manifest.get("source", {}).items() if k in ("model_name", "hook_name")}
+    )
+    cfg = TrainConfig.from_dict(base)
+    out = Path(a.out)
+    if a.force and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    sae = train(acts, cfg, out)
+    t = sae.cfg.progsae["training"]
+    print(
+        f"trained {sae.d_sae}-latent SAE (k={sae.k}, matryoshka={cfg.mode}) on {t['tokens']} tokens in "
+        f"{t['seconds']:.0f}s: FVU {t['final_fvu']:.4f}, L0 {t['final_l0']:.1f}, dead {t['dead_frac']:.3f}; saved to {out}"
+    )
+
+
+def cmd_stats(a) -> None:
+    from .analysis import latent_stats, save_stats
+    from .data import ActivationDir
+    from .sae import SAE
+
+    sae, acts = SAE.load(a.sae), ActivationDir(a.acts)
+    _check_d_in(sae, acts)
+    n = min(a.tokens or acts.n_tokens, acts.n_tokens)
+    rows = tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="stats", unit="batch")
+    stats = latent_stats(sae, rows)
+    save_stats(a.out, stats, str(a.sae))
+    print(f"statistics of {sae.d_sae} latents over {n} tokens written to {a.out}")
+
+
+def cmd_permute(a) -> None:
+    from .analysis import load_stats, sort_by_importance
+    from .sae import SAE
+
+    sae = SAE.load(a.sae)
+    out = sort_by_importance(sae, load_stats(a.stats), a.by)
+    out.save(a.out)
+    print(f"SAE with latents sorted by {a.by} (descending) written to {a.out}")
+
+
+def cmd_powerlaw(a) -> None:
+    from .analysis import fit_power_law, load_stats, plot_power_laws
+
+    stats = load_stats(a.stats)
+    lo, hi = a.window
+    series = {m: stats[m].numpy() for m in a.metrics}
+    fits = {m: fit_power_law(v, lo, hi) for m, v in series.items()}
+    for m, f in fits.items():
+        print(f"{m:>13}: exponent {f.exponent:+.3f}  R^2 {f.r2:.3f}  (ranks {f.lo}..{f.hi})")
+    if a.plot:
+        plot_power_laws(series, fits, a.plot, title=str(a.stats))
+        print(f"plot written to {a.plot}")
+    if a.json:
+        save_json(a.json, {m: f.to_dict() for m, f in fits.items()})
+
+
+def cmd_eval(a) -> None:
+    from .analysis import ProgressiveEval, default_grid
+    from .data import ActivationDir
+    from .sae import SAE
+
+    sae, acts = SAE.load(a.sae), ActivationDir(a.acts)
+    _check_d_in(sae, acts)
+    Gs = a.G or default_grid(sae.d_sae)
+    for G in Gs:
+        sae._check_G(G)
+    n = min(a.tokens or acts.n_tokens, acts.n_tokens)
+    acc = ProgressiveEval(sae, Gs)
+    for x in tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="eval", unit="batch"):
+        acc.update(x)
+    r = acc.result()
+    table = [r.at(G) for G in Gs]
+    results = {
+        "sae": str(a.sae),
+        "acts": str(a.acts),
+        "n_tokens": r.n_tokens,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "table": table,
+        "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
+    }
+    save_json(a.out, results)
+    print(f"{'G':>8} {'FVU prefix':>11} {'FVU rescaled':>13} {'L0':>7} {'dead':>6}")
+    for row in table:
+        print(
+            f"{row['G']:>8} {row['fvu_prefix']:>11.4f} {row['fvu_rescaled']:>13.4f} {row['l0']:>7.1f} {row['dead_frac']:>6.3f}"
+        )
+    print(f"results ({r.n_tokens} tokens; full FVU curve over G=1..{sae.d_sae}) written to {a.out}")
+
+
+def _check_d_in(sae, acts) -> None:
+    if sae.cfg.d_in != acts.d_in:
+        raise ProgsaeError(
+            f"the SAE expects d_in={sae.cfg.d_in} but {acts.path} holds d_in={acts.d_in}; "
+            "use activations from the layer the SAE was trained on"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .analysis import METRICS
+
+    p = argparse.ArgumentParser(
+        prog="progsae",
+        description="Progressive sparse autoencoders: train TopK and "
+        "Matryoshka SAEs, reorder latents by importance, evaluate at every dictionary size.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write synthetic activations with known features (tests and demos)")
+    s.add_argument("--out", required=True, help="activation directory to create")
+    s.add_argument("--tokens", type=int, default=1_000_000)
+    s.add_argument("--d-in", type=int, default=64)
+    s.add_argument("--features", type=int, default=512, help="number of true feature directions")
+    s.add_argument("--alpha", type=float, default=1.0, help="feature i fires with probability ~ i^-alpha")
+    s.add_argument("--mean-active", type=float, default=8.0, help="mean number of active features per token")
+    s.add_argument("--noise", type=float, default=0.01)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("train", help="train a TopK or Matryoshka SAE on an activation directory")
+    s.add_argument("acts", help="activation directory")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="SAE directory to write (SAELens layout), with history.json and checkpoint/ (a rerun resumes from it)",
+    )
+    s.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
+    s.add_argument("--d-sae", type=int, help="dictionary size N (default 4096)")
+    s.add_argument("--k", type=int, help="active latents per token (default 32)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--matryoshka", type=_ints, metavar="m1,m2,...,N", help="fixed nested granularities")
+    g.add_argument("--matryoshka-sampled", type=int, metavar="S", help="draw S granularities per step (N added)")
+    s.add_argument("--sampler", choices=["uniform", "pareto"], help="how sampled granularities are drawn")
+    s.add_argument("--tokens", type=int, help="training tokens (default 2,000,000)")
+    s.add_argument("--batch-size", type=int, help="tokens per step (default 4096)")
+    s.add_argument("--lr", type=float, help="default 2e-4 / sqrt(N / 2^14)")
+    s.add_argument("--dead-tokens", type=int, help="tokens without firing before a latent counts as dead (default 10M)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--force", action="store_true", help="discard an existing run directory instead of resuming")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("stats", help="importance statistics of every latent (E[z^2], frequency, E[z], max)")
+    s.add_argument("sae", help="SAE directory")
+    s.add_argument("acts", help="activation directory")
+    s.add_argument("--out", required=True, help="statistics file (.safetensors)")
+    s.add_argument("--tokens", type=int, help="use at most this many tokens (default all)")
+    s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("permute", help="reorder an SAE's latents by decreasing importance (no retraining)")
+    s.add_argument("sae", help="SAE directory")
+    s.add_argument("--stats", required=True, help="statistics file from `progsae stats`")
+    s.add_argument("--by", default="e_z2", choices=METRICS, help="importance metric (default e_z2)")
+    s.add_argument("--out", required=True, help="SAE directory to write")
+    s.set_defaults(fn=cmd_permute)
+
+    s = sub.add_parser("powerlaw", help="fit power laws of importance against rank")
+    s.add_argument("stats", help="statistics file from `progsae stats`")
+    s.add_argument(
+        "--metrics",
+        type=lambda t: t.split(","),
+        default=["e_z2", "freq", "dec_cov_eigs"],
+        help="comma-separated: e_z2, freq, e_z, max, dec_cov_eigs",
+    )
+    s.add_argument("--window", type=_rank_window, default=(1, None), help="rank window LO:HI (default all)")
+    s.add_argument("--plot", help="write a log-log plot with the fits (PNG)")
+    s.add_argument("--json", help="write the fits as JSON")
+    s.set_defaults(fn=cmd_powerlaw)
+
+    s = sub.add_parser("eval", help="FVU, L0 and dead fraction at every granularity, both truncation modes")
+    s.add_argument("sae", help="SAE directory")
+    s.add_argument("acts", help="activation directory")
+    s.add_argument("--out", required=True, help="results JSON")
+    s.add_argument("--G", type=_ints, help="granularities to table (default powers of two up to N)")
+    s.add_argument("--tokens", type=int, help="use at most this many tokens (default all)")
+    s.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "metrics", None):
+        from .analysis import METRICS
+
+        bad = [m for m in args.metrics if m not in (*METRICS, "dec_cov_eigs")]
+        if bad:
+            print(
+                f"progsae: error: unknown metric {bad[0]!r}; use e_z2, freq, e_z, max or dec_cov_eigs", file=sys.stderr
+            )
+            return 2
+    try:
+        args.fn(args)
+    except ProgsaeError as e:
+        print(f"progsae: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("progsae: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

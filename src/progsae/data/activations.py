@@ -1,0 +1,147 @@
+"""Activation directories: `manifest.json` + shards `shard-00000.safetensors` holding `activations [n, d_in]`.
+
+    manifest.json  {"format": "progsae-activations", "version": 1, "d_in", "dtype", "n_tokens",
+                    "source": {...free-form description...}, "shards": [{"file", "n_tokens"}, ...]}
+
+A directory is written shard by shard into `DIR.partial/` and renamed to `DIR` only when complete.
+Reading is lazy: shards are opened one buffer at a time, so memory does not grow with the directory.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from ..files import ProgsaeError, fresh_dir, load_json, load_tensors, replace_dir, save_json, save_tensors
+
+FORMAT = "progsae-activations"
+SHARD_TOKENS = 65536
+
+
+class ActivationWriter:
+    """Append activation rows; full shards go to disk as they fill; `close()` writes the manifest."""
+
+    def __init__(self, out: str | Path, d_in: int, source: dict, shard_tokens: int = SHARD_TOKENS):
+        self.out = Path(out)
+        self.tmp = fresh_dir(self.out.with_name(self.out.name + ".partial"))
+        self.d_in, self.source, self.shard_tokens = d_in, source, shard_tokens
+        self.pending: list[torch.Tensor] = []
+        self.n_pending = 0
+        self.shards: list[dict] = []
+
+    def add(self, rows: torch.Tensor) -> None:
+        if rows.ndim != 2 or rows.shape[1] != self.d_in:
+            raise ProgsaeError(f"activation rows have shape {tuple(rows.shape)}, expected [n, {self.d_in}]")
+        self.pending.append(rows.detach().float())
+        self.n_pending += rows.shape[0]
+        while self.n_pending >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n: int) -> None:
+        rows = torch.cat(self.pending)
+        shard, rest = rows[:n], rows[n:]
+        self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_tensors(self.tmp / name, {"activations": shard})
+        self.shards.append({"file": name, "n_tokens": int(shard.shape[0])})
+
+    def close(self) -> Path:
+        if self.n_pending:
+            self._flush(self.n_pending)
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "d_in": self.d_in,
+            "dtype": "float32",
+            "n_tokens": sum(s["n_tokens"] for s in self.shards),
+            "source": self.source,
+            "shards": self.shards,
+        }
+        save_json(self.tmp / "manifest.json", manifest)
+        replace_dir(self.tmp, self.out)
+        return self.out
+
+
+def write_activations(
+    out: str | Path, batches: Iterable[torch.Tensor], d_in: int, source: dict, shard_tokens: int = SHARD_TOKENS
+) -> Path:
+    writer = ActivationWriter(out, d_in, source, shard_tokens)
+    for rows in batches:
+        writer.add(rows)
+    return writer.close()
+
+
+class ActivationDir:
+    """A finished activation directory, read lazily. Implements the training `Source` protocol."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ProgsaeError(
+                f"{self.path}: no activation directory here; create one with `progsae synth` or `progsae extract`"
+            )
+        m = load_json(self.path / "manifest.json")
+        if m.get("format") != FORMAT or "shards" not in m or "d_in" not in m:
+            raise ProgsaeError(f"{self.path}/manifest.json: not a progsae activation manifest; re-create the directory")
+        self.manifest = m
+        self.d_in: int = m["d_in"]
+        self.shards: list[dict] = m["shards"]
+        self.n_tokens: int = m["n_tokens"]
+        for s in self.shards:
+            if not (self.path / s["file"]).is_file():
+                raise ProgsaeError(
+                    f"{self.path / s['file']}: shard listed in the manifest is missing; re-create the directory"
+                )
+
+    def load_shard(self, i: int) -> torch.Tensor:
+        f = self.path / self.shards[i]["file"]
+        t = load_tensors(f).get("activations")
+        if t is None or t.ndim != 2 or t.shape[1] != self.d_in or t.shape[0] != self.shards[i]["n_tokens"]:
+            shape = None if t is None else tuple(t.shape)
+            raise ProgsaeError(
+                f"{f}: activations have shape {shape}, the manifest says [{self.shards[i]['n_tokens']}, {self.d_in}]; "
+                "re-create the directory"
+            )
+        return t.float()
+
+    def iter_rows(self, batch_size: int, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+        """Rows in stored order, in batches (the last may be short), up to `max_tokens`."""
+        left = self.n_tokens if max_tokens is None else min(max_tokens, self.n_tokens)
+        for i in range(len(self.shards)):
+            if left <= 0:
+                return
+            rows = self.load_shard(i)[:left]
+            left -= rows.shape[0]
+            yield from rows.split(batch_size)
+
+    def batches(self, batch_size: int, seed: int, start: int = 0, buffer_shards: int = 4) -> Iterator[torch.Tensor]:
+        """Endless shuffled batches; `start` skips that many batches without reading them.
+
+        Each epoch visits the shards in a seeded order, `buffer_shards` at a time; a buffer's rows are
+        shuffled together and cut into whole batches (a buffer's last partial batch is dropped). The
+        stream depends only on (seed, batch index), so a resumed run sees what it would have seen.
+        """
+        if self.n_tokens < batch_size:
+            raise ProgsaeError(
+                f"{self.path}: {self.n_tokens} tokens, fewer than one batch of {batch_size}; use a smaller batch size"
+            )
+        epoch, skip = 0, start
+        while True:
+            order = list(range(len(self.shards)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            for g in range(0, len(order), buffer_shards):
+                group = order[g : g + buffer_shards]
+                n_batches = sum(self.shards[i]["n_tokens"] for i in group) // batch_size
+                if skip >= n_batches:
+                    skip -= n_batches
+                    continue
+                rows = torch.cat([self.load_shard(i) for i in group])
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + g)
+                rows = rows[torch.randperm(rows.shape[0], generator=gen)]
+                for b in range(skip, n_batches):
+                    yield rows[b * batch_size : (b + 1) * batch_size]
+                skip = 0
+            epoch += 1

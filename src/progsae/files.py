@@ -1,0 +1,85 @@
+"""Reading and writing progsae's files: safetensors and JSON, written to a temporary name and renamed.
+
+Every failure a user can cause (missing file, corrupt safetensors, bad JSON) becomes a `ProgsaeError`
+whose message names the file and the fix; the CLI prints it as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class ProgsaeError(Exception):
+    """A problem with the user's input: the message says what is wrong and how to fix it."""
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write tensors (made contiguous: safetensors stores memory as it lies) to `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ProgsaeError(f"{path}: file not found; check the path (it should be written by progsae)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ProgsaeError(f"{path}: not a readable safetensors file ({e}); re-create it") from None
+
+
+def tensors_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ProgsaeError(f"{path}: not a readable safetensors file ({e}); re-create it") from None
+
+
+def save_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ProgsaeError(f"{path}: file not found; check the path")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProgsaeError(f"{path}: not valid JSON ({e}); re-create it") from None
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory `tmp` to `final`, replacing an old one only once the new one is whole."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty directory at `path` (removed first if left over from an interrupted write)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path

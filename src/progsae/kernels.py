@@ -1,0 +1,146 @@
+"""Fast paths for the sparse half of a TopK SAE: encoder forward + top-k, and the sparse products.
+
+A batch's sparse code is `(values [B, k], indices [B, k])`, indices ascending within each row. For the
+products below it becomes a CSR matrix `S [B*g, N]` whose rows are (token, band) segments: band j of a
+token holds its active latents with `bounds[j-1] <= index < bounds[j]` (one band, g = 1, for plain TopK).
+
+    decode           S @ W_dec                          -> band sums [B, g, d]      O(B k d)
+    grad of values   sampled_addmm(S, G, W_dec^T)       -> <G[row], W_dec[index]>   O(B k d)
+    grad of W_dec    S^T @ G                            -> [N, d]                   O(B k d)
+    grad of W_enc    S'^T @ (x - b_dec)                 -> [N, d]                   O(B k d)
+    grad of input    S' @ W_enc^T                       -> [B, d]                   O(B k d)
+
+so the only dense GEMM of a training step is the encoder's forward, 2·B·d·N FLOPs. The plain dense
+twins of these functions live in tests/reference.py, which checks losses and gradients against them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+ENCODE_CHUNK = 512  # rows of the B x N pre-activation kept live at once: keeps it in cache, never stored
+
+
+def _csr(values: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor, n_cols: int) -> torch.Tensor:
+    return torch.sparse_csr_tensor(
+        crow, cols.reshape(-1), values.reshape(-1), (crow.numel() - 1, n_cols), check_invariants=False
+    )
+
+
+def band_crow(indices: torch.Tensor, bounds: torch.Tensor | None) -> torch.Tensor:
+    """CSR row pointers [B*g + 1] splitting each token's sorted active latents at `bounds` (ascending, last = N)."""
+    B, k = indices.shape
+    if bounds is None:
+        return torch.arange(0, B * k + 1, k, dtype=torch.long)
+    ends = torch.searchsorted(indices, bounds.expand(B, -1).contiguous())  # [B, g]: # active < bound
+    ends = ends + torch.arange(0, B * k, k).unsqueeze(1)
+    return torch.cat([ends.new_zeros(1), ends.reshape(-1)])
+
+
+class TopKEncode(torch.autograd.Function):
+    """values, indices = TopK_k(ReLU((x - b_dec) @ W_enc + b_enc)), indices sorted ascending per row.
+
+    With `dead` (bool [N]) and `k_aux` > 0 it also returns the AuxK code: the top `k_aux` pre-activations
+    among dead latents that are not already in the token's main code (ReLU'd). Both codes share one
+    encoder pass; the backward touches only the selected (token, latent) pairs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead=None, k_aux: int = 0):
+        B = x.shape[0]
+        xc = x - b_dec
+        values = x.new_empty(B, k)
+        indices = torch.empty(B, k, dtype=torch.long)
+        use_aux = dead is not None and k_aux > 0
+        aux_values = x.new_empty(B, k_aux if use_aux else 0)
+        aux_indices = torch.empty(B, k_aux if use_aux else 0, dtype=torch.long)
+        for s in range(0, B, ENCODE_CHUNK):
+            e = min(B, s + ENCODE_CHUNK)
+            pre = torch.addmm(b_enc, xc[s:e], W_enc)  # [c, N]
+            torch.topk(pre, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
+            if use_aux:
+                pre.masked_fill_(~dead, float("-inf"))
+                pre.scatter_(1, indices[s:e], float("-inf"))
+                torch.topk(pre, k_aux, dim=1, sorted=False, out=(aux_values[s:e], aux_indices[s:e]))
+        values, indices = _sorted_code(values.relu_(), indices)
+        aux_values, aux_indices = _sorted_code(aux_values.relu_(), aux_indices)
+        ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _gi, grad_aux, _gai):
+        xc, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        if grad_values is None:
+            grad_values = torch.zeros_like(values)
+        grad_pre = grad_values * (values > 0)  # ReLU
+        if aux_indices.shape[1] and grad_aux is not None:
+            grad_pre, indices = _sorted_code(
+                torch.cat([grad_pre, grad_aux * (aux_values > 0)], 1), torch.cat([indices, aux_indices], 1)
+            )
+        N = W_enc.shape[1]
+        S = _csr(grad_pre, indices, band_crow(indices, None), N)  # [B, N]
+        grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
+        if ctx.needs_input_grad[1]:
+            grad_W_enc = (S.t() @ xc).t()  # [d, N], strides of a transposed [N, d] like the parameter
+        if ctx.needs_input_grad[2]:
+            grad_b_enc = torch.zeros(N, dtype=grad_pre.dtype).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            grad_xc = S @ W_enc.t()
+            grad_x = grad_xc if ctx.needs_input_grad[0] else None
+            grad_b_dec = -grad_xc.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
+
+
+def _sorted_code(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    indices, order = indices.sort(dim=1)
+    return values.gather(1, order), indices
+
+
+class NestedDecode(torch.autograd.Function):
+    """Prefix reconstructions [B, g, d] (without b_dec): row j sums v_i W_dec[i] over active i < bounds[j].
+
+    One sparse product gives the band sums; a cumulative sum over bands gives the nested prefixes, so a
+    Matryoshka step with g granularities costs one decode, not g.
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, bounds=None):
+        B = values.shape[0]
+        N, d = W_dec.shape
+        S = _csr(values, indices, band_crow(indices, bounds), N)
+        out = (S @ W_dec).view(B, -1, d)
+        if out.shape[1] > 1:
+            out = out.cumsum(1)
+        ctx.save_for_backward(values, indices, W_dec)
+        ctx.S = S
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices, W_dec = ctx.saved_tensors
+        S = ctx.S
+        B, g, d = grad.shape
+        if g > 1:  # d(prefix j)/d(band i) = 1 for i <= j: a reverse cumulative sum
+            grad = grad.flip(1).cumsum(1).flip(1)
+        grad = grad.reshape(B * g, d).contiguous()
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_values = torch.sparse.sampled_addmm(S, grad, W_dec.t(), beta=0.0).values().view_as(values)
+        if ctx.needs_input_grad[2]:
+            grad_W_dec = S.t() @ grad
+        return grad_values, None, grad_W_dec, None
+
+
+def topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0):
+    """Functional form of `TopKEncode`: returns (values, indices, aux_values, aux_indices)."""
+    return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux)
+
+
+def decode_nested(values, indices, W_dec, bounds=None):
+    """Functional form of `NestedDecode`: prefix reconstructions [B, g, d] without b_dec."""
+    return NestedDecode.apply(values, indices, W_dec, bounds)

@@ -1,0 +1,353 @@
+"""Training TopK and Matryoshka SAEs: losses, the loop, checkpoints that resume.
+
+Loss (all reconstruction terms normalised as FVU over the batch):
+    TopK          FVU(x, x_hat)
+    Matryoshka    sum_m c_m FVU(x, x_hat_m),  x_hat_m decoded from the latents with index < m
+    AuxK          + aux_coef * FVU(e, e_hat),  e = x - x_hat (detached), e_hat decoded without b_dec from
+                  the top k_aux pre-activations among dead latents
+Optimiser: Adam, lr = base_lr / sqrt(N / 2^14) with linear warmup; decoder rows kept at unit norm (the
+gradient's component along each row removed before the step, rows renormalised after).
+
+Checkpoint (OUT/checkpoint/): sae_weights.safetensors, state.safetensors (Adam moments, dead-latent
+counters, sampler RNG), state.json (config, step, history). `train(..., out=OUT)` resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .files import ProgsaeError, fresh_dir, load_json, load_tensors, replace_dir, save_json, save_tensors
+from .kernels import decode_nested, topk_encode
+from .sae import SAE, SAEConfig
+
+SAMPLERS = ("uniform", "pareto")
+
+
+@dataclass
+class TrainConfig:
+    d_sae: int = 4096
+    k: int = 32
+    tokens: int = 2_000_000
+    batch_size: int = 4096
+    lr: float | None = None  # default: 2e-4 / sqrt(d_sae / 2^14)
+    warmup_steps: int = 1000  # capped at a tenth of the run
+    matryoshka: list[int] | None = None  # fixed granularities m1 < ... < d_sae
+    matryoshka_weights: list[float] | None = None  # c_m, default uniform
+    matryoshka_sampled: int = 0  # > 0: draw this many granularities per step (d_sae always added)
+    matryoshka_sampler: str = "uniform"  # uniform on 1..N, or pareto: P(m) ~ m^-pareto_a
+    pareto_a: float = 1.0
+    k_aux: int | None = None  # default d_in // 2
+    aux_coef: float = 1 / 32
+    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500  # steps
+    metadata: dict = field(default_factory=dict)  # passed into the SAE's cfg (model_name, hook_name, ...)
+
+    def validate(self) -> TrainConfig:
+        def bad(msg):
+            raise ProgsaeError(f"train config: {msg}")
+
+        for name in ("d_sae", "k", "tokens", "batch_size", "log_every", "checkpoint_every", "dead_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.k > self.d_sae:
+            bad(f"k={self.k} exceeds d_sae={self.d_sae}")
+        if self.lr is not None and not self.lr > 0:
+            bad(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.matryoshka_sampled < 0 or self.aux_coef < 0:
+            bad("warmup_steps, matryoshka_sampled and aux_coef must be >= 0")
+        if self.matryoshka is not None:
+            m = self.matryoshka
+            if self.matryoshka_sampled:
+                bad("give fixed granularities or a sampled count, not both")
+            if not m or any(b <= a for a, b in zip(m, m[1:], strict=False)) or m[0] < 1 or m[-1] != self.d_sae:
+                bad(f"granularities must be increasing, >= 1 and end at d_sae={self.d_sae}; got {m}")
+            if self.matryoshka_weights is not None and (
+                len(self.matryoshka_weights) != len(m) or min(self.matryoshka_weights) < 0
+            ):
+                bad(f"matryoshka_weights needs {len(m)} non-negative numbers, one per granularity")
+        elif self.matryoshka_weights is not None:
+            bad("matryoshka_weights given without fixed granularities")
+        if self.matryoshka_sampler not in SAMPLERS:
+            bad(f"matryoshka_sampler must be one of {', '.join(SAMPLERS)}, got {self.matryoshka_sampler!r}")
+        if self.k_aux is not None and self.k_aux < 0:
+            bad("k_aux must be >= 0")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "fixed" if self.matryoshka else "sampled" if self.matryoshka_sampled else "none"
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.d_sae / 2**14)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ProgsaeError(
+                f"train config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**d).validate()
+
+
+# -- losses --------------------------------------------------------------------------------------------
+
+
+def sample_granularities(cfg: TrainConfig, gen: torch.Generator) -> list[int]:
+    """This step's prefix ends: the fixed M, or `matryoshka_sampled` draws plus N; [N] for plain TopK."""
+    N = cfg.d_sae
+    if cfg.matryoshka:
+        return list(cfg.matryoshka)
+    if not cfg.matryoshka_sampled:
+        return [N]
+    u = torch.rand(cfg.matryoshka_sampled, generator=gen, dtype=torch.float64)
+    if cfg.matryoshka_sampler == "uniform":
+        m = (u * N).floor() + 1
+    elif cfg.pareto_a == 1.0:  # log-uniform on [1, N]
+        m = (N**u).floor()
+    else:  # inverse CDF of the continuous density ~ m^-a on [1, N]
+        a1 = 1 - cfg.pareto_a
+        m = ((N**a1 - 1) * u + 1) ** (1 / a1)
+    return sorted({int(v) for v in m.clamp(1, N).tolist()} | {N})
+
+
+def granularity_weights(cfg: TrainConfig, bounds: list[int]) -> torch.Tensor:
+    if cfg.matryoshka_weights is not None:
+        return torch.tensor(cfg.matryoshka_weights, dtype=torch.float32)
+    return torch.full((len(bounds),), 1.0 / len(bounds))
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained over the batch: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def sae_loss(
+    sae: SAE,
+    x: torch.Tensor,
+    bounds: list[int] | None = None,
+    weights: torch.Tensor | None = None,
+    dead: torch.Tensor | None = None,
+    k_aux: int = 0,
+    aux_coef: float = 1 / 32,
+):
+    """Training loss for one batch x [B, d_in].
+
+    Returns (loss, fvu at full size, aux FVU or None, values [B, k], indices [B, k]).
+    bounds/weights: the Matryoshka granularities and their c_m (None: plain TopK).
+    """
+    n_dead = int(dead.sum()) if dead is not None else 0
+    k_aux = min(k_aux, n_dead)
+    values, indices, aux_values, aux_indices = topk_encode(
+        x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead if k_aux else None, k_aux
+    )
+    b = None if bounds is None or bounds == [sae.d_sae] else torch.tensor(bounds)
+    prefixes = decode_nested(values, indices, sae.W_dec, b) + sae.b_dec  # [B, g, d]
+    total_var = (x - x.mean(0)).pow(2).sum()
+    sse = (x.unsqueeze(1) - prefixes).pow(2).sum((0, 2))  # [g]
+    w = torch.ones(1) if weights is None else weights
+    loss = (w * sse).sum() / total_var
+    full_fvu = sse[-1].detach() / total_var
+    aux = None
+    if k_aux:
+        e = (x - prefixes[:, -1]).detach()
+        aux = fvu(e, decode_nested(aux_values, aux_indices, sae.W_dec)[:, 0])
+        loss = loss + aux_coef * aux
+    return loss, full_fvu, aux, values.detach(), indices
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm on the rows of x [n, d]."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
+        new = (w.unsqueeze(1) * x).sum(0) / w.sum()
+        if (new - m).norm() <= tol * m.norm().clamp_min(1e-8):
+            return new
+        m = new
+    return m
+
+
+@torch.no_grad()
+def _project_decoder_grad(sae: SAE) -> None:
+    g, W = sae.W_dec.grad, sae.W_dec
+    g.sub_((g * W).sum(1, keepdim=True) * W)
+
+
+@torch.no_grad()
+def _normalize_decoder(sae: SAE) -> None:
+    sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+
+# -- the loop --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds everything a run needs to continue: SAE, Adam, dead-latent counters, sampler RNG, step."""
+
+    def __init__(self, cfg: TrainConfig, source, out: str | Path | None = None):
+        self.cfg = cfg.validate()
+        self.source = source
+        self.out = Path(out) if out is not None else None
+        d_in = source.d_in
+        progsae = {
+            "matryoshka": cfg.mode,
+            "granularities": cfg.matryoshka or None,
+            "matryoshka_sampled": cfg.matryoshka_sampled or None,
+        }
+        self.sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.k, dict(cfg.metadata), progsae))
+        self.k_aux = cfg.k_aux if cfg.k_aux is not None else d_in // 2
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.base_lr(), betas=(0.9, 0.999), fused=True)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+        self.step = 0
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        if self.out is not None and (self.out / "checkpoint" / "state.json").is_file():
+            self._load_checkpoint()
+        else:
+            self._init_weights()
+
+    def _init_weights(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        sample = next(self.source.batches(self.cfg.batch_size, self.cfg.seed, 0))
+        self.sae.init_tied(self.gen, geometric_median(sample))
+
+    def lr_at(self, step: int) -> float:
+        warm = min(self.cfg.warmup_steps, self.cfg.steps // 10)
+        return self.cfg.base_lr() * min(1.0, (step + 1) / warm) if warm else self.cfg.base_lr()
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        cfg, sae = self.cfg, self.sae
+        bounds = sample_granularities(cfg, self.gen)
+        dead = self.since_fired >= cfg.dead_tokens
+        loss, full_fvu, aux, values, indices = sae_loss(
+            sae, x, bounds, granularity_weights(cfg, bounds), dead, self.k_aux, cfg.aux_coef
+        )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _project_decoder_grad(sae)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.opt.step()
+        _normalize_decoder(sae)
+        self.since_fired += x.shape[0]
+        self.since_fired[indices[values > 0]] = 0
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": float(loss.detach()),
+            "fvu": float(full_fvu),
+            "aux_fvu": None if aux is None else float(aux),
+            "l0": float((values > 0).sum(1).float().mean()),
+            "dead_frac": float(dead.float().mean()),
+            "lr": self.lr_at(self.step - 1),
+        }
+
+    def run(self, progress: bool = True) -> SAE:
+        cfg = self.cfg
+        batches = self.source.batches(cfg.batch_size, cfg.seed, self.step)
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not progress, unit="step", desc="train", dynamic_ncols=True
+        )
+        t0 = time.perf_counter()
+        while self.step < cfg.steps:
+            m = self.train_step(next(batches))
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                m["tokens"] = self.step * cfg.batch_size
+                self.history.append(m)
+                bar.set_postfix(fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.3f}")
+            bar.update(1)
+            if self.out is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                self.elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.save_checkpoint()
+        bar.close()
+        self.elapsed += time.perf_counter() - t0
+        last = self.history[-1] if self.history else {}
+        self.sae.cfg.progsae["training"] = {
+            "tokens": self.step * cfg.batch_size,
+            "steps": self.step,
+            "final_fvu": last.get("fvu"),
+            "final_l0": last.get("l0"),
+            "dead_frac": float((self.since_fired >= cfg.dead_tokens).float().mean()),
+            "seconds": round(self.elapsed, 2),
+            "config": _jsonable(cfg),
+        }
+        if self.out is not None:
+            self.sae.save(self.out)
+            save_json(self.out / "history.json", self.history)
+        return self.sae
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        final = self.out / "checkpoint"
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_dir(self.out / "checkpoint.tmp")
+        save_tensors(tmp / "sae_weights.safetensors", dict(self.sae.named_parameters()))
+        state = {"since_fired": self.since_fired, "rng": self.gen.get_state()}
+        for i, s in self.opt.state_dict()["state"].items():
+            for name, t in s.items():
+                state[f"adam.{i}.{name}"] = t
+        save_tensors(tmp / "state.safetensors", state)
+        save_json(
+            tmp / "state.json",
+            {"config": _jsonable(self.cfg), "step": self.step, "elapsed": self.elapsed, "history": self.history},
+        )
+        replace_dir(tmp, final)
+
+    def _load_checkpoint(self) -> None:
+        ck = self.out / "checkpoint"
+        meta = load_json(ck / "state.json")
+        if meta["config"] != _jsonable(self.cfg):
+            diff = sorted(k for k in meta["config"] if meta["config"][k] != _jsonable(self.cfg).get(k))
+            raise ProgsaeError(
+                f"{self.out} holds a checkpoint of a different run (differs in {', '.join(diff)}); "
+                "use another --out, or --force to start over"
+            )
+        weights = load_tensors(ck / "sae_weights.safetensors")
+        state = load_tensors(ck / "state.safetensors")
+        with torch.no_grad():
+            for name, p in self.sae.named_parameters():
+                p.copy_(weights[name])
+        params = list(self.sae.parameters())
+        opt_state = {}
+        for i, p in enumerate(params):
+            if f"adam.{i}.step" in state:  # moments take the parameter's strides, as Adam expects
+                opt_state[i] = {
+                    n: (state[f"adam.{i}.{n}"] if n == "step" else torch.empty_like(p).copy_(state[f"adam.{i}.{n}"]))
+                    for n in ("step", "exp_avg", "exp_avg_sq")
+                }
+        self.opt.load_state_dict({"state": opt_state, "param_groups": self.opt.state_dict()["param_groups"]})
+        self.since_fired = state["since_fired"].clone()
+        self.gen.set_state(state["rng"])
+        self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta["history"]
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def train(source, cfg: TrainConfig, out: str | Path | None = None, progress: bool = True) -> SAE:
+    """Train an SAE on `source` (anything with d_in and batches(batch_size, seed, start)).
+
+    With `out`, the SAE is saved there (SAELens layout) with history.json and checkpoint/, from which
+    a rerun with the same config resumes.
+    """
+    return Trainer(cfg, source, out).run(progress)

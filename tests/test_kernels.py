@@ -1,0 +1,88 @@
+import pytest
+import torch
+from reference import dense_code, dense_loss, make_sae
+
+from progsae.kernels import decode_nested, topk_encode
+from progsae.train import sae_loss
+
+
+def fast_and_dense_grads(sae, x, bounds, weights, dead=None, k_aux=0):
+    sae.zero_grad()
+    loss, *_ = sae_loss(sae, x, bounds, weights, dead, k_aux)
+    loss.backward()
+    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    ref = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
+    dense = dense_loss(x, ref["W_enc"], ref["b_enc"], ref["W_dec"], ref["b_dec"], sae.k, bounds, weights, dead, k_aux)
+    dense.backward()
+    return loss.detach(), dense.detach(), fast, {n: t.grad for n, t in ref.items()}
+
+
+@pytest.mark.parametrize(
+    "bounds,weights",
+    [([96], [1.0]), ([8, 40, 96], [0.2, 0.3, 0.5]), ([1, 2, 95, 96], [0.25] * 4)],
+    ids=["topk", "matryoshka", "matryoshka-edges"],
+)
+def test_sparse_loss_and_grads_match_dense_reference(bounds, weights):
+    sae = make_sae()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    fast_loss, dense, fast, ref = fast_and_dense_grads(sae, x, bounds, torch.tensor(weights))
+    torch.testing.assert_close(fast_loss, dense, rtol=1e-5, atol=1e-6)
+    for name in fast:
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_matryoshka_loss_equals_naive_sum_of_per_granularity_fvus():
+    sae = make_sae()
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(2))
+    bounds, w = [10, 30, 96], torch.tensor([0.5, 0.25, 0.25])
+    loss, *_ = sae_loss(sae, x, bounds, w)
+    with torch.no_grad():
+        z = dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
+        var = ((x - x.mean(0)) ** 2).sum()
+        naive = sum(c * ((x - z[:, :m] @ sae.W_dec[:m] - sae.b_dec) ** 2).sum() / var for m, c in zip(bounds, w, strict=True))
+    torch.testing.assert_close(loss.detach(), naive, rtol=1e-5, atol=1e-6)
+
+
+def test_auxk_matches_reference_and_touches_only_dead_latents():
+    sae = make_sae()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::4] = True
+    _, _, with_aux, ref = fast_and_dense_grads(sae, x, [96], torch.ones(1), dead, k_aux=6)
+    for name in with_aux:
+        torch.testing.assert_close(with_aux[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    _, _, without, _ = fast_and_dense_grads(sae, x, [96], torch.ones(1))
+    # the aux term's own gradient: zero on every live latent, non-zero on some dead ones
+    diff_dec = (with_aux["W_dec"] - without["W_dec"]).abs().sum(1)
+    diff_enc = (with_aux["W_enc"] - without["W_enc"]).abs().sum(0)
+    assert diff_dec[~dead].max() < 1e-7 and diff_enc[~dead].max() < 1e-7
+    assert diff_dec[dead].max() > 1e-4 and diff_enc[dead].max() > 1e-4
+
+
+def test_aux_code_excludes_live_latents_and_the_main_code():
+    sae = make_sae()
+    x = torch.randn(32, 16)
+    dead = torch.rand(96) < 0.5
+    v, i, av, ai = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, 8)
+    assert dead[ai].all()
+    assert not (ai.unsqueeze(2) == i.unsqueeze(1)).any()
+
+
+def test_encode_returns_sorted_indices_and_dense_topk_values():
+    sae = make_sae()
+    x = torch.randn(40, 16)
+    v, i, _, _ = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
+    assert (i[:, 1:] > i[:, :-1]).all()
+    z = torch.zeros(40, 96).scatter(1, i, v)
+    torch.testing.assert_close(z, dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k))
+
+
+def test_nested_decode_bands_are_prefix_sums():
+    sae = make_sae()
+    x = torch.randn(20, 16)
+    v, i, _, _ = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
+    bounds = torch.tensor([3, 50, 96])
+    out = decode_nested(v, i, sae.W_dec, bounds)
+    z = torch.zeros(20, 96).scatter(1, i, v)
+    for j, m in enumerate(bounds.tolist()):
+        torch.testing.assert_close(out[:, j], z[:, :m] @ sae.W_dec[:m], rtol=1e-5, atol=1e-6)
