@@ -1,9 +1,9 @@
 import pytest
 import torch
-from reference import dense_code, dense_loss, make_sae
 
 from progsae.kernels import decode_nested, topk_encode
 from progsae.train import sae_loss
+from reference import dense_code, dense_loss, make_sae
 
 
 def fast_and_dense_grads(sae, x, bounds, weights, dead=None, k_aux=0):
@@ -39,7 +39,9 @@ def test_matryoshka_loss_equals_naive_sum_of_per_granularity_fvus():
     with torch.no_grad():
         z = dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
         var = ((x - x.mean(0)) ** 2).sum()
-        naive = sum(c * ((x - z[:, :m] @ sae.W_dec[:m] - sae.b_dec) ** 2).sum() / var for m, c in zip(bounds, w, strict=True))
+        naive = sum(
+            c * ((x - z[:, :m] @ sae.W_dec[:m] - sae.b_dec) ** 2).sum() / var for m, c in zip(bounds, w, strict=True)
+        )
     torch.testing.assert_close(loss.detach(), naive, rtol=1e-5, atol=1e-6)
 
 

@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from reference import dense_code, make_sae
 from safetensors.numpy import load_file
 
 from progsae import SAE, ProgsaeError, SAEConfig
+from reference import dense_code, make_sae
 
 
 def test_permuted_sae_reconstructs_identically_at_full_size():

@@ -253,7 +253,7 @@ class Trainer:
             "step": self.step,
             "loss": float(loss.detach()),
             "fvu": float(full_fvu),
-            "aux_fvu": None if aux is None else float(aux),
+            "aux_fvu": None if aux is None else float(aux.detach()),
             "l0": float((values > 0).sum(1).float().mean()),
             "dead_frac": float(dead.float().mean()),
             "lr": self.lr_at(self.step - 1),

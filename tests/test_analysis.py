@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+
+from progsae import ProgsaeError
+from progsae.analysis import (
+    decoder_cov_eigs,
+    fit_power_law,
+    fvu_at,
+    importance_order,
+    latent_stats,
+    plot_power_laws,
+    progressive_eval,
+    sort_by_importance,
+)
+from reference import dense_code, make_sae
+
+
+def batches(n_batches=3, B=70, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, d, generator=g) + 0.3 for _ in range(n_batches)]
+
+
+def brute_force_fvu(sae, xs, G):
+    """FVU of z[:, :G] W_dec[:G] + b_dec over all rows, in float64 numpy (independent of the library)."""
+    x = torch.cat(xs)
+    z = dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach().double().numpy()
+    W, b, xn = sae.W_dec.detach().double().numpy(), sae.b_dec.detach().double().numpy(), x.double().numpy()
+    sse = ((xn - z[:, :G] @ W[:G] - b) ** 2).sum()
+    return sse / ((xn - xn.mean(0)) ** 2).sum()
+
+
+def test_one_pass_curve_equals_brute_force_truncation_at_every_G():
+    sae = make_sae()
+    xs = batches()
+    r = progressive_eval(sae, xs, rescaled_G=[1, 10, 96])
+    expected = np.array([brute_force_fvu(sae, xs, G) for G in range(1, 97)])
+    np.testing.assert_allclose(r.fvu, expected, rtol=1e-5, atol=1e-6)
+    # rescaled mode at chosen G against the library's brute force
+    brute = fvu_at(sae, xs, [1, 10, 96], "rescaled")
+    for G in (1, 10, 96):
+        assert r.rescaled_fvu[G] == pytest.approx(brute[G], rel=1e-5)
+    assert r.rescaled_fvu[96] == pytest.approx(r.fvu[-1], rel=1e-5)  # the modes agree at G = N
+
+
+def test_curve_l0_and_dead_fraction_count_latents_below_G():
+    sae = make_sae()
+    xs = batches()
+    r = progressive_eval(sae, xs)
+    z = dense_code(torch.cat(xs), sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach()
+    for G in (1, 5, 50, 96):
+        assert r.l0[G - 1] == pytest.approx(float((z[:, :G] > 0).sum(1).double().mean()))
+        assert r.dead_frac[G - 1] == pytest.approx(float((z[:, :G] > 0).sum(0).eq(0).double().mean()))
+
+
+def test_latent_stats_match_dense_computation():
+    sae = make_sae()
+    xs = batches()
+    stats = latent_stats(sae, xs)
+    z = dense_code(torch.cat(xs), sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach().double()
+    torch.testing.assert_close(stats["e_z2"], z.pow(2).mean(0))
+    torch.testing.assert_close(stats["e_z"], z.mean(0))
+    torch.testing.assert_close(stats["freq"], (z > 0).double().mean(0))
+    torch.testing.assert_close(stats["max"], z.max(0).values)
+    assert int(stats["n_tokens"]) == 210
+
+
+def test_sorting_by_importance_orders_stats_and_keeps_reconstruction():
+    sae = make_sae()
+    xs = batches()
+    stats = latent_stats(sae, xs)
+    sorted_sae = sort_by_importance(sae, stats, "e_z2")
+    torch.testing.assert_close(sorted_sae(xs[0]), sae(xs[0]), rtol=0, atol=1e-6)
+    again = latent_stats(sorted_sae, xs)["e_z2"]
+    assert (again[1:] <= again[:-1]).all()
+    assert sorted_sae.cfg.progsae["permutation"]["metric"] == "e_z2"
+    with pytest.raises(ProgsaeError, match="unknown importance metric"):
+        importance_order(stats, "loudness")
+
+
+def test_decoder_cov_eigs_match_numpy():
+    sae = make_sae()
+    W = sae.W_dec.detach().double().numpy()
+    expected = np.sort(np.linalg.eigvalsh(np.cov(W.T)))[::-1]
+    np.testing.assert_allclose(decoder_cov_eigs(sae).numpy(), expected, rtol=1e-8, atol=1e-12)
+
+
+def test_power_law_fit_recovers_exponent_and_respects_window(tmp_path):
+    rank = np.arange(1, 1001)
+    values = 3.0 * rank**-0.8
+    values[500:] = values[500:] * 0.01  # a break the window excludes
+    np.random.default_rng(0).shuffle(values)  # the fit sorts
+    f = fit_power_law(values, 1, 500)
+    assert f.exponent == pytest.approx(-0.8, abs=1e-9) and f.intercept == pytest.approx(np.log(3.0))
+    assert f.r2 == pytest.approx(1.0) and (f.lo, f.hi) == (1, 500)
+    assert fit_power_law(values).r2 < 0.99
+    assert fit_power_law(np.r_[values, np.zeros(10)]).hi == 1000  # zeros (dead latents) are cut
+    with pytest.raises(ProgsaeError, match="fewer than 3"):
+        fit_power_law(values, 10, 11)
+    png = plot_power_laws({"v": values}, {"v": f}, tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,183 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from progsae.cli import main
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """synth -> train -> stats -> permute, shared by the tests below (small sizes, a few seconds)."""
+    w = tmp_path_factory.mktemp("cli")
+    assert main(["synth", "--out", str(w / "acts"), "--tokens", "20000", "--d-in", "16", "--features", "64"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(w / "acts"),
+                "--out",
+                str(w / "sae"),
+                "--d-sae",
+                "128",
+                "--k",
+                "4",
+                "--tokens",
+                "20000",
+                "--batch-size",
+                "1024",
+                "--matryoshka",
+                "32,128",
+            ]
+        )
+        == 0
+    )
+    assert main(["stats", str(w / "sae"), str(w / "acts"), "--out", str(w / "stats.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "permute",
+                str(w / "sae"),
+                "--stats",
+                str(w / "stats.safetensors"),
+                "--by",
+                "freq",
+                "--out",
+                str(w / "perm"),
+            ]
+        )
+        == 0
+    )
+    return w
+
+
+def test_pipeline_writes_every_artifact(workdir, capsys):
+    cfg = json.loads((workdir / "sae" / "cfg.json").read_text())
+    assert cfg["metadata"]["progsae"]["granularities"] == [32, 128]
+    assert (
+        json.loads((workdir / "perm" / "cfg.json").read_text())["metadata"]["progsae"]["permutation"]["metric"]
+        == "freq"
+    )
+    assert (
+        main(
+            [
+                "powerlaw",
+                str(workdir / "stats.safetensors"),
+                "--window",
+                "1:50",
+                "--plot",
+                str(workdir / "pl.png"),
+                "--json",
+                str(workdir / "pl.json"),
+            ]
+        )
+        == 0
+    )
+    assert "exponent" in capsys.readouterr().out
+    assert set(json.loads((workdir / "pl.json").read_text())) == {"e_z2", "freq", "dec_cov_eigs"}
+    assert (
+        main(
+            [
+                "eval",
+                str(workdir / "perm"),
+                str(workdir / "acts"),
+                "--out",
+                str(workdir / "r.json"),
+                "--G",
+                "16,64,128",
+                "--tokens",
+                "5000",
+            ]
+        )
+        == 0
+    )
+    r = json.loads((workdir / "r.json").read_text())
+    assert [row["G"] for row in r["table"]] == [16, 64, 128] and r["n_tokens"] == 5000
+    assert len(r["curve"]["fvu_prefix"]) == 128
+    assert r["table"][-1]["fvu_prefix"] == pytest.approx(r["table"][-1]["fvu_rescaled"], rel=1e-5)
+
+
+def test_rerunning_a_finished_training_resumes_instead_of_retraining(workdir, capsys):
+    before = (workdir / "sae" / "sae_weights.safetensors").read_bytes()
+    assert (
+        main(
+            [
+                "train",
+                str(workdir / "acts"),
+                "--out",
+                str(workdir / "sae"),
+                "--d-sae",
+                "128",
+                "--k",
+                "4",
+                "--tokens",
+                "20000",
+                "--batch-size",
+                "1024",
+                "--matryoshka",
+                "32,128",
+            ]
+        )
+        == 0
+    )
+    assert (workdir / "sae" / "sae_weights.safetensors").read_bytes() == before
+
+
+def run_fails(args, capsys, match):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("progsae: error:") and match in err, err
+    return err
+
+
+def test_bad_inputs_give_one_line_exit_2_and_no_partial_output(workdir, tmp_path, capsys):
+    w = workdir
+    run_fails(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capsys, "no activation directory")
+    assert not (tmp_path / "o").exists()
+    run_fails(
+        ["train", str(w / "acts"), "--out", str(tmp_path / "o"), "--d-sae", "64", "--matryoshka", "16,32"],
+        capsys,
+        "end at d_sae=64",
+    )
+    assert not (tmp_path / "o").exists()
+    run_fails(
+        ["eval", str(w / "sae"), str(w / "acts"), "--out", str(tmp_path / "r.json"), "--G", "129"],
+        capsys,
+        "G=129 is outside 1..128",
+    )
+    assert not (tmp_path / "r.json").exists()
+    run_fails(
+        ["stats", str(tmp_path / "nosae"), str(w / "acts"), "--out", str(tmp_path / "s")], capsys, "no SAE directory"
+    )
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "cfg.json").write_text((w / "sae" / "cfg.json").read_text())
+    (corrupt / "sae_weights.safetensors").write_bytes(b"\x12\x00\x00\x00garbage")
+    run_fails(
+        ["stats", str(corrupt), str(w / "acts"), "--out", str(tmp_path / "s")], capsys, "not a readable safetensors"
+    )
+    assert main(["synth", "--out", str(tmp_path / "wide"), "--tokens", "100", "--d-in", "8"]) == 0
+    capsys.readouterr()
+    run_fails(
+        ["eval", str(w / "sae"), str(tmp_path / "wide"), "--out", str(tmp_path / "r.json")], capsys, "expects d_in=16"
+    )
+    run_fails(
+        ["permute", str(w / "sae"), "--stats", str(w / "sae" / "cfg.json"), "--out", str(tmp_path / "p")],
+        capsys,
+        "safetensors",
+    )
+    assert not (tmp_path / "p").exists()
+    run_fails(["powerlaw", str(w / "stats.safetensors"), "--metrics", "e_z2,loudness"], capsys, "unknown metric")
+
+
+def test_unknown_metric_choice_and_help_from_the_installed_script():
+    r = subprocess.run(
+        [sys.executable, "-m", "progsae.cli", "permute", "x", "--stats", "s", "--by", "loud", "--out", "o"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "invalid choice: 'loud'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "progsae.cli", "train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--matryoshka-sampled" in r.stdout

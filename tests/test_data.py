@@ -1,0 +1,77 @@
+import itertools
+import json
+
+import pytest
+import torch
+
+from progsae import ProgsaeError
+from progsae.data import ActivationDir, SyntheticConfig, SyntheticSource, write_activations
+
+
+def write_rows(path, n=1000, d=8, shard_tokens=128):
+    rows = torch.arange(n * d, dtype=torch.float32).reshape(n, d)
+    write_activations(path, rows.split(100), d, {"kind": "test"}, shard_tokens)
+    return rows
+
+
+def test_written_directory_reads_back_in_order_with_manifest(tmp_path):
+    rows = write_rows(tmp_path / "a")
+    acts = ActivationDir(tmp_path / "a")
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["n_tokens"] == 1000 and m["d_in"] == 8 and len(m["shards"]) == 8
+    assert [s["n_tokens"] for s in m["shards"]] == [128] * 7 + [104]
+    torch.testing.assert_close(torch.cat(list(acts.iter_rows(300))), rows)
+    assert sum(len(b) for b in acts.iter_rows(64, max_tokens=333)) == 333
+    assert not (tmp_path / "a.partial").exists()
+
+
+def test_shuffled_batches_cover_each_row_once_per_epoch_and_resume_by_index(tmp_path):
+    rows = write_rows(tmp_path / "a", n=1024, shard_tokens=128)
+    acts = ActivationDir(tmp_path / "a")
+    epoch = torch.cat(list(itertools.islice(acts.batches(64, seed=3), 16)))
+    assert sorted(epoch[:, 0].tolist()) == sorted(rows[:, 0].tolist())
+    assert not torch.equal(epoch, rows)
+    stream = list(itertools.islice(acts.batches(64, seed=3), 40))
+    resumed = list(itertools.islice(acts.batches(64, seed=3, start=25), 15))
+    for a, b in zip(stream[25:], resumed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other = next(acts.batches(64, seed=4))
+    assert not torch.equal(other, stream[0])
+
+
+def test_missing_or_corrupt_files_are_named(tmp_path):
+    with pytest.raises(ProgsaeError, match="no activation directory"):
+        ActivationDir(tmp_path / "none")
+    write_rows(tmp_path / "a")
+    (tmp_path / "a" / "shard-00003.safetensors").unlink()
+    with pytest.raises(ProgsaeError, match="shard-00003.safetensors: shard listed in the manifest is missing"):
+        ActivationDir(tmp_path / "a")
+    write_rows(tmp_path / "b")
+    (tmp_path / "b" / "shard-00001.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ProgsaeError, match="shard-00001.safetensors: not a readable safetensors"):
+        list(ActivationDir(tmp_path / "b").iter_rows(100))
+    write_rows(tmp_path / "c")
+    (tmp_path / "c" / "manifest.json").write_text("{broken")
+    with pytest.raises(ProgsaeError, match="manifest.json: not valid JSON"):
+        ActivationDir(tmp_path / "c")
+
+
+def test_shard_with_wrong_width_is_reported(tmp_path):
+    write_rows(tmp_path / "a")
+    write_rows(tmp_path / "w", d=4)
+    (tmp_path / "w" / "shard-00000.safetensors").replace(tmp_path / "a" / "shard-00000.safetensors")
+    with pytest.raises(ProgsaeError, match=r"the manifest says \[128, 8\]"):
+        next(ActivationDir(tmp_path / "a").iter_rows(10))
+
+
+def test_synthetic_stream_is_seeded_and_has_the_promised_statistics():
+    src = SyntheticSource(SyntheticConfig(d_in=16, n_features=100, alpha=1.0, mean_active=5, noise=0.0, seed=1))
+    assert src.probs.sum().item() == pytest.approx(5, rel=1e-3)
+    assert (src.probs[1:] <= src.probs[:-1]).all()
+    torch.testing.assert_close(src.sample(10, 3), SyntheticSource(src.cfg).sample(10, 3))
+    x = src.sample(20000, 0)
+    # with noise 0 every row is a non-negative combination of the directions; check energy per row
+    expected = (src.probs * (1 + 0.2**2)).sum()  # E[sum a_i^2] for near-orthogonal directions
+    assert x.pow(2).sum(1).mean().item() == pytest.approx(expected.item(), rel=0.15)
+    with pytest.raises(ProgsaeError, match="mean_active"):
+        SyntheticConfig(n_features=4, mean_active=5)
