@@ -37,12 +37,13 @@ def cmd_synth(a) -> None:
     )
     src = SyntheticSource(cfg)
     n_batches = -(-a.tokens // 8192)
-    rows = (src.sample(min(8192, a.tokens - j * 8192), j) for j in range(n_batches))
+    first = 1_000_000_000 if a.held_out else 0  # same features, a disjoint stretch of the stream
+    rows = (src.sample(min(8192, a.tokens - j * 8192), first + j) for j in range(n_batches))
     out = write_activations(
         a.out,
         tqdm(rows, total=n_batches, desc="synth", unit="batch"),
         cfg.d_in,
-        {**src.describe(), "note": "synthetic activations with known features (tests and demos only)"},
+        {**src.describe(), "held_out": a.held_out, "note": "synthetic activations with known features (tests and demos only)"},
     )
     print(
         f"wrote {a.tokens} synthetic activations (d_in={cfg.d_in}, {cfg.n_features} features, alpha={cfg.alpha}) to {out}"
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha", type=float, default=1.0, help="feature i fires with probability ~ i^-alpha")
     s.add_argument("--mean-active", type=float, default=8.0, help="mean number of active features per token")
     s.add_argument("--noise", type=float, default=0.01)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seeds the features and the stream")
+    s.add_argument("--held-out", action="store_true", help="same features, tokens disjoint from the default stream")
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("train", help="train a TopK or Matryoshka SAE on an activation directory")

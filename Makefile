@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv and run the main job (results under runs/demo)
+#   make test   set up .venv and run lint + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUN    ?= runs/demo
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build); on a GPU machine
+# install the torch you need first and then `pip install -e .`
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	PATH=$(abspath $(BIN)):$$PATH RUN=$(RUN) bash scripts/demo.sh
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) runs
