@@ -88,3 +88,20 @@ def test_nested_decode_bands_are_prefix_sums():
     z = torch.zeros(20, 96).scatter(1, i, v)
     for j, m in enumerate(bounds.tolist()):
         torch.testing.assert_close(out[:, j], z[:, :m] @ sae.W_dec[:m], rtol=1e-5, atol=1e-6)
+
+
+def test_nested_decode_gradients_match_dense_autograd():
+    sae = make_sae()
+    x = torch.randn(20, 16)
+    v, i, _, _ = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
+    v = v.detach().requires_grad_()
+    W = sae.W_dec.detach().clone().requires_grad_()
+    bounds = torch.tensor([10, 60, 96])
+    weight = torch.randn(20, 3, 16)
+    (decode_nested(v, i, W, bounds) * weight).sum().backward()
+    v2, W2 = v.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    z = torch.zeros(20, 96).scatter(1, i, v2)
+    dense = torch.stack([z[:, :m] @ W2[:m] for m in bounds.tolist()], 1)
+    (dense * weight).sum().backward()
+    torch.testing.assert_close(v.grad, v2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(W.grad, W2.grad, rtol=1e-5, atol=1e-6)

@@ -43,7 +43,11 @@ def cmd_synth(a) -> None:
         a.out,
         tqdm(rows, total=n_batches, desc="synth", unit="batch"),
         cfg.d_in,
-        {**src.describe(), "held_out": a.held_out, "note": "synthetic activations with known features (tests and demos only)"},
+        {
+            **src.describe(),
+            "held_out": a.held_out,
+            "note": "synthetic activations with known features (tests and demos only)",
+        },
     )
     print(
         f"wrote {a.tokens} synthetic activations (d_in={cfg.d_in}, {cfg.n_features} features, alpha={cfg.alpha}) to {out}"

@@ -58,9 +58,10 @@ class TopKEncode(torch.autograd.Function):
         use_aux = dead is not None and k_aux > 0
         aux_values = x.new_empty(B, k_aux if use_aux else 0)
         aux_indices = torch.empty(B, k_aux if use_aux else 0, dtype=torch.long)
+        buf = x.new_empty(min(B, ENCODE_CHUNK), W_enc.shape[1])  # one buffer: fresh pages cost page faults
         for s in range(0, B, ENCODE_CHUNK):
             e = min(B, s + ENCODE_CHUNK)
-            pre = torch.addmm(b_enc, xc[s:e], W_enc)  # [c, N]
+            pre = torch.addmm(b_enc, xc[s:e], W_enc, out=buf[: e - s])  # [c, N]
             torch.topk(pre, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
             if use_aux:
                 pre.masked_fill_(~dead, float("-inf"))
@@ -105,7 +106,7 @@ class NestedDecode(torch.autograd.Function):
     """Prefix reconstructions [B, g, d] (without b_dec): row j sums v_i W_dec[i] over active i < bounds[j].
 
     One sparse product gives the band sums; a cumulative sum over bands gives the nested prefixes, so a
-    Matryoshka step with g granularities costs one decode, not g.
+    Matryoshka decode with g granularities costs one decode, not g.
     """
 
     @staticmethod
@@ -116,24 +117,74 @@ class NestedDecode(torch.autograd.Function):
         out = (S @ W_dec).view(B, -1, d)
         if out.shape[1] > 1:
             out = out.cumsum(1)
-        ctx.save_for_backward(values, indices, W_dec)
+        ctx.save_for_backward(values, W_dec)
         ctx.S = S
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        values, indices, W_dec = ctx.saved_tensors
-        S = ctx.S
-        B, g, d = grad.shape
-        if g > 1:  # d(prefix j)/d(band i) = 1 for i <= j: a reverse cumulative sum
-            grad = grad.flip(1).cumsum(1).flip(1)
-        grad = grad.reshape(B * g, d).contiguous()
-        grad_values = grad_W_dec = None
-        if ctx.needs_input_grad[0]:
-            grad_values = torch.sparse.sampled_addmm(S, grad, W_dec.t(), beta=0.0).values().view_as(values)
-        if ctx.needs_input_grad[2]:
-            grad_W_dec = S.t() @ grad
+        values, W_dec = ctx.saved_tensors
+        grad = _reverse_cumsum_(grad.clone())  # d(prefix j)/d(band i) = 1 for i <= j
+        grad_values, grad_W_dec = _band_grads(ctx, ctx.S, grad, values, W_dec, 0, 2)
         return grad_values, None, grad_W_dec, None
+
+
+class NestedSSE(torch.autograd.Function):
+    """Squared residuals of the nested reconstructions, summed over the batch: sse [g] with
+    sse[j] = sum_b ||r[b] - sum_{active i < bounds[j]} v_bi W_dec[i]||^2, where r = x - b_dec.
+
+    The Matryoshka loss sum_j c_j sse[j] / var, fused: the [B, g, d] residuals are built once in one
+    buffer and reused by the backward, instead of autograd keeping a copy per elementwise step.
+    Also returns the full-size residual [B, d] (not differentiable), which AuxK reconstructs.
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, r, bounds=None):
+        B = values.shape[0]
+        N, d = W_dec.shape
+        S = _csr(values, indices, band_crow(indices, bounds), N)
+        R = (S @ W_dec).view(B, -1, d)  # band sums, turned in place into residuals R_j = R_{j-1} - band_j
+        torch.sub(r, R[:, 0], out=R[:, 0])
+        for j in range(1, R.shape[1]):
+            torch.sub(R[:, j - 1], R[:, j], out=R[:, j])
+        sse = torch.linalg.vecdot(R, R).sum(0)
+        ctx.save_for_backward(values, W_dec)
+        ctx.S, ctx.R = S, R
+        residual = R[:, -1].clone()
+        ctx.mark_non_differentiable(residual)
+        return sse, residual
+
+    @staticmethod
+    def backward(ctx, grad_sse, _grad_residual):
+        values, W_dec = ctx.saved_tensors
+        R = ctx.R  # consumed, in place: d loss / d band_i = sum_{j >= i} -2 grad_sse_j R_j
+        c = (-2 * grad_sse).tolist()
+        R[:, -1].mul_(c[-1])
+        for j in range(R.shape[1] - 2, -1, -1):
+            torch.add(R[:, j + 1], R[:, j], alpha=c[j], out=R[:, j])
+        grad = R
+        grad_values, grad_W_dec = _band_grads(ctx, ctx.S, grad, values, W_dec, 0, 2)
+        grad_r = -grad[:, 0] if ctx.needs_input_grad[3] else None
+        return grad_values, None, grad_W_dec, grad_r, None
+
+
+def _reverse_cumsum_(t: torch.Tensor) -> torch.Tensor:
+    """In place along dim 1 (g is small: a loop beats flip + cumsum + flip)."""
+    for j in range(t.shape[1] - 2, -1, -1):
+        t[:, j] += t[:, j + 1]
+    return t
+
+
+def _band_grads(ctx, S, grad, values, W_dec, i_values: int, i_W: int):
+    """Gradients of values and W_dec from grad [B, g, d] of the band sums S @ W_dec."""
+    B, g, d = grad.shape
+    grad = grad.reshape(B * g, d)
+    grad_values = grad_W_dec = None
+    if ctx.needs_input_grad[i_values]:
+        grad_values = torch.sparse.sampled_addmm(S, grad, W_dec.t(), beta=0.0).values().view_as(values)
+    if ctx.needs_input_grad[i_W]:
+        grad_W_dec = S.t() @ grad
+    return grad_values, grad_W_dec
 
 
 def topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0):
@@ -144,3 +195,8 @@ def topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0):
 def decode_nested(values, indices, W_dec, bounds=None):
     """Functional form of `NestedDecode`: prefix reconstructions [B, g, d] without b_dec."""
     return NestedDecode.apply(values, indices, W_dec, bounds)
+
+
+def nested_sse(values, indices, W_dec, r, bounds=None):
+    """Functional form of `NestedSSE`: (sse [g], full-size residual [B, d])."""
+    return NestedSSE.apply(values, indices, W_dec, r, bounds)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .files import ProgsaeError, fresh_dir, load_json, load_tensors, replace_dir, save_json, save_tensors
-from .kernels import decode_nested, topk_encode
+from .kernels import nested_sse, topk_encode
 from .sae import SAE, SAEConfig
 
 SAMPLERS = ("uniform", "pareto")
@@ -156,16 +156,15 @@ def sae_loss(
         x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead if k_aux else None, k_aux
     )
     b = None if bounds is None or bounds == [sae.d_sae] else torch.tensor(bounds)
-    prefixes = decode_nested(values, indices, sae.W_dec, b) + sae.b_dec  # [B, g, d]
+    sse, residual = nested_sse(values, indices, sae.W_dec, x - sae.b_dec, b)  # [g], [B, d]
     total_var = (x - x.mean(0)).pow(2).sum()
-    sse = (x.unsqueeze(1) - prefixes).pow(2).sum((0, 2))  # [g]
     w = torch.ones(1) if weights is None else weights
     loss = (w * sse).sum() / total_var
     full_fvu = sse[-1].detach() / total_var
     aux = None
-    if k_aux:
-        e = (x - prefixes[:, -1]).detach()
-        aux = fvu(e, decode_nested(aux_values, aux_indices, sae.W_dec)[:, 0])
+    if k_aux:  # AuxK: dead latents reconstruct the (detached) residual, without b_dec
+        aux_sse, _ = nested_sse(aux_values, aux_indices, sae.W_dec, residual)
+        aux = aux_sse[0] / (residual - residual.mean(0)).pow(2).sum()
         loss = loss + aux_coef * aux
     return loss, full_fvu, aux, values.detach(), indices
 

@@ -18,7 +18,7 @@ import torch
 from ..files import ProgsaeError
 from ..sae import MODES, SAE
 
-CURVE_CHUNK = 64  # tokens per cumulative-sum block: [64, k, d] stays in cache
+CURVE_CHUNK = 8  # tokens per cumulative-sum block: [8, k, d] stays in cache
 
 
 @dataclass
@@ -61,14 +61,20 @@ class ProgressiveEval:
         sae = self.sae
         values, indices = sae.encode(x)
         r0 = x - sae.b_dec
+        e0 = torch.linalg.vecdot(r0, r0)  # [B]: ||r||^2 with no latent
+        e = torch.empty_like(values)  # [B, k]: ||r||^2 after the first t+1 active latents
+        k, d = values.shape[1], r0.shape[1]
+        T = x.new_empty(CURVE_CHUNK * k, d)
         for s in range(0, x.shape[0], CURVE_CHUNK):
-            v, idx, r = values[s : s + CURVE_CHUNK], indices[s : s + CURVE_CHUNK], r0[s : s + CURVE_CHUNK]
-            partial = (sae.W_dec[idx] * v.unsqueeze(-1)).cumsum_(1)  # [c, k, d]
-            e = (r.unsqueeze(1) - partial).pow_(2).sum(-1)  # [c, k]: ||r||^2 after t+1 latents
-            e0 = r.pow(2).sum(-1)
-            step = e - torch.cat([e0.unsqueeze(1), e[:, :-1]], 1)
-            self.steps.index_add_(0, idx.reshape(-1), step.reshape(-1).double())
-            self.sse0 += e0.double().sum()
+            c = min(CURVE_CHUNK, x.shape[0] - s)
+            R = torch.index_select(sae.W_dec, 0, indices[s : s + c].reshape(-1), out=T[: c * k]).view(c, k, d)
+            R.mul_(values[s : s + c].unsqueeze(-1).neg())
+            R[:, 0] += r0[s : s + c]
+            R.cumsum_(1)  # R[:, t] = residual after t+1 latents
+            e[s : s + c] = torch.linalg.vector_norm(R, dim=-1).square_()  # one pass; vecdot takes three
+        step = e - torch.cat([e0.unsqueeze(1), e[:, :-1]], 1)
+        self.steps.index_add_(0, indices.reshape(-1), step.reshape(-1).double())
+        self.sse0 += e0.double().sum()
         self.counts.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).double())
         xd = x.double()
         self.sum_x += xd.sum(0)
