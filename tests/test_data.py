@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from progsae import ProgsaeError
-from progsae.data import ActivationDir, SyntheticConfig, SyntheticSource, write_activations
+from progsae.data import ActivationDir, ActivationWriter, SyntheticConfig, SyntheticSource, write_activations
 
 
-def write_rows(path, n=1000, d=8, shard_tokens=128):
+def write_rows(path, n=1000, d=8, shard_tokens=128, chunk=100):
     rows = torch.arange(n * d, dtype=torch.float32).reshape(n, d)
-    write_activations(path, rows.split(100), d, {"kind": "test"}, shard_tokens)
+    write_activations(path, rows.split(chunk), d, {"kind": "test"}, shard_tokens)
     return rows
 
 
@@ -18,15 +18,34 @@ def test_written_directory_reads_back_in_order_with_manifest(tmp_path):
     rows = write_rows(tmp_path / "a")
     acts = ActivationDir(tmp_path / "a")
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert m["n_tokens"] == 1000 and m["d_in"] == 8 and len(m["shards"]) == 8
-    assert [s["n_tokens"] for s in m["shards"]] == [128] * 7 + [104]
+    assert m["n_tokens"] == 1000 and m["d_in"] == 8
+    assert [s["n_tokens"] for s in m["shards"]] == [200] * 5  # shards end where additions (of 100) end
     torch.testing.assert_close(torch.cat(list(acts.iter_rows(300))), rows)
     assert sum(len(b) for b in acts.iter_rows(64, max_tokens=333)) == 333
     assert not (tmp_path / "a.partial").exists()
 
 
+def test_killed_writer_resumes_without_losing_or_duplicating_rows(tmp_path):
+    rows = torch.arange(600 * 4, dtype=torch.float32).reshape(600, 4)
+    w = ActivationWriter(tmp_path / "a", 4, {"kind": "test"}, shard_tokens=100)
+    for i in range(3):
+        w.state = {"done": i + 1}
+        w.add(rows[i * 100 : (i + 1) * 100], ids=torch.arange(i * 100, (i + 1) * 100))
+    w.pending.append({"activations": rows[:50], "ids": torch.arange(50)})  # rows never flushed: lost with the process
+    del w
+    assert not (tmp_path / "a").exists()
+    w = ActivationWriter(tmp_path / "a", 4, {"kind": "test"}, shard_tokens=100, resume=True)
+    assert w.state == {"done": 3} and w.n_tokens == 300
+    for i in range(w.state["done"], 6):
+        w.add(rows[i * 100 : (i + 1) * 100], ids=torch.arange(i * 100, (i + 1) * 100))
+    w.close()
+    torch.testing.assert_close(torch.cat(list(ActivationDir(tmp_path / "a").iter_rows(64))), rows)
+    other = ActivationWriter(tmp_path / "b", 4, {"kind": "other"}, resume=True)  # nothing to resume: fresh
+    assert other.n_tokens == 0
+
+
 def test_shuffled_batches_cover_each_row_once_per_epoch_and_resume_by_index(tmp_path):
-    rows = write_rows(tmp_path / "a", n=1024, shard_tokens=128)
+    rows = write_rows(tmp_path / "a", n=1024, shard_tokens=128, chunk=128)
     acts = ActivationDir(tmp_path / "a")
     epoch = torch.cat(list(itertools.islice(acts.batches(64, seed=3), 16)))
     assert sorted(epoch[:, 0].tolist()) == sorted(rows[:, 0].tolist())
@@ -60,7 +79,7 @@ def test_shard_with_wrong_width_is_reported(tmp_path):
     write_rows(tmp_path / "a")
     write_rows(tmp_path / "w", d=4)
     (tmp_path / "w" / "shard-00000.safetensors").replace(tmp_path / "a" / "shard-00000.safetensors")
-    with pytest.raises(ProgsaeError, match=r"the manifest says \[128, 8\]"):
+    with pytest.raises(ProgsaeError, match=r"the manifest says \[200, 8\]"):
         next(ActivationDir(tmp_path / "a").iter_rows(10))
 
 

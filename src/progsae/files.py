@@ -38,6 +38,20 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise ProgsaeError(f"{path}: not a readable safetensors file ({e}); re-create it") from None
 
 
+def load_tensor(path: str | Path, name: str) -> torch.Tensor | None:
+    """One tensor of a safetensors file (read through its memory map), or None if it has no such tensor."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ProgsaeError(f"{path}: file not found; check the path (it should be written by progsae)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name) if name in f.keys() else None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ProgsaeError(f"{path}: not a readable safetensors file ({e}); re-create it") from None
+
+
 def tensors_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 

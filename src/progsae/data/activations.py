@@ -3,8 +3,11 @@
     manifest.json  {"format": "progsae-activations", "version": 1, "d_in", "dtype", "n_tokens",
                     "source": {...free-form description...}, "shards": [{"file", "n_tokens"}, ...]}
 
+Shards of extracted LM activations also hold, per row, `token_ids [n]`, `context_ids [n]` (row of
+`contexts.safetensors`, which keeps every context's tokens `[n_contexts, ctx_len]`) and `positions [n]`.
 A directory is written shard by shard into `DIR.partial/` and renamed to `DIR` only when complete.
-Reading is lazy: shards are opened one buffer at a time, so memory does not grow with the directory.
+Reading is lazy: only a shard's activations are read, a buffer of shards at a time, so memory does
+not grow with the directory.
 """
 
 from __future__ import annotations
@@ -15,42 +18,70 @@ from pathlib import Path
 
 import torch
 
-from ..files import ProgsaeError, fresh_dir, load_json, load_tensors, replace_dir, save_json, save_tensors
+from ..files import ProgsaeError, fresh_dir, load_json, load_tensor, replace_dir, save_json, save_tensors
 
 FORMAT = "progsae-activations"
 SHARD_TOKENS = 65536
 
 
 class ActivationWriter:
-    """Append activation rows; full shards go to disk as they fill; `close()` writes the manifest."""
+    """Append activation rows (and optional per-row tensors); a shard is written whenever at least
+    `shard_tokens` rows are pending, so shards end where `add` calls end. `close()` writes the manifest
+    and renames `DIR.partial` to `DIR`.
 
-    def __init__(self, out: str | Path, d_in: int, source: dict, shard_tokens: int = SHARD_TOKENS):
+    After each shard, `DIR.partial/progress.json` records the shards and `state` (the caller's own
+    position, e.g. contexts done); a writer created with `resume=True` and the same `source` picks up
+    from there, so a killed run loses no rows and duplicates none.
+    """
+
+    def __init__(
+        self, out: str | Path, d_in: int, source: dict, shard_tokens: int = SHARD_TOKENS, resume: bool = False
+    ):
         self.out = Path(out)
-        self.tmp = fresh_dir(self.out.with_name(self.out.name + ".partial"))
+        self.tmp = self.out.with_name(self.out.name + ".partial")
         self.d_in, self.source, self.shard_tokens = d_in, source, shard_tokens
-        self.pending: list[torch.Tensor] = []
+        self.pending: list[dict[str, torch.Tensor]] = []
         self.n_pending = 0
         self.shards: list[dict] = []
+        self.state: dict = {}
+        progress = self.tmp / "progress.json"
+        if resume and progress.is_file():
+            p = load_json(progress)
+            if p.get("source") == source and p.get("d_in") == d_in:
+                self.shards, self.state = p["shards"], p["state"]
+                return
+        fresh_dir(self.tmp)
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, **extra: torch.Tensor) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.d_in:
             raise ProgsaeError(f"activation rows have shape {tuple(rows.shape)}, expected [n, {self.d_in}]")
-        self.pending.append(rows.detach().float())
+        self.pending.append({"activations": rows.detach().float(), **extra})
         self.n_pending += rows.shape[0]
-        while self.n_pending >= self.shard_tokens:
-            self._flush(self.shard_tokens)
+        if self.n_pending >= self.shard_tokens:
+            self.flush()
 
-    def _flush(self, n: int) -> None:
-        rows = torch.cat(self.pending)
-        shard, rest = rows[:n], rows[n:]
-        self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        shard = {k: torch.cat([p[k] for p in self.pending]) for k in self.pending[0]}
         name = f"shard-{len(self.shards):05d}.safetensors"
-        save_tensors(self.tmp / name, {"activations": shard})
-        self.shards.append({"file": name, "n_tokens": int(shard.shape[0])})
+        save_tensors(self.tmp / name, shard)
+        self.shards.append({"file": name, "n_tokens": int(shard["activations"].shape[0])})
+        self.pending, self.n_pending = [], 0
+        save_json(
+            self.tmp / "progress.json",
+            {"source": self.source, "d_in": self.d_in, "shards": self.shards, "state": self.state},
+        )
 
-    def close(self) -> Path:
-        if self.n_pending:
-            self._flush(self.n_pending)
+    @property
+    def n_tokens(self) -> int:
+        return sum(s["n_tokens"] for s in self.shards) + self.n_pending
+
+    def close(self, files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """Flush, write `files` (name -> tensors) and the manifest, and move the directory into place."""
+        self.flush()
+        for name, tensors in (files or {}).items():
+            save_tensors(self.tmp / name, tensors)
         manifest = {
             "format": FORMAT,
             "version": 1,
@@ -61,6 +92,7 @@ class ActivationWriter:
             "shards": self.shards,
         }
         save_json(self.tmp / "manifest.json", manifest)
+        (self.tmp / "progress.json").unlink(missing_ok=True)
         replace_dir(self.tmp, self.out)
         return self.out
 
@@ -98,7 +130,7 @@ class ActivationDir:
 
     def load_shard(self, i: int) -> torch.Tensor:
         f = self.path / self.shards[i]["file"]
-        t = load_tensors(f).get("activations")
+        t = load_tensor(f, "activations")
         if t is None or t.ndim != 2 or t.shape[1] != self.d_in or t.shape[0] != self.shards[i]["n_tokens"]:
             shape = None if t is None else tuple(t.shape)
             raise ProgsaeError(

@@ -1,0 +1,116 @@
+"""Recaptured language-modelling loss: the SAE's reconstruction spliced back into the model.
+
+On held-out contexts, with layer L's output (the SAE's hook point) replaced at every non-BOS position:
+    clean      the model as is                      CE_clean
+    zero       h = 0                                CE_zero
+    mean       h = mean of h over the eval tokens   CE_mean
+    sae        h = SAE reconstruction at (G, mode)  CE_sae, KL(clean || spliced) per token
+    recaptured = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+The model runs up to layer L once per batch (`Splicer.clean`); only layers L+1.. run per replacement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.lm import Splicer, residual_stream
+from ..files import ProgsaeError
+from ..sae import MODES, SAE
+
+
+def _ce_kl(logits: torch.Tensor, clean_logp: torch.Tensor, ids: torch.Tensor) -> tuple[float, float, int]:
+    """Summed next-token CE and KL(clean || this) over positions 0..T-2, and their count."""
+    logp = F.log_softmax(logits[:, :-1].float(), -1)
+    ce = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum()
+    kl = (clean_logp.exp() * (clean_logp - logp)).sum()
+    return float(ce), float(kl), ids[:, 1:].numel()
+
+
+@torch.no_grad()
+def recaptured_loss(
+    model,
+    layer: int,
+    saes: dict[str, SAE],
+    contexts: torch.Tensor,
+    Gs: Iterable[int],
+    modes: Iterable[str] = MODES,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """CE, KL and recaptured fraction for every SAE at every G and mode, on `contexts` [n, T] (BOS first).
+
+    Returns {"n_tokens", "ce_clean", "ce_zero", "ce_mean", "saes": {name: {mode: [{"G", "ce", "kl",
+    "recaptured"}, ...]}}}.
+    """
+    Gs, modes = sorted(set(Gs)), list(modes)
+    for sae in saes.values():
+        for G in Gs:
+            sae._check_G(G)
+    for m in modes:
+        if m not in MODES:
+            raise ProgsaeError(f"unknown truncation mode {m!r}; use one of {', '.join(MODES)}")
+    splicer = Splicer(model, layer)
+    batches = contexts.split(batch_size)
+    # the mean-ablation vector: mean of h over all non-BOS eval positions (a cheap pass up to layer L)
+    mean = torch.stack(
+        [residual_stream(model, ids, layer)[:, 1:].reshape(-1, model.config.hidden_size).sum(0) for ids in batches]
+    ).sum(0) / (contexts.shape[0] * (contexts.shape[1] - 1))
+    keys = [("zero", None, None), ("mean", None, None)] + [(n, m, G) for n in saes for m in modes for G in Gs]
+    ce = dict.fromkeys(keys, 0.0)
+    kl = dict.fromkeys(keys, 0.0)
+    ce_clean, n_tok = 0.0, 0
+    total = len(batches) * (len(keys) + 1)
+    bar = tqdm(total=total, desc="recaptured LM loss", unit="pass", disable=not progress, dynamic_ncols=True)
+    for ids in batches:
+        h, logits = splicer.clean(ids)
+        clean_logp = F.log_softmax(logits[:, :-1].float(), -1)
+        c, _, n = _ce_kl(logits, clean_logp, ids)
+        ce_clean += c
+        n_tok += n
+        bar.update(1)
+        for key in keys:
+            name, mode, G = key
+            spliced = h.clone()
+            if name == "zero":
+                spliced[:, 1:] = 0
+            elif name == "mean":
+                spliced[:, 1:] = mean
+            else:
+                body = h[:, 1:].reshape(-1, h.shape[-1])
+                spliced[:, 1:] = saes[name](body, G, mode).view(h.shape[0], -1, h.shape[-1])
+            c, k, _ = _ce_kl(splicer.logits(spliced), clean_logp, ids)
+            ce[key] += c
+            kl[key] += k
+            bar.update(1)
+    bar.close()
+    ce = {k: v / n_tok for k, v in ce.items()}
+    kl = {k: v / n_tok for k, v in kl.items()}
+    ce_clean /= n_tok
+    ce_zero = ce[("zero", None, None)]
+    out = {
+        "n_tokens": n_tok,
+        "ce_clean": ce_clean,
+        "ce_zero": ce_zero,
+        "ce_mean": ce[("mean", None, None)],
+        "kl_zero": kl[("zero", None, None)],
+        "kl_mean": kl[("mean", None, None)],
+        "saes": {},
+    }
+    for name in saes:
+        out["saes"][name] = {
+            m: [
+                {
+                    "G": G,
+                    "ce": ce[(name, m, G)],
+                    "kl": kl[(name, m, G)],
+                    "recaptured": (ce_zero - ce[(name, m, G)]) / (ce_zero - ce_clean) if ce_zero != ce_clean else None,
+                }
+                for G in Gs
+            ]
+            for m in modes
+        }
+    return out

@@ -1,0 +1,53 @@
+"""Representational similarity analysis between activations and their reconstructions.
+
+On a fixed sample of n tokens: the n x n dissimilarity matrices of the original activations and of the
+reconstructions (cosine dissimilarity 1 - cos(a, b), and euclidean distance ||a - b||), compared by the
+Pearson and the Spearman correlation of their upper triangles (i < j). 1 means the reconstruction
+preserves the geometry of the sample exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dissimilarities(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """Upper triangle (i < j, row-major) of the pairwise dissimilarity matrix of the rows of x, float64."""
+    x = x.double()
+    if metric == "cosine":
+        u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        d = 1 - u @ u.t()
+    elif metric == "euclidean":
+        d = torch.cdist(x, x)
+    else:
+        raise ValueError(f"unknown metric {metric!r}")
+    i, j = torch.triu_indices(len(x), len(x), offset=1)
+    return d[i, j]
+
+
+def _rank(v: torch.Tensor) -> torch.Tensor:
+    """0-based ranks with ties averaged (as Spearman's correlation needs)."""
+    order = v.argsort()
+    _, inverse, counts = torch.unique_consecutive(v[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = torch.empty_like(v)
+    ranks[order] = (ends - (counts.double() + 1) / 2)[inverse]  # mean position of each tie group
+    return ranks
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    return pearson(_rank(a), _rank(b))
+
+
+def rsa(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
+    """{"cosine": {"pearson", "spearman"}, "euclidean": {...}} between rows of x [n, d] and x_hat [n, d]."""
+    out = {}
+    for metric in ("cosine", "euclidean"):
+        a, b = dissimilarities(x, metric), dissimilarities(x_hat, metric)
+        out[metric] = {"pearson": pearson(a, b), "spearman": spearman(a, b)}
+    return out

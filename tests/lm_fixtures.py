@@ -1,0 +1,28 @@
+"""A tiny randomly initialised transformers model and tokenizer, built from a config (no download)."""
+
+import torch
+
+TEXT = (
+    "In the beginning the model read a few sentences. Every sentence had words, and the words had meaning. "
+    "The sparse autoencoder learned features from the residual stream. Some features were frequent and some rare. "
+) * 3
+
+
+def tiny_lm(path, n_layers=3, d=32, seed=0):
+    """Save a 3-layer Llama with a word-level tokenizer to `path`; returns (model, tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted(set(TEXT.replace(".", " .").replace(",", " ,").split()))  # includes "." and ","
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok

@@ -1,0 +1,179 @@
+import json
+import os
+
+import pytest
+import torch
+
+from lm_fixtures import TEXT, tiny_lm
+from progsae import SAE, ProgsaeError, SAEConfig
+from progsae.analysis.lm_eval import recaptured_loss
+from progsae.analysis.rsa import _rank, rsa
+from progsae.data import ActivationDir
+from progsae.data.corpus import load_corpus, pack_contexts, split_indices
+from progsae.data.extract import ExtractConfig, extract
+from progsae.data.lm import Splicer, load_lm, residual_stream
+from progsae.files import load_tensors
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-lm")
+    tiny_lm(path)
+    model, tok, name = load_lm(str(path))
+    corpus = tmp_path_factory.mktemp("corpus") / "text.txt"
+    corpus.write_text(TEXT * 4)
+    return model, tok, str(corpus)
+
+
+def test_hooked_residual_stream_equals_hidden_states(lm):
+    model, tok, _ = lm
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer in (0, 1):  # the last layer's hidden_states entry is after the final norm
+        torch.testing.assert_close(residual_stream(model, ids, layer), hs[layer + 1], rtol=0, atol=0)
+
+
+def test_layer_that_does_not_exist_is_named(lm):
+    with pytest.raises(ProgsaeError, match="layer 3 does not exist: the model has 3 decoder layers"):
+        residual_stream(lm[0], torch.ones(1, 4, dtype=torch.long), 3)
+
+
+def test_splicing_unchanged_activations_reproduces_clean_logits(lm):
+    model, _, _ = lm
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    sp = Splicer(model, 1)
+    h, logits = sp.clean(ids)
+    torch.testing.assert_close(sp.logits(h), logits, rtol=0, atol=0)
+    torch.testing.assert_close(sp._full_forward(h), logits, rtol=0, atol=0)
+    changed = h.clone()
+    changed[:, 3:] = 0
+    torch.testing.assert_close(sp.logits(changed), sp._full_forward(changed), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sp.logits(changed), logits)
+
+
+def test_packing_puts_bos_first_and_joins_documents_with_eos(lm):
+    _, tok, _ = lm
+    ctx = pack_contexts(["the model read", "every sentence had words"], tok, ctx_len=4)  # 3 + 1 + 4 + 1 tokens
+    assert ctx.shape == (3, 4) and (ctx[:, 0] == tok.bos_token_id).all()
+    enc = [tok(t, add_special_tokens=False)["input_ids"] for t in ("the model read", "every sentence had words")]
+    assert ctx[:, 1:].reshape(-1).tolist() == enc[0] + [tok.eos_token_id] + enc[1] + [tok.eos_token_id]
+    with pytest.raises(ProgsaeError, match="fewer than"):
+        pack_contexts(["the"], tok, ctx_len=50)
+
+
+def test_split_is_a_deterministic_partition():
+    train, test = split_indices(200, "train", 0.1, seed=3), split_indices(200, "test", 0.1, seed=3)
+    assert sorted(train + test) == list(range(200)) and len(test) == 20
+    assert test == split_indices(200, "test", 0.1, seed=3) != split_indices(200, "test", 0.1, seed=4)
+
+
+def test_corpus_files_and_errors(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "b.txt").write_text("three")
+    assert load_corpus(str(tmp_path)) == ["one", "two", "three"]
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(ProgsaeError, match=r"bad.jsonl:1: expected a JSON object"):
+        load_corpus(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ProgsaeError, match="no such file"):
+        load_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_default_corpus_is_english_prose():
+    docs = load_corpus("kjv")
+    assert len(docs) > 1000 and docs[0].startswith("In the beginning God created the heaven and the earth.")
+    assert sum(map(len, docs)) > 4_000_000
+
+
+def test_extraction_writes_traceable_rows_without_bos(lm, tmp_path):
+    model, tok, corpus = lm
+    cfg = ExtractConfig(model="tiny", layer=1, tokens=300, corpus=corpus, ctx_len=16, batch_size=4)
+    path = extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False, shard_tokens=100)
+    acts = ActivationDir(path)
+    m = json.loads((path / "manifest.json").read_text())
+    assert acts.n_tokens == 300 and m["source"]["hook_name"] == "blocks.1.hook_resid_post"
+    contexts = load_tensors(path / "contexts.safetensors")["contexts"]
+    shards = [load_tensors(path / s["file"]) for s in m["shards"]]
+    rows = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+    assert (rows["positions"] >= 1).all()  # BOS (position 0) excluded
+    torch.testing.assert_close(rows["token_ids"], contexts[rows["context_ids"], rows["positions"]])
+    i = 37  # any row is the model's activation at its recorded context and position
+    h = residual_stream(model, contexts[rows["context_ids"][i]][None], 1)[0, rows["positions"][i]]
+    torch.testing.assert_close(rows["activations"][i], h)
+
+
+def test_killed_extraction_resumes_with_no_lost_or_duplicated_tokens(lm, tmp_path, monkeypatch):
+    model, tok, corpus = lm
+    cfg = ExtractConfig(model="tiny", layer=1, tokens=250, corpus=corpus, ctx_len=16, batch_size=2)
+    whole = extract(cfg, tmp_path / "whole", model, tok, "tiny", progress=False, shard_tokens=40)
+
+    import progsae.data.extract as ex
+
+    calls = {"n": 0}
+    real = ex.residual_stream
+
+    def dies_after_five(*args):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(ex, "residual_stream", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, tmp_path / "resumed", model, tok, "tiny", progress=False, shard_tokens=40)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "progress.json").is_file()
+    monkeypatch.setattr(ex, "residual_stream", real)
+    extract(cfg, tmp_path / "resumed", model, tok, "tiny", progress=False, shard_tokens=40)
+    a, b = (torch.cat(list(ActivationDir(p).iter_rows(1000))) for p in (whole, tmp_path / "resumed"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def identity_sae(d):
+    """W_enc = [I, -I], W_dec = [I; -I], k = 2d: relu(x) - relu(-x) = x, a perfect reconstruction."""
+    sae = SAE(SAEConfig(d, 2 * d, 2 * d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+    return sae
+
+
+def test_recaptured_loss_is_one_for_a_perfect_reconstruction(lm):
+    model, tok, corpus = lm
+    contexts = pack_contexts(load_corpus(corpus), tok, 16)[:6]
+    r = recaptured_loss(model, 1, {"perfect": identity_sae(32)}, contexts, [64], progress=False)
+    row = r["saes"]["perfect"]["prefix"][0]
+    assert row["recaptured"] == pytest.approx(1.0, abs=1e-5) and row["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert r["ce_zero"] != r["ce_clean"] and r["n_tokens"] == 6 * 15
+    # a truncated reconstruction changes the model's predictions
+    r2 = recaptured_loss(model, 1, {"perfect": identity_sae(32)}, contexts, [8], progress=False)
+    assert r2["saes"]["perfect"]["rescaled"][0]["kl"] > 1e-4
+
+
+def test_rsa_is_one_for_identical_and_scaled_geometry_and_lower_for_noise():
+    x = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
+    same = rsa(x, 2 * x)
+    for m in ("cosine", "euclidean"):
+        assert same[m]["pearson"] == pytest.approx(1.0) and same[m]["spearman"] == pytest.approx(1.0)
+    noisy = rsa(x, x + torch.randn(60, 8))
+    assert 0 < noisy["cosine"]["spearman"] < 0.95
+
+
+def test_ranks_average_ties():
+    v = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0], dtype=torch.float64)
+    assert _rank(v).tolist() == [3.0, 0.0, 3.0, 1.0, 3.0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PROGSAE_SKIP_SLOW") == "1", reason="PROGSAE_SKIP_SLOW=1")
+def test_embedded_default_model_loads_offline_and_hooks_match(tmp_path):
+    pytest.importorskip("gguf")
+    model, tok, name = load_lm("smollm2-135m")
+    assert name == "SmolLM2-135M-Instruct" and model.config.num_hidden_layers == 30
+    ids = pack_contexts(load_corpus("kjv")[:3], tok, 32)[:2]
+    hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(residual_stream(model, ids, 2), hs[3], rtol=0, atol=0)
+    sp = Splicer(model, 2)
+    h, logits = sp.clean(ids)
+    torch.testing.assert_close(sp.logits(h), logits, rtol=0, atol=0)
