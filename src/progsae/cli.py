@@ -33,6 +33,10 @@ def _rank_window(text: str) -> tuple[int, int | None]:
 def cmd_synth(a) -> None:
     from .data import SyntheticConfig, SyntheticSource, write_activations
 
+    if a.tokens < 1:
+        raise ProgsaeError(f"--tokens must be at least 1, got {a.tokens}")
+    if Path(a.out).exists() and not a.force:
+        raise ProgsaeError(f"{a.out} already exists; choose another --out, or --force to replace it")
     cfg = SyntheticConfig(
         d_in=a.d_in, n_features=a.features, alpha=a.alpha, mean_active=a.mean_active, noise=a.noise, seed=a.seed
     )
@@ -78,7 +82,7 @@ def cmd_extract(a) -> None:
 
 def cmd_train(a) -> None:
     from .data import ActivationDir
-    from .train import TrainConfig, train
+    from .train import TrainConfig, Trainer
 
     acts = ActivationDir(a.acts)
     base = load_json(a.config) if a.config else {}
@@ -98,13 +102,21 @@ def cmd_train(a) -> None:
     base.setdefault("metadata", {}).update(
         {k: v for k, v in acts.manifest.get("source", {}).items() if k in ("model_name", "hook_name")}
     )
+    if a.matryoshka_sampled is not None and a.matryoshka_sampled < 1:
+        raise ProgsaeError(f"--matryoshka-sampled must be at least 1, got {a.matryoshka_sampled}")
     cfg = TrainConfig.from_dict(base)
     out = Path(a.out)
     if a.force and out.exists():
         import shutil
 
         shutil.rmtree(out)
-    sae = train(acts, cfg, out)
+    trainer = Trainer(cfg, acts, out)
+    if trainer.step >= cfg.steps and (out / "cfg.json").is_file():
+        print(f"{out} is already trained to {trainer.step} steps with these settings; nothing to do (--force retrains)")
+        return
+    if trainer.step:
+        print(f"resuming from step {trainer.step} of {cfg.steps}")
+    sae = trainer.run()
     t = sae.cfg.progsae["training"]
     print(
         f"trained {sae.d_sae}-latent SAE (k={sae.k}, matryoshka={cfg.mode}) on {t['tokens']} tokens in "
@@ -239,10 +251,15 @@ def _check_d_in(sae, acts) -> None:
         )
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other progsae error
+        self.exit(2, f"progsae: error: {self.prog.removeprefix('progsae ')}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .analysis import METRICS
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="progsae",
         description="Progressive sparse autoencoders: train TopK and "
         "Matryoshka SAEs, reorder latents by importance, evaluate at every dictionary size.",
@@ -259,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise", type=float, default=0.01)
     s.add_argument("--seed", type=int, default=0, help="seeds the features and the stream")
     s.add_argument("--held-out", action="store_true", help="same features, tokens disjoint from the default stream")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("extract", help="residual-stream activations of a language model over a text corpus")
@@ -303,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", type=int, help="training tokens (default 2,000,000)")
     s.add_argument("--batch-size", type=int, help="tokens per step (default 4096)")
     s.add_argument("--lr", type=float, help="default 2e-4 / sqrt(N / 2^14)")
-    s.add_argument("--dead-tokens", type=int, help="tokens without firing before a latent counts as dead (default 10M)")
+    s.add_argument("--dead-tokens", type=int, help="tokens without firing before a latent counts as dead (default 1M)")
     s.add_argument("--seed", type=int)
     s.add_argument("--force", action="store_true", help="discard an existing run directory instead of resuming")
     s.set_defaults(fn=cmd_train)

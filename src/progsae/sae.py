@@ -83,7 +83,7 @@ class SAE(nn.Module):
 
     def _check_G(self, G: int) -> None:
         if not 1 <= G <= self.d_sae:
-            raise ProgsaeError(f"granularity G={G} is outside 1..{self.d_sae} (the SAE's d_sae); pick G <= d_sae")
+            raise ProgsaeError(f"granularity G={G} is outside 1..{self.d_sae} (the SAE's d_sae); pick G in that range")
 
     def encode(self, x: torch.Tensor, G: int | None = None, mode: str = "prefix"):
         """Sparse code of x [B, d_in] at granularity G (default: all N latents).

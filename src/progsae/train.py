@@ -45,7 +45,7 @@ class TrainConfig:
     pareto_a: float = 1.0
     k_aux: int | None = None  # default d_in // 2
     aux_coef: float = 1 / 32
-    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+    dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 500  # steps
@@ -321,6 +321,11 @@ class Trainer:
                 "use another --out, or --force to start over"
             )
         weights = load_tensors(ck / "sae_weights.safetensors")
+        if weights["W_dec"].shape != self.sae.W_dec.shape:
+            raise ProgsaeError(
+                f"{self.out} holds a checkpoint for d_in={weights['W_dec'].shape[1]}, but these activations have "
+                f"d_in={self.sae.cfg.d_in}; use another --out, or --force to start over"
+            )
         state = load_tensors(ck / "state.safetensors")
         with torch.no_grad():
             for name, p in self.sae.named_parameters():
