@@ -8,8 +8,8 @@ RUN=${RUN:-runs/demo}
 N=${N:-4096}; K=${K:-32}; TOKENS=${TOKENS:-2000000}; LAYER=${LAYER:-2}
 mkdir -p "$RUN"
 echo "progsae demo: SmolLM2-135M, blocks.$LAYER.hook_resid_post, King James Bible -> $RUN (about 15 minutes on 2 CPU cores)"
-progsae extract --layer "$LAYER" --tokens 1000000 --out "$RUN/acts"
-progsae extract --layer "$LAYER" --tokens 50000 --split test --out "$RUN/acts-test"
+progsae extract --layer "$LAYER" --tokens 800000 --out "$RUN/acts"
+progsae extract --layer "$LAYER" --tokens 40000 --split test --out "$RUN/acts-test"
 progsae train "$RUN/acts" --out "$RUN/topk" --d-sae "$N" --k "$K" --tokens "$TOKENS"
 progsae train "$RUN/acts" --out "$RUN/matryoshka" --d-sae "$N" --k "$K" --tokens "$TOKENS" \
   --matryoshka $((N / 4)),$((N / 2)),"$N"

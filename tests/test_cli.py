@@ -171,11 +171,31 @@ def test_bad_inputs_give_one_line_exit_2_and_no_partial_output(workdir, tmp_path
     assert not (tmp_path / "p").exists()
     run_fails(["powerlaw", str(w / "stats.safetensors"), "--metrics", "e_z2,loudness"], capsys, "unknown metric")
     run_fails(["synth", "--out", str(w / "acts")], capsys, "already exists")
-    run_fails(["train", str(w / "acts"), "--out", str(tmp_path / "o"), "--matryoshka-sampled", "0"], capsys, "at least 1")
+    run_fails(
+        ["train", str(w / "acts"), "--out", str(tmp_path / "o"), "--matryoshka-sampled", "0"], capsys, "at least 1"
+    )
     assert main(["synth", "--out", str(tmp_path / "wide"), "--tokens", "100", "--d-in", "8", "--force"]) == 0
     capsys.readouterr()
-    run_fails(["train", str(tmp_path / "wide"), "--out", str(w / "sae"), "--d-sae", "128", "--k", "4", "--tokens", "20000",
-               "--batch-size", "1024", "--matryoshka", "32,128"], capsys, "d_in=16")
+    run_fails(
+        [
+            "train",
+            str(tmp_path / "wide"),
+            "--out",
+            str(w / "sae"),
+            "--d-sae",
+            "128",
+            "--k",
+            "4",
+            "--tokens",
+            "20000",
+            "--batch-size",
+            "1024",
+            "--matryoshka",
+            "32,128",
+        ],
+        capsys,
+        "d_in=16",
+    )
 
 
 def test_unknown_metric_choice_and_help_from_the_installed_script():

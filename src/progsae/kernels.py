@@ -147,7 +147,7 @@ class NestedSSE(torch.autograd.Function):
         torch.sub(r, R[:, 0], out=R[:, 0])
         for j in range(1, R.shape[1]):
             torch.sub(R[:, j - 1], R[:, j], out=R[:, j])
-        sse = torch.linalg.vecdot(R, R).sum(0)
+        sse = torch.linalg.vector_norm(R, dim=-1).square_().sum(0)  # one pass (vecdot takes three)
         ctx.save_for_backward(values, W_dec)
         ctx.S, ctx.R = S, R
         residual = R[:, -1].clone()

@@ -170,9 +170,17 @@ class ActivationDir:
                 if skip >= n_batches:
                     skip -= n_batches
                     continue
-                rows = torch.cat([self.load_shard(i) for i in group])
+                rows = None  # drop the previous buffer before filling the next
+                n_rows = sum(self.shards[i]["n_tokens"] for i in group)
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + g)
-                rows = rows[torch.randperm(rows.shape[0], generator=gen)]
+                perm = torch.randperm(n_rows, generator=gen)
+                rows = torch.empty(n_rows, self.d_in)
+                at = 0
+                for i in group:  # scatter each shard straight to its shuffled rows: one buffer, one shard at a time
+                    shard = self.load_shard(i)
+                    rows[perm[at : at + len(shard)]] = shard
+                    at += len(shard)
+                del shard
                 for b in range(skip, n_batches):
                     yield rows[b * batch_size : (b + 1) * batch_size]
                 skip = 0
