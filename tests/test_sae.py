@@ -97,3 +97,15 @@ def test_loading_missing_corrupt_or_mismatched_sae_fails_clearly(tmp_path):
     (tmp_path / "t" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ProgsaeError, match="do not belong together"):
         SAE.load(tmp_path / "t")
+
+
+def test_saved_sae_loads_in_saelens_with_identical_outputs(tmp_path):
+    """Opt-in: runs only where sae_lens is installed (a ~1 GB dependency tree, so not in CI)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = make_sae()
+    sae.cfg.metadata.update(model_name="tiny", hook_name="blocks.0.hook_resid_post")
+    sae.save(tmp_path / "s")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "s"), device="cpu")
+    assert theirs.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    x = torch.randn(20, 16)
+    torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x).detach(), rtol=1e-5, atol=1e-6)
