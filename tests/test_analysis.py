@@ -13,6 +13,7 @@ from progsae.analysis import (
     progressive_eval,
     sort_by_importance,
 )
+from progsae.analysis.progressive import residual_norms
 from reference import dense_code, make_sae
 
 
@@ -99,3 +100,17 @@ def test_power_law_fit_recovers_exponent_and_respects_window(tmp_path):
         fit_power_law(values, 10, 11)
     png = plot_power_laws({"v": values}, {"v": f}, tmp_path / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("k", [1, 5, 8, 17])
+def test_blocked_scan_residual_norms_match_sequential_updates(k):
+    g = torch.Generator().manual_seed(k)
+    W, r0 = torch.randn(40, 6, generator=g), torch.randn(13, 6, generator=g)
+    values, indices = torch.rand(13, k, generator=g), torch.randint(0, 40, (13, k), generator=g)
+    expected = torch.empty(13, k, dtype=torch.float64)
+    for b in range(13):
+        r = r0[b].double()
+        for t in range(k):
+            r = r - values[b, t].double() * W[indices[b, t]].double()
+            expected[b, t] = r @ r
+    torch.testing.assert_close(residual_norms(W, values, indices, r0).double(), expected, rtol=1e-5, atol=1e-5)

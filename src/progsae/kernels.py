@@ -31,6 +31,12 @@ def _csr(values: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor, n_cols: i
     )
 
 
+def _spmm(S: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """S @ dense for a sparse CSR/CSC S, written into fresh memory that is never zero-filled (beta = 0)."""
+    out = dense.new_empty(S.shape[0], dense.shape[1])
+    return torch.addmm(out, S, dense, beta=0.0, out=out)
+
+
 def band_crow(indices: torch.Tensor, bounds: torch.Tensor | None) -> torch.Tensor:
     """CSR row pointers [B*g + 1] splitting each token's sorted active latents at `bounds` (ascending, last = N)."""
     B, k = indices.shape
@@ -87,11 +93,11 @@ class TopKEncode(torch.autograd.Function):
         S = _csr(grad_pre, indices, band_crow(indices, None), N)  # [B, N]
         grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[1]:
-            grad_W_enc = (S.t() @ xc).t()  # [d, N], strides of a transposed [N, d] like the parameter
+            grad_W_enc = _spmm(S.t(), xc).t()  # [d, N], strides of a transposed [N, d] like the parameter
         if ctx.needs_input_grad[2]:
             grad_b_enc = torch.zeros(N, dtype=grad_pre.dtype).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            grad_xc = S @ W_enc.t()
+            grad_xc = _spmm(S, W_enc.t())
             grad_x = grad_xc if ctx.needs_input_grad[0] else None
             grad_b_dec = -grad_xc.sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
@@ -114,7 +120,7 @@ class NestedDecode(torch.autograd.Function):
         B = values.shape[0]
         N, d = W_dec.shape
         S = _csr(values, indices, band_crow(indices, bounds), N)
-        out = (S @ W_dec).view(B, -1, d)
+        out = _spmm(S, W_dec).view(B, -1, d)
         if out.shape[1] > 1:
             out = out.cumsum(1)
         ctx.save_for_backward(values, W_dec)
@@ -143,7 +149,7 @@ class NestedSSE(torch.autograd.Function):
         B = values.shape[0]
         N, d = W_dec.shape
         S = _csr(values, indices, band_crow(indices, bounds), N)
-        R = (S @ W_dec).view(B, -1, d)  # band sums, turned in place into residuals R_j = R_{j-1} - band_j
+        R = _spmm(S, W_dec).view(B, -1, d)  # band sums, turned in place into residuals R_j = R_{j-1} - band_j
         torch.sub(r, R[:, 0], out=R[:, 0])
         for j in range(1, R.shape[1]):
             torch.sub(R[:, j - 1], R[:, j], out=R[:, j])
@@ -183,7 +189,7 @@ def _band_grads(ctx, S, grad, values, W_dec, i_values: int, i_W: int):
     if ctx.needs_input_grad[i_values]:
         grad_values = torch.sparse.sampled_addmm(S, grad, W_dec.t(), beta=0.0).values().view_as(values)
     if ctx.needs_input_grad[i_W]:
-        grad_W_dec = S.t() @ grad
+        grad_W_dec = _spmm(S.t(), grad)
     return grad_values, grad_W_dec
 
 

@@ -18,7 +18,8 @@ import torch
 from ..files import ProgsaeError
 from ..sae import MODES, SAE
 
-CURVE_CHUNK = 8  # tokens per cumulative-sum block: [8, k, d] stays in cache
+CURVE_CHUNK = 8  # tokens per scan: [8, k, d] stays in cache
+SCAN_BLOCK = 8  # latents per block of the blocked scan
 
 
 @dataclass
@@ -37,6 +38,36 @@ class ProgressiveResult:
             "l0": float(self.l0[G - 1]),
             "dead_frac": float(self.dead_frac[G - 1]),
         }
+
+
+def residual_norms(W_dec: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+    """e [B, k]: e[b, t] = ||r0[b] - sum_{s <= t} values[b, s] W_dec[indices[b, s]]||^2.
+
+    The running sums are a scan over the k active latents. A blocked scan keeps it in fast kernels:
+    prefixes within blocks of 8 latents by one batched matmul with a v-weighted lower-triangular
+    matrix, then the blocks' totals carried forward by a short cumulative sum.
+    """
+    B, k = values.shape
+    d = r0.shape[1]
+    nb = -(-k // SCAN_BLOCK)
+    if nb * SCAN_BLOCK != k:  # pad with zero-valued latents: they change no residual
+        pad = nb * SCAN_BLOCK - k
+        values = torch.cat([values, values.new_zeros(B, pad)], 1)
+        indices = torch.cat([indices, indices[:, -1:].expand(B, pad)], 1)
+    tril = torch.ones(SCAN_BLOCK, SCAN_BLOCK, dtype=values.dtype).tril()
+    e = values.new_empty(B, nb * SCAN_BLOCK)
+    rows = W_dec.new_empty(CURVE_CHUNK * nb * SCAN_BLOCK, d)
+    P = W_dec.new_empty(CURVE_CHUNK * nb, SCAN_BLOCK, d)
+    for s in range(0, B, CURVE_CHUNK):
+        c = min(CURVE_CHUNK, B - s)
+        Wg = torch.index_select(W_dec, 0, indices[s : s + c].reshape(-1), out=rows[: c * nb * SCAN_BLOCK])
+        Pc = P[: c * nb]
+        torch.bmm(tril * values[s : s + c].reshape(c * nb, 1, SCAN_BLOCK), Wg.view(c * nb, SCAN_BLOCK, d), out=Pc)
+        totals = Pc[:, -1].reshape(c, nb, d)  # each block's sum
+        start = r0[s : s + c].unsqueeze(1) - (totals.cumsum(1) - totals)  # residual entering each block
+        torch.sub(start.reshape(c * nb, 1, d), Pc, out=Pc)
+        e[s : s + c] = torch.linalg.vector_norm(Pc, dim=-1).square_().view(c, -1)
+    return e[:, :k]
 
 
 class ProgressiveEval:
@@ -61,17 +92,8 @@ class ProgressiveEval:
         sae = self.sae
         values, indices = sae.encode(x)
         r0 = x - sae.b_dec
-        e0 = torch.linalg.vecdot(r0, r0)  # [B]: ||r||^2 with no latent
-        e = torch.empty_like(values)  # [B, k]: ||r||^2 after the first t+1 active latents
-        k, d = values.shape[1], r0.shape[1]
-        T = x.new_empty(CURVE_CHUNK * k, d)
-        for s in range(0, x.shape[0], CURVE_CHUNK):
-            c = min(CURVE_CHUNK, x.shape[0] - s)
-            R = torch.index_select(sae.W_dec, 0, indices[s : s + c].reshape(-1), out=T[: c * k]).view(c, k, d)
-            R.mul_(values[s : s + c].unsqueeze(-1).neg())
-            R[:, 0] += r0[s : s + c]
-            R.cumsum_(1)  # R[:, t] = residual after t+1 latents
-            e[s : s + c] = torch.linalg.vector_norm(R, dim=-1).square_()  # one pass; vecdot takes three
+        e0 = torch.linalg.vector_norm(r0, dim=-1).square_()  # [B]: ||r||^2 with no latent
+        e = residual_norms(sae.W_dec, values, indices, r0)  # [B, k]: after the first t+1 active latents
         step = e - torch.cat([e0.unsqueeze(1), e[:, :-1]], 1)
         self.steps.index_add_(0, indices.reshape(-1), step.reshape(-1).double())
         self.sse0 += e0.double().sum()
