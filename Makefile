@@ -10,8 +10,8 @@ RUN    ?= runs/demo
 
 setup: $(VENV)/.installed
 
-# torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build); on a GPU machine
-# install the torch you need first and then `pip install -e .`
+# torch is pinned to 2.13.0, whose CPU build this project's machines hold on local disk (an unpinned torch
+# pulls a multi-GB CUDA build); elsewhere, install the torch you want into .venv first (see README)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -172,6 +172,11 @@ def test_bad_inputs_give_one_line_exit_2_and_no_partial_output(workdir, tmp_path
     run_fails(["powerlaw", str(w / "stats.safetensors"), "--metrics", "e_z2,loudness"], capsys, "unknown metric")
     run_fails(["synth", "--out", str(w / "acts")], capsys, "already exists")
     run_fails(
+        ["eval", str(w / "sae"), str(w / "acts"), "--out", str(tmp_path / "r.json"), "--lm-tokens", "10"],
+        capsys,
+        "no language-model activations",
+    )
+    run_fails(
         ["train", str(w / "acts"), "--out", str(tmp_path / "o"), "--matryoshka-sampled", "0"], capsys, "at least 1"
     )
     assert main(["synth", "--out", str(tmp_path / "wide"), "--tokens", "100", "--d-in", "8", "--force"]) == 0

@@ -24,11 +24,11 @@ def lm(tmp_path_factory):
     model, tok, name = load_lm(str(path))
     corpus = tmp_path_factory.mktemp("corpus") / "text.txt"
     corpus.write_text(TEXT * 4)
-    return model, tok, str(corpus)
+    return model, tok, str(corpus), str(path)
 
 
 def test_hooked_residual_stream_equals_hidden_states(lm):
-    model, tok, _ = lm
+    model, tok, *_ = lm
     ids = torch.randint(3, model.config.vocab_size, (2, 12))
     hs = model(input_ids=ids, output_hidden_states=True).hidden_states
     for layer in (0, 1):  # the last layer's hidden_states entry is after the final norm
@@ -41,7 +41,7 @@ def test_layer_that_does_not_exist_is_named(lm):
 
 
 def test_splicing_unchanged_activations_reproduces_clean_logits(lm):
-    model, _, _ = lm
+    model, *_ = lm
     ids = torch.randint(3, model.config.vocab_size, (2, 10))
     sp = Splicer(model, 1)
     h, logits = sp.clean(ids)
@@ -54,7 +54,7 @@ def test_splicing_unchanged_activations_reproduces_clean_logits(lm):
 
 
 def test_packing_puts_bos_first_and_joins_documents_with_eos(lm):
-    _, tok, _ = lm
+    _, tok, *_ = lm
     ctx = pack_contexts(["the model read", "every sentence had words"], tok, ctx_len=4)  # 3 + 1 + 4 + 1 tokens
     assert ctx.shape == (3, 4) and (ctx[:, 0] == tok.bos_token_id).all()
     enc = [tok(t, add_special_tokens=False)["input_ids"] for t in ("the model read", "every sentence had words")]
@@ -87,7 +87,7 @@ def test_default_corpus_is_english_prose():
 
 
 def test_extraction_writes_traceable_rows_without_bos(lm, tmp_path):
-    model, tok, corpus = lm
+    model, tok, corpus, _ = lm
     cfg = ExtractConfig(model="tiny", layer=1, tokens=300, corpus=corpus, ctx_len=16, batch_size=4)
     path = extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False, shard_tokens=100)
     acts = ActivationDir(path)
@@ -104,7 +104,7 @@ def test_extraction_writes_traceable_rows_without_bos(lm, tmp_path):
 
 
 def test_killed_extraction_resumes_with_no_lost_or_duplicated_tokens(lm, tmp_path, monkeypatch):
-    model, tok, corpus = lm
+    model, tok, corpus, _ = lm
     cfg = ExtractConfig(model="tiny", layer=1, tokens=250, corpus=corpus, ctx_len=16, batch_size=2)
     whole = extract(cfg, tmp_path / "whole", model, tok, "tiny", progress=False, shard_tokens=40)
 
@@ -140,7 +140,7 @@ def identity_sae(d):
 
 
 def test_recaptured_loss_is_one_for_a_perfect_reconstruction(lm):
-    model, tok, corpus = lm
+    model, tok, corpus, _ = lm
     contexts = pack_contexts(load_corpus(corpus), tok, 16)[:6]
     r = recaptured_loss(model, 1, {"perfect": identity_sae(32)}, contexts, [64], progress=False)
     row = r["saes"]["perfect"]["prefix"][0]
@@ -177,3 +177,61 @@ def test_embedded_default_model_loads_offline_and_hooks_match(tmp_path):
     sp = Splicer(model, 2)
     h, logits = sp.clean(ids)
     torch.testing.assert_close(sp.logits(h), logits, rtol=0, atol=0)
+
+
+def test_cli_extracts_trains_and_measures_recaptured_loss_end_to_end(lm, tmp_path, capsys):
+    from progsae.cli import main
+
+    _, _, _, model_dir = lm
+    corpus = tmp_path / "more.txt"
+    corpus.write_text(TEXT * 40)
+    common = ["--model", model_dir, "--layer", "1", "--corpus", str(corpus), "--ctx-len", "16"]
+    assert main(["extract", *common, "--tokens", "3000", "--out", str(tmp_path / "acts")]) == 0
+    assert main(["extract", *common, "--tokens", "200", "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "acts"),
+                "--out",
+                str(tmp_path / "sae"),
+                "--d-sae",
+                "64",
+                "--k",
+                "4",
+                "--tokens",
+                "3000",
+                "--batch-size",
+                "256",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "sae"),
+                str(tmp_path / "test"),
+                "--out",
+                str(tmp_path / "r.json"),
+                "--G",
+                "16,64",
+                "--lm-tokens",
+                "60",
+                "--rsa-tokens",
+                "50",
+            ]
+        )
+        == 0
+    )
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["lm"]["n_tokens"] == 4 * 15 and {row["G"] for row in r["table"]} == {16, 64}
+    row = r["table"][1]
+    assert row["recaptured_prefix"] == pytest.approx(row["recaptured_rescaled"])  # the modes agree at G = N
+    assert -1 <= row["rsa_prefix"]["cosine"]["spearman"] <= 1
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    capsys.readouterr()
+    assert main(["extract", *common, "--layer", "7", "--tokens", "10", "--out", str(tmp_path / "bad")]) == 2
+    assert "layer 7 does not exist" in capsys.readouterr().err and not (tmp_path / "bad.partial").exists()

@@ -175,6 +175,7 @@ def cmd_eval(a) -> None:
     Gs = a.G or default_grid(sae.d_sae)
     for G in Gs:
         sae._check_G(G)
+    lm = _lm_inputs(a, acts) if a.lm_tokens else None  # fail on a bad model before the long passes
     n = min(a.tokens or acts.n_tokens, acts.n_tokens)
     acc = ProgressiveEval(sae, Gs)
     for x in tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="eval", unit="batch"):
@@ -196,8 +197,11 @@ def cmd_eval(a) -> None:
         "table": table,
         "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
     }
-    if a.lm_tokens:
-        results["lm"] = _lm_eval(a, sae, acts, Gs)
+    if lm is not None:
+        from .analysis.lm_eval import recaptured_loss
+
+        model, layer, contexts = lm
+        results["lm"] = recaptured_loss(model, layer, {"sae": sae}, contexts, Gs)
         for row in table:
             for mode in MODES:
                 lm_row = next(x for x in results["lm"]["saes"]["sae"][mode] if x["G"] == row["G"])
@@ -223,8 +227,8 @@ def cmd_eval(a) -> None:
     print(f"results ({r.n_tokens} tokens; full FVU curve over G=1..{sae.d_sae}) written to {a.out}")
 
 
-def _lm_eval(a, sae, acts, Gs) -> dict:
-    from .analysis.lm_eval import recaptured_loss
+def _lm_inputs(a, acts):
+    """(model, layer, contexts) for the recaptured LM loss, from the activation directory's manifest."""
     from .data.lm import load_lm
     from .files import load_tensor
 
@@ -240,7 +244,7 @@ def _lm_eval(a, sae, acts, Gs) -> dict:
         raise ProgsaeError(f"{acts.path}/contexts.safetensors is missing; re-extract the directory")
     n_ctx = max(1, min(len(contexts), -(-a.lm_tokens // (contexts.shape[1] - 1))))
     model, _, _ = load_lm(model_id)
-    return recaptured_loss(model, src["layer"], {"sae": sae}, contexts[:n_ctx], Gs)
+    return model, src["layer"], contexts[:n_ctx]
 
 
 def _check_d_in(sae, acts) -> None:

@@ -106,6 +106,12 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype =
     """(model, tokenizer, model_name) for an embedded short name, a transformers model id or a local directory."""
     tf = _transformers()
     path = str(_embedded_path(name)) if name in EMBEDDED else name
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # a hub id is ORG/NAME
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ProgsaeError(
+            f"model directory {name!r} does not exist; give an existing directory, "
+            f"an embedded name ({', '.join(EMBEDDED)}) or a hub id like google/gemma-2-2b"
+        )
     try:
         tok = tf.AutoTokenizer.from_pretrained(path)
         model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
