@@ -9,12 +9,11 @@ depend on the data). Ratios are what to read: the machine's load moves all numbe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import timeit
 
 from progsae import SAE, SAEConfig, TrainConfig, Trainer
 from progsae.analysis import ProgressiveEval
@@ -22,16 +21,6 @@ from progsae.train import fvu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import dense_code  # noqa: E402  (the plain dense twin, as a baseline)
-
-
-def timeit(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 class FixedBatch:

@@ -10,28 +10,16 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timeit
 
 from progsae.data import SyntheticConfig, SyntheticSource, write_activations
 from progsae.data.lm import load_lm, residual_stream
-
-
-def timeit(fn, repeats=3):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process
 TRAIN_CHILD = """

@@ -6,33 +6,15 @@ import pytest
 
 from progsae.cli import main
 
+TRAIN = ["--d-sae", "128", "--k", "4", "--tokens", "20000", "--batch-size", "1024", "--matryoshka", "32,128"]
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """synth -> train -> stats -> permute, shared by the tests below (small sizes, a few seconds)."""
     w = tmp_path_factory.mktemp("cli")
     assert main(["synth", "--out", str(w / "acts"), "--tokens", "20000", "--d-in", "16", "--features", "64"]) == 0
-    assert (
-        main(
-            [
-                "train",
-                str(w / "acts"),
-                "--out",
-                str(w / "sae"),
-                "--d-sae",
-                "128",
-                "--k",
-                "4",
-                "--tokens",
-                "20000",
-                "--batch-size",
-                "1024",
-                "--matryoshka",
-                "32,128",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", str(w / "acts"), "--out", str(w / "sae"), *TRAIN]) == 0
     assert main(["stats", str(w / "sae"), str(w / "acts"), "--out", str(w / "stats.safetensors")]) == 0
     assert (
         main(
@@ -100,27 +82,7 @@ def test_pipeline_writes_every_artifact(workdir, capsys):
 
 def test_rerunning_a_finished_training_resumes_instead_of_retraining(workdir, capsys):
     before = (workdir / "sae" / "sae_weights.safetensors").read_bytes()
-    assert (
-        main(
-            [
-                "train",
-                str(workdir / "acts"),
-                "--out",
-                str(workdir / "sae"),
-                "--d-sae",
-                "128",
-                "--k",
-                "4",
-                "--tokens",
-                "20000",
-                "--batch-size",
-                "1024",
-                "--matryoshka",
-                "32,128",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", str(workdir / "acts"), "--out", str(workdir / "sae"), *TRAIN]) == 0
     assert (workdir / "sae" / "sae_weights.safetensors").read_bytes() == before
 
 

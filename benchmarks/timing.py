@@ -1,0 +1,15 @@
+"""The one timing helper the benchmarks share."""
+
+import statistics
+import time
+
+
+def timeit(fn, repeats: int = 3) -> float:
+    """Median wall time of `repeats` calls of fn, after one warm-up call, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
