@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv and run the main job (results under runs/demo)
+#   make demo   set up .venv and run the main job (report at runs/demo/report.html)
 #   make test   set up .venv and run lint + the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	PATH=$(abspath $(BIN)):$$PATH RUN=$(RUN) bash scripts/demo.sh
+	$(BIN)/progsae run --preset demo --out $(RUN)
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -247,6 +248,33 @@ def _lm_inputs(a, acts):
     return model, src["layer"], contexts[:n_ctx]
 
 
+def cmd_run(a) -> None:
+    from .report import write_report
+    from .run import PRESETS, Run, RunConfig
+
+    base = asdict(PRESETS[a.preset])
+    if a.config:
+        path = Path(a.config)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                overrides = yaml.safe_load(path.read_text()) if path.is_file() else None
+            except yaml.YAMLError as e:
+                raise ProgsaeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(overrides, dict):
+                raise ProgsaeError(f"{path}: expected a YAML mapping of run settings (file missing or empty?)")
+        else:
+            overrides = load_json(path)
+        base.update(overrides)
+    cfg = RunConfig.from_dict(base)
+    results = Run(cfg, a.out, force=a.force).run()
+    report = write_report(a.out)
+    print(f"\nreport: {report}  ({results['seconds'] / 60:.1f} minutes)")
+    for f in results["findings"]:
+        print(f"- {f['verdict']}: {f['paper']} -- ours: {f['ours']}")
+
+
 def _check_d_in(sae, acts) -> None:
     if sae.cfg.d_in != acts.d_in:
         raise ProgsaeError(
@@ -269,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Matryoshka SAEs, reorder latents by importance, evaluate at every dictionary size.",
     )
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="the paper's study end to end: activations, SAEs, permutation, evaluation, report")
+    s.add_argument(
+        "--preset",
+        choices=["demo", "paper"],
+        default="demo",
+        help="demo: SmolLM2-135M on 2 CPU cores in ~25 min (default); paper: Gemma-2-2b, N up to 65,536, GPU",
+    )
+    s.add_argument("--config", help="JSON or YAML file of run settings overriding the preset (see RunConfig)")
+    s.add_argument("--out", required=True, help="run directory: every stage's output, results.json, report.html")
+    s.add_argument("--force", action="store_true", help="redo finished stages")
+    s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("synth", help="write synthetic activations with known features (tests and demos)")
     s.add_argument("--out", required=True, help="activation directory to create")

@@ -1,0 +1,410 @@
+"""The paper's study as one command: `progsae run`.
+
+Stages (each saves its output under RUN_DIR; a rerun skips finished stages, `force` redoes them):
+    extract   acts/ and acts-test/                 LM activations (train split, held-out split)
+    train     saes/topk-N, topk-N_2, topk-N_4      vanilla TopK SAEs (k scaled to keep K/G constant)
+              saes/matryoshka, matryoshka-sampled  Matryoshka, fixed M = {N/4, N/2, N} and sampled
+    permute   stats/*.safetensors, saes/topk-*-by-{e_z2,freq}   vanilla SAEs sorted by importance
+    evaluate  eval/*.json                          every SAE at the G grid, both modes: FVU curve, L0,
+                                                   dead fraction, RSA, recaptured LM loss and KL
+    analyse   results.json                         power laws, feature splitting, scaling fits
+then report.py writes tables/, figures/ and report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .analysis import ProgressiveEval, fit_power_law, latent_stats, load_stats, save_stats, sort_by_importance
+from .analysis.lm_eval import recaptured_loss
+from .analysis.rsa import rsa
+from .data import ActivationDir
+from .data.extract import ExtractConfig, extract
+from .data.lm import EMBEDDED, load_lm
+from .files import ProgsaeError, load_json, load_tensor, save_json
+from .sae import MODES, SAE, rescaled_k
+from .train import TrainConfig, Trainer
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    layer: int = 6
+    corpus: str = "kjv"
+    ctx_len: int = 128
+    train_tokens: int = 800_000  # activations extracted for training
+    test_tokens: int = 40_000  # held-out activations for evaluation
+    d_sae: int = 4096  # N, the largest dictionary
+    k: int = 32  # k of the N-latent SAEs; smaller native SAEs use k G / N
+    sae_tokens: int = 2_000_000  # training tokens per SAE
+    batch_size: int = 4096
+    matryoshka_sampled: int = 8
+    grid: list[int] = field(default_factory=list)  # G values; default N/16, N/8, N/4, N/2, N
+    stats_tokens: int = 200_000
+    rsa_tokens: int = 1000
+    lm_tokens: int = 2048
+    seed: int = 0
+    minutes_estimate: float | None = None  # printed up front
+
+    def validate(self) -> RunConfig:
+        for f in (
+            "train_tokens",
+            "test_tokens",
+            "d_sae",
+            "k",
+            "sae_tokens",
+            "batch_size",
+            "stats_tokens",
+            "rsa_tokens",
+        ):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                raise ProgsaeError(f"run config: {f} must be a positive integer, got {getattr(self, f)!r}")
+        if self.d_sae % 4:
+            raise ProgsaeError(
+                f"run config: d_sae must be divisible by 4 (SAEs of N/4 and N/2 are trained), got {self.d_sae}"
+            )
+        if any(not 1 <= g <= self.d_sae for g in self.grid):
+            raise ProgsaeError(f"run config: every G in grid must be in 1..{self.d_sae}, got {self.grid}")
+        return self
+
+    @property
+    def G(self) -> list[int]:
+        N = self.d_sae
+        return sorted(set(self.grid or [N // 16, N // 8, N // 4, N // 2, N]) | {N // 4, N // 2, N})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ProgsaeError(f"run config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d).validate()
+
+
+PRESETS = {
+    # 2 CPU cores, ~25 minutes: the embedded SmolLM2-135M and the KJV corpus
+    "demo": RunConfig(minutes_estimate=25),
+    # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; a GPU and tens of millions of tokens
+    "paper": RunConfig(
+        model="google/gemma-2-2b",
+        layer=2,
+        corpus="hf:monology/pile-uncopyrighted:train",
+        ctx_len=1024,
+        train_tokens=50_000_000,
+        test_tokens=500_000,
+        d_sae=65536,
+        k=256,
+        sae_tokens=50_000_000,
+        lm_tokens=100_000,
+        stats_tokens=2_000_000,
+        minutes_estimate=None,
+    ),
+}
+
+
+def sae_names(cfg: RunConfig) -> dict[str, str]:
+    """The SAEs of a run: name -> role."""
+    N = cfg.d_sae
+    return {
+        f"topk-{N}": "vanilla",
+        f"topk-{N // 2}": "vanilla",
+        f"topk-{N // 4}": "vanilla",
+        "matryoshka": "matryoshka",
+        "matryoshka-sampled": "matryoshka",
+    }
+
+
+class Run:
+    def __init__(self, cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True):
+        self.cfg, self.out, self.force, self.progress = cfg.validate(), Path(out), force, progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        saved = self.out / "config.json"
+        resolved = json.loads(json.dumps(asdict(cfg)))
+        if saved.is_file() and not force:
+            old = load_json(saved)
+            diff = sorted(k for k in resolved if k != "minutes_estimate" and old.get(k) != resolved[k])
+            if diff:
+                raise ProgsaeError(
+                    f"{self.out} holds a run with other settings ({', '.join(diff)}); "
+                    "use another --out, or --force to redo it"
+                )
+        save_json(saved, resolved)
+        self.timings: dict[str, float] = (
+            load_json(self.out / "timings.json") if (self.out / "timings.json").is_file() else {}
+        )
+        self._lm = None
+
+    def say(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+    def stage(self, name: str, done: Path, fn) -> None:
+        if done.exists() and not self.force:
+            self.say(f"[{name}] done already ({done.relative_to(self.out)})")
+            return
+        self.say(f"[{name}] ...")
+        t = time.perf_counter()
+        fn()
+        self.timings[name] = round(time.perf_counter() - t, 1)
+        save_json(self.out / "timings.json", self.timings)
+
+    def lm(self):
+        if self._lm is None:
+            self._lm = load_lm(self.cfg.model)
+        return self._lm
+
+    # -- stages ------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        c = self.cfg
+        t0 = time.perf_counter()
+        est = f", about {c.minutes_estimate:.0f} minutes on 2 CPU cores" if c.minutes_estimate else ""
+        self.say(
+            f"progsae run: {c.model} layer {c.layer}, {c.train_tokens:,} training activations, "
+            f"N = {c.d_sae}, k = {c.k}, {len(sae_names(c)) + 6} SAEs -> {self.out}{est}"
+        )
+        if c.model not in EMBEDDED and not Path(c.model).expanduser().is_dir() and "/" not in c.model:
+            raise ProgsaeError(
+                f"model {c.model!r} is neither embedded ({', '.join(EMBEDDED)}), a directory, nor a hub id"
+            )
+        for split, tokens, name in (("train", c.train_tokens, "acts"), ("test", c.test_tokens, "acts-test")):
+            self.stage(
+                f"extract {split}",
+                self.out / name / "manifest.json",
+                lambda s=split, t=tokens, n=name: self._extract(s, t, n),
+            )
+        for name in sae_names(c):
+            self.stage(f"train {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._train(n))
+        for name, role in sae_names(c).items():
+            if role == "vanilla":
+                self.stage(
+                    f"permute {name}",
+                    self.out / "saes" / f"{name}-by-freq" / "cfg.json",
+                    lambda n=name: self._permute(n),
+                )
+        for name in self.all_saes():
+            self.stage(f"evaluate {name}", self.out / "eval" / f"{name}.json", lambda n=name: self._evaluate(n))
+        t_analyse = time.perf_counter()
+        results = self.analyse()
+        self.timings["analyse"] = round(time.perf_counter() - t_analyse, 1)
+        results["seconds"] = round(sum(self.timings.values()), 1)  # all stages, over every invocation
+        results["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
+        results["stage_seconds"] = self.timings
+        save_json(self.out / "results.json", results)
+        return results
+
+    def all_saes(self) -> list[str]:
+        names = list(sae_names(self.cfg))
+        return names + [
+            f"{n}-by-{m}" for n, r in sae_names(self.cfg).items() if r == "vanilla" for m in ("e_z2", "freq")
+        ]
+
+    def _extract(self, split: str, tokens: int, name: str) -> None:
+        c = self.cfg
+        model, tok, model_name = self.lm()
+        ec = ExtractConfig(
+            model=c.model, layer=c.layer, tokens=tokens, corpus=c.corpus, ctx_len=c.ctx_len, split=split, seed=c.seed
+        )
+        extract(ec, self.out / name, model, tok, model_name, progress=self.progress)
+
+    def _train(self, name: str) -> None:
+        c, N = self.cfg, self.cfg.d_sae
+        acts = ActivationDir(self.out / "acts")
+        kw: dict = {}
+        if name == "matryoshka":
+            kw["matryoshka"] = [N // 4, N // 2, N]
+        elif name == "matryoshka-sampled":
+            kw["matryoshka_sampled"] = c.matryoshka_sampled
+        n = N if name.startswith("matryoshka") else int(name.split("-")[1])
+        meta = {k: v for k, v in acts.manifest["source"].items() if k in ("model_name", "hook_name")}
+        tc = TrainConfig(
+            d_sae=n,
+            k=rescaled_k(c.k, n, N),
+            tokens=c.sae_tokens,
+            batch_size=c.batch_size,
+            seed=c.seed,
+            metadata=meta,
+            **kw,
+        )
+        Trainer(tc, acts, self.out / "saes" / name).run(self.progress)
+
+    def _permute(self, name: str) -> None:
+        sae = SAE.load(self.out / "saes" / name)
+        acts = ActivationDir(self.out / "acts")
+        stats = latent_stats(sae, acts.iter_rows(4096, self.cfg.stats_tokens))
+        save_stats(self.out / "stats" / f"{name}.safetensors", stats, str(self.out / "saes" / name))
+        for metric in ("e_z2", "freq"):
+            sort_by_importance(sae, stats, metric).save(self.out / "saes" / f"{name}-by-{metric}")
+
+    def _evaluate(self, name: str) -> None:
+        c = self.cfg
+        sae = SAE.load(self.out / "saes" / name)
+        acts = ActivationDir(self.out / "acts-test")
+        Gs = [g for g in c.G if g <= sae.d_sae]
+        acc = ProgressiveEval(sae, Gs)
+        for x in acts.iter_rows(4096):
+            acc.update(x)
+        r = acc.result()
+        table = [r.at(G) for G in Gs]
+        sample = next(acts.iter_rows(c.rsa_tokens, c.rsa_tokens))
+        with torch.no_grad():
+            for row in table:
+                for mode in MODES:
+                    row[f"rsa_{mode}"] = rsa(sample, sae(sample, row["G"], mode))
+        out = {
+            "name": name,
+            "d_sae": sae.d_sae,
+            "k": sae.k,
+            "n_tokens": r.n_tokens,
+            "table": table,
+            "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
+        }
+        if c.lm_tokens:
+            contexts = load_tensor(self.out / "acts-test" / "contexts.safetensors", "contexts")
+            n_ctx = max(1, min(len(contexts), -(-c.lm_tokens // (contexts.shape[1] - 1))))
+            model = self.lm()[0]
+            lm = recaptured_loss(model, c.layer, {name: sae}, contexts[:n_ctx], Gs, progress=self.progress)
+            out["lm"] = {k: v for k, v in lm.items() if k != "saes"}
+            for row in table:
+                for mode in MODES:
+                    hit = next(x for x in lm["saes"][name][mode] if x["G"] == row["G"])
+                    row[f"recaptured_{mode}"], row[f"kl_{mode}"], row[f"ce_{mode}"] = (
+                        hit["recaptured"],
+                        hit["kl"],
+                        hit["ce"],
+                    )
+        if (self.out / "saes" / name / "history.json").is_file():
+            out["history"] = load_json(self.out / "saes" / name / "history.json")
+        save_json(self.out / "eval" / f"{name}.json", out)
+
+    # -- analysis ----------------------------------------------------------------------------------------
+
+    def analyse(self) -> dict:
+        c, N = self.cfg, self.cfg.d_sae
+        evals = {n: load_json(self.out / "eval" / f"{n}.json") for n in self.all_saes()}
+        acts = ActivationDir(self.out / "acts")
+        res: dict = {
+            "config": json.loads(json.dumps(asdict(c))),
+            "source": acts.manifest["source"],
+            "grid": c.G,
+            "saes": {},
+            "power_laws": {},
+            "feature_splitting": [],
+            "scaling": {},
+        }
+        for n, e in evals.items():
+            res["saes"][n] = {"d_sae": e["d_sae"], "k": e["k"], "table": e["table"], "lm": e.get("lm")}
+        for n, role in sae_names(c).items():
+            stats = load_stats(self.out / "stats" / f"{n}.safetensors") if role == "vanilla" else None
+            sae = SAE.load(self.out / "saes" / n)
+            if stats is None:
+                stats = latent_stats(sae, ActivationDir(self.out / "acts").iter_rows(4096, c.stats_tokens))
+                save_stats(self.out / "stats" / f"{n}.safetensors", stats, str(self.out / "saes" / n))
+            hi = max(3, sae.d_sae // 2)  # the fit window: the top half of the ranks (the tail is noise-dominated)
+            res["power_laws"][n] = {
+                m: fit_power_law(stats[m].numpy(), 1, hi if m != "dec_cov_eigs" else None).to_dict()
+                for m in ("e_z2", "freq", "dec_cov_eigs")
+            }
+        big = SAE.load(self.out / "saes" / f"topk-{N}-by-e_z2")
+        for G in (N // 4, N // 2):
+            native = SAE.load(self.out / "saes" / f"topk-{G}")
+            cos = (
+                torch.nn.functional.normalize(native.W_dec, dim=1)
+                @ torch.nn.functional.normalize(big.W_dec[:G], dim=1).t()
+            )
+            best = cos.max(1).values
+            row_t = next(r for r in evals[f"topk-{N}-by-e_z2"]["table"] if r["G"] == G)
+            row_n = next(r for r in evals[f"topk-{G}"]["table"] if r["G"] == G)
+            res["feature_splitting"].append(
+                {
+                    "G": G,
+                    "fvu_truncated": row_t["fvu_rescaled"],
+                    "fvu_native": row_n["fvu_rescaled"],
+                    "recaptured_truncated": row_t.get("recaptured_rescaled"),
+                    "recaptured_native": row_n.get("recaptured_rescaled"),
+                    "matched_0.9": float((best > 0.9).float().mean()),
+                    "matched_0.7": float((best > 0.7).float().mean()),
+                    "median_max_cos": float(best.median()),
+                }
+            )
+        for n in (f"topk-{N}-by-e_z2", f"topk-{N}-by-freq", "matryoshka", "matryoshka-sampled"):
+            curve = evals[n]["curve"]["fvu_prefix"]
+            res["scaling"][n] = fit_scaling(np.arange(1, len(curve) + 1), np.asarray(curve))
+        res["findings"] = findings(res, N)
+        return res
+
+
+def fit_scaling(G: np.ndarray, fvu: np.ndarray, lo: int = 16) -> dict:
+    """FVU(G) ~ a G^-b + c by least squares in log space over G >= lo, for c on a grid below min FVU."""
+    keep = G >= lo
+    G, fvu = G[keep].astype(np.float64), fvu[keep]
+    best = None
+    for c in np.linspace(0, fvu.min() * 0.999, 50):
+        y = np.log(np.clip(fvu - c, 1e-12, None))
+        slope, icpt = np.polyfit(np.log(G), y, 1)
+        pred = np.exp(icpt) * G**slope + c
+        r2 = 1 - ((fvu - pred) ** 2).sum() / ((fvu - fvu.mean()) ** 2).sum()
+        if best is None or r2 > best["r2"]:
+            best = {"a": float(np.exp(icpt)), "b": float(-slope), "c": float(c), "r2": float(r2), "G_min": int(lo)}
+    return best
+
+
+def findings(res: dict, N: int) -> list[dict]:
+    """The paper's reported findings beside ours, each with a plain verdict."""
+    out = []
+    pl = {n: res["power_laws"][n]["e_z2"] for n in res["power_laws"] if n.startswith("topk-")}
+    exps = [f["exponent"] for f in pl.values()]
+    r2s = [f["r2"] for f in pl.values()]
+    ok = all(-1.27 <= e <= -0.54 for e in exps) and min(r2s) >= 0.9
+    out.append(
+        {
+            "paper": "E[z²] of vanilla SAE latents follows a power law in rank: exponents −0.54 to −1.27, R² 0.916–0.922",
+            "ours": f"exponents {min(exps):.2f} to {max(exps):.2f}, R² {min(r2s):.3f}–{max(r2s):.3f} (ranks 1..N/2)",
+            "verdict": "reproduced"
+            if ok
+            else ("partly reproduced" if any(-1.27 <= e <= -0.54 for e in exps) else "not reproduced"),
+        }
+    )
+    mat, perm = res["saes"]["matryoshka"]["table"], res["saes"][f"topk-{N}-by-e_z2"]["table"]
+    for metric, key, better in (
+        ("FVU", "fvu_rescaled", min),
+        ("recaptured LM loss", "recaptured_rescaled", max),
+        ("RSA", "rsa_rescaled", max),
+    ):
+        pairs = []
+        for a, b in zip(mat, perm, strict=True):
+            if a["G"] == N or a.get(key) is None:
+                continue
+            va = a[key]["cosine"]["spearman"] if metric == "RSA" else a[key]
+            vb = b[key]["cosine"]["spearman"] if metric == "RSA" else b[key]
+            pairs.append((a["G"], va, vb))
+        wins = sum(better(va, vb) == va and va != vb for _, va, vb in pairs)
+        detail = "; ".join(f"G={g}: {va:.3f} vs {vb:.3f}" for g, va, vb in pairs)
+        out.append(
+            {
+                "paper": f"Matryoshka SAEs beat permuted vanilla SAEs on {metric}",
+                "ours": f"Matryoshka better at {wins} of {len(pairs)} G < N (rescaled mode; Matryoshka vs permuted: {detail})",
+                "verdict": "reproduced"
+                if pairs and wins == len(pairs)
+                else "partly reproduced"
+                if wins
+                else "not reproduced",
+            }
+        )
+    fs = next(f for f in res["feature_splitting"] if f["G"] == N // 4)
+    worse = fs["fvu_truncated"] > fs["fvu_native"]
+    out.append(
+        {
+            "paper": "A large SAE truncated to G underperforms a native G-latent SAE (65K truncated to 16K is worse than native 16K)",
+            "ours": f"N={N} truncated to G={N // 4}: FVU {fs['fvu_truncated']:.3f}; native {N // 4}-latent SAE: {fs['fvu_native']:.3f}; "
+            f"{fs['matched_0.9']:.0%} of native decoder directions have a match with cosine > 0.9",
+            "verdict": "reproduced" if worse else "not reproduced",
+        }
+    )
+    return out
