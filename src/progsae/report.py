@@ -247,13 +247,20 @@ def write_report(run_dir: str | Path) -> Path:
         "body{font-family:sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}"
-        "figcaption{font-size:13px;color:#555}</style></head><body>" + "\n".join(parts) + "</body></html>"
+        "figcaption{font-size:13px;color:#555}</style></head><body>" + "\n".join(parts) + _SELF_CHECK + "</body></html>"
     )
     path = run_dir / "report.html"
     tmp = path.with_name("report.html.tmp")
     tmp.write_text(page)
     tmp.replace(path)
     return path
+
+
+# records on <body> how many figures decoded, for a browser test (and a reader's devtools)
+_SELF_CHECK = (
+    "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+    "document.body.dataset.images=i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length;});</script>"
+)
 
 
 def _json(obj) -> str:

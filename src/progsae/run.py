@@ -311,9 +311,9 @@ class Run:
                 m: fit_power_law(stats[m].numpy(), 1, hi if m != "dec_cov_eigs" else None).to_dict()
                 for m in ("e_z2", "freq", "dec_cov_eigs")
             }
-        big = SAE.load(self.out / "saes" / f"topk-{N}-by-e_z2")
+        big = SAE.load(self.out / "saes" / f"topk-{N}-by-e_z2").requires_grad_(False)
         for G in (N // 4, N // 2):
-            native = SAE.load(self.out / "saes" / f"topk-{G}")
+            native = SAE.load(self.out / "saes" / f"topk-{G}").requires_grad_(False)
             cos = (
                 torch.nn.functional.normalize(native.W_dec, dim=1)
                 @ torch.nn.functional.normalize(big.W_dec[:G], dim=1).t()

@@ -1,0 +1,174 @@
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import pytest
+
+from lm_fixtures import TEXT, tiny_lm
+from progsae.cli import main
+from progsae.report import fmt
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A whole `progsae run` on a tiny random LM: every stage, at toy sizes (~20 s)."""
+    w = tmp_path_factory.mktemp("run")
+    tiny_lm(w / "lm")
+    (w / "text.txt").write_text(TEXT * 60)
+    cfg = {
+        "model": str(w / "lm"),
+        "layer": 1,
+        "corpus": str(w / "text.txt"),
+        "ctx_len": 16,
+        "train_tokens": 4000,
+        "test_tokens": 300,
+        "d_sae": 64,
+        "k": 8,
+        "sae_tokens": 8000,
+        "batch_size": 256,
+        "matryoshka_sampled": 3,
+        "stats_tokens": 2000,
+        "rsa_tokens": 100,
+        "lm_tokens": 60,
+        "minutes_estimate": None,
+    }
+    (w / "cfg.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()))
+    assert main(["run", "--config", str(w / "cfg.yaml"), "--out", str(w / "out")]) == 0
+    return w
+
+
+def test_run_writes_every_artifact(run):
+    out = run / "out"
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["saes"]) == {
+        "topk-64",
+        "topk-32",
+        "topk-16",
+        "matryoshka",
+        "matryoshka-sampled",
+        *(f"topk-{n}-by-{m}" for n in (64, 32, 16) for m in ("e_z2", "freq")),
+    }
+    assert res["grid"] == [4, 8, 16, 32, 64]
+    assert [f["G"] for f in res["feature_splitting"]] == [16, 32]
+    assert {"a", "b", "c", "r2"} <= set(res["scaling"]["matryoshka"])
+    assert len(res["findings"]) == 5 and all(f["verdict"] for f in res["findings"])
+    assert json.loads((out / "config.json").read_text())["d_sae"] == 64
+    for name in ("fvu_vs_G", "recaptured_vs_G", "rsa_vs_G", "power_laws", "feature_splitting", "training_curves"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("results", "power_laws", "feature_splitting", "scaling"):
+        assert (out / "tables" / f"{name}.csv").stat().st_size > 0
+    # the permuted SAE equals the original at G = N, in every metric
+    a, b = res["saes"]["topk-64"]["table"][-1], res["saes"]["topk-64-by-e_z2"]["table"][-1]
+    assert a["fvu_prefix"] == pytest.approx(b["fvu_prefix"], rel=1e-5)
+
+
+def test_rerun_skips_finished_stages_and_a_changed_config_is_refused(run, capsys):
+    assert main(["run", "--config", str(run / "cfg.yaml"), "--out", str(run / "out")]) == 0
+    printed = capsys.readouterr().out
+    stages = re.findall(r"^\[([^\]]+)\] (.*)$", printed, re.M)
+    assert len(stages) == 21 and all(msg.startswith("done already") for _, msg in stages)
+    (run / "other.yaml").write_text((run / "cfg.yaml").read_text().replace("k: 8", "k: 4"))
+    assert main(["run", "--config", str(run / "other.yaml"), "--out", str(run / "out")]) == 2
+    assert "other settings (k)" in capsys.readouterr().err
+
+
+class Cells(HTMLParser):
+    """Rows of the first table whose header starts with 'sae', 'G'."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.cell, self.in_cell = [], None, False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.in_cell, self.cell = True, ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self.cell)
+            self.in_cell = False
+
+    def handle_data(self, data):
+        if self.in_cell:
+            self.cell += data
+
+
+def check_numbers(page: str, res: dict) -> int:
+    """Every cell of the results table on the page equals results.json formatted the same way."""
+    p = Cells()
+    p.feed(page)
+    table = next(t for t in p.tables if t[0][:2] == ["sae", "G"])
+    header, checked = table[0], 0
+    for row in table[1:]:
+        cells = dict(zip(header, row, strict=True))
+        src = next(r for r in res["saes"][cells["sae"]]["table"] if r["G"] == int(cells["G"]))
+        for col in ("fvu_prefix", "fvu_rescaled", "recaptured_rescaled", "l0"):
+            assert cells[col] == fmt(src[col]), (cells["sae"], col)
+            checked += 1
+        assert cells["rsa_rescaled"] == fmt(src["rsa_rescaled"]["cosine"]["spearman"])
+    return checked
+
+
+def test_report_numbers_equal_results_json(run):
+    out = run / "out"
+    res = json.loads((out / "results.json").read_text())
+    assert check_numbers((out / "report.html").read_text(), res) == 4 * sum(len(s["table"]) for s in res["saes"].values())
+
+
+def test_report_in_headless_chromium_loads_cleanly_with_every_figure(run, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; `make test` installs it (Debian package chromium)")
+        pytest.skip("chromium not installed (make test installs it where it can)")
+    out = run / "out"
+    r = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path}",
+            "--enable-logging=stderr",
+            "--log-level=0",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            (out / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'data-images="6/6"' in r.stdout  # every figure decoded and shown
+    assert "CONSOLE" not in r.stderr, [line for line in r.stderr.splitlines() if "CONSOLE" in line]
+    check_numbers(r.stdout, json.loads((out / "results.json").read_text()))
+
+
+def test_paper_preset_without_the_model_fails_with_one_clear_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "progsae.cli", "run", "--preset", "paper", "--out", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 2
+    assert "google/gemma-2-2b" in r.stdout  # it says what it would do
+    assert r.stderr.strip().startswith("progsae: error: could not load model 'google/gemma-2-2b'")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
