@@ -149,13 +149,11 @@ def _img(path: Path, alt: str) -> str:
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
+    def cell(v) -> str:  # text left-aligned, numbers right-aligned
+        return f"<td class='t'>{html.escape(v)}</td>" if isinstance(v, str) else f"<td>{html.escape(fmt(v))}</td>"
+
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{html.escape(fmt(r[c]) if not isinstance(r[c], str) else r[c])}</td>" for c in cols)
-        + "</tr>"
-        for r in rows
-    )
+    body = "".join("<tr>" + "".join(cell(r[c]) for c in cols) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -246,7 +244,7 @@ def write_report(run_dir: str | Path) -> Path:
         "<!doctype html><html><head><meta charset='utf-8'><title>progsae report</title><style>"
         "body{font-family:sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}"
+        "td.t,th{text-align:left}img{max-width:100%}figure{margin:1em 0}"
         "figcaption{font-size:13px;color:#555}</style></head><body>" + "\n".join(parts) + _SELF_CHECK + "</body></html>"
     )
     path = run_dir / "report.html"
