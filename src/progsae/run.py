@@ -14,6 +14,7 @@ then report.py writes tables/, figures/ and report.html.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -232,6 +233,8 @@ class Run:
             metadata=meta,
             **kw,
         )
+        if self.force:  # else the trainer would resume from the old run's checkpoint
+            shutil.rmtree(self.out / "saes" / name, ignore_errors=True)
         Trainer(tc, acts, self.out / "saes" / name).run(self.progress)
 
     def _permute(self, name: str) -> None:
@@ -301,11 +304,11 @@ class Run:
         for n, e in evals.items():
             res["saes"][n] = {"d_sae": e["d_sae"], "k": e["k"], "table": e["table"], "lm": e.get("lm")}
         for n, role in sae_names(c).items():
-            stats = load_stats(self.out / "stats" / f"{n}.safetensors") if role == "vanilla" else None
             sae = SAE.load(self.out / "saes" / n)
-            if stats is None:
-                stats = latent_stats(sae, ActivationDir(self.out / "acts").iter_rows(4096, c.stats_tokens))
-                save_stats(self.out / "stats" / f"{n}.safetensors", stats, str(self.out / "saes" / n))
+            path = self.out / "stats" / f"{n}.safetensors"  # vanilla SAEs have theirs from the permute stage
+            if not path.is_file() or self.force and role != "vanilla":
+                save_stats(path, latent_stats(sae, acts.iter_rows(4096, c.stats_tokens)), str(self.out / "saes" / n))
+            stats = load_stats(path)
             hi = max(3, sae.d_sae // 2)  # the fit window: the top half of the ranks (the tail is noise-dominated)
             res["power_laws"][n] = {
                 m: fit_power_law(stats[m].numpy(), 1, hi if m != "dec_cov_eigs" else None).to_dict()
