@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=["demo", "paper"],
         default="demo",
-        help="demo: SmolLM2-135M on 2 CPU cores in ~25 min (default); paper: Gemma-2-2b, N up to 65,536, GPU",
+        help="demo: SmolLM2-135M on 2 CPU cores in ~20 min (default); paper: Gemma-2-2b, N up to 65,536",
     )
     s.add_argument("--config", help="JSON or YAML file of run settings overriding the preset (see RunConfig)")
     s.add_argument("--out", required=True, help="run directory: every stage's output, results.json, report.html")

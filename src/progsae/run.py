@@ -89,8 +89,8 @@ class RunConfig:
 
 
 PRESETS = {
-    # 2 CPU cores, ~25 minutes: the embedded SmolLM2-135M and the KJV corpus
-    "demo": RunConfig(minutes_estimate=25),
+    # 2 CPU cores, ~16-20 minutes: the embedded SmolLM2-135M and the KJV corpus
+    "demo": RunConfig(minutes_estimate=20),
     # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; a GPU and tens of millions of tokens
     "paper": RunConfig(
         model="google/gemma-2-2b",
