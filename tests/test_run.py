@@ -73,6 +73,10 @@ def test_rerun_skips_finished_stages_and_a_changed_config_is_refused(run, capsys
     printed = capsys.readouterr().out
     stages = re.findall(r"^\[([^\]]+)\] (.*)$", printed, re.M)
     assert len(stages) == 21 and all(msg.startswith("done already") for _, msg in stages)
+    before = (run / "out" / "saes" / "topk-16" / "sae_weights.safetensors").stat().st_mtime_ns
+    assert main(["run", "--config", str(run / "cfg.yaml"), "--out", str(run / "out"), "--force"]) == 0
+    assert not re.findall(r"^\[[^\]]+\] done already", capsys.readouterr().out, re.M)  # --force redoes every stage
+    assert (run / "out" / "saes" / "topk-16" / "sae_weights.safetensors").stat().st_mtime_ns > before
     (run / "other.yaml").write_text((run / "cfg.yaml").read_text().replace("k: 8", "k: 4"))
     assert main(["run", "--config", str(run / "other.yaml"), "--out", str(run / "out")]) == 2
     assert "other settings (k)" in capsys.readouterr().err
