@@ -10,7 +10,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .files import ProgsaeError, load_json, save_json
@@ -166,86 +165,43 @@ def cmd_powerlaw(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from .analysis import ProgressiveEval, default_grid
-    from .analysis.rsa import rsa
+    from .analysis import default_grid
+    from .analysis.evaluate import evaluate
+    from .analysis.lm_eval import directory_contexts
     from .data import ActivationDir
-    from .sae import MODES, SAE
+    from .data.lm import load_lm
+    from .sae import SAE
 
     sae, acts = SAE.load(a.sae), ActivationDir(a.acts)
     _check_d_in(sae, acts)
     Gs = a.G or default_grid(sae.d_sae)
     for G in Gs:
         sae._check_G(G)
-    lm = _lm_inputs(a, acts) if a.lm_tokens else None  # fail on a bad model before the long passes
-    n = min(a.tokens or acts.n_tokens, acts.n_tokens)
-    acc = ProgressiveEval(sae, Gs)
-    for x in tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="eval", unit="batch"):
-        acc.update(x)
-    r = acc.result()
-    table = [r.at(G) for G in Gs]
-    sample = next(acts.iter_rows(a.rsa_tokens, a.rsa_tokens))
-    with torch.no_grad():
-        for row in table:
-            for mode in MODES:
-                row[f"rsa_{mode}"] = rsa(sample, sae(sample, row["G"], mode))
-    results = {
-        "sae": str(a.sae),
-        "acts": str(a.acts),
-        "n_tokens": r.n_tokens,
-        "d_sae": sae.d_sae,
-        "k": sae.k,
-        "rsa_tokens": sample.shape[0],
-        "table": table,
-        "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
-    }
-    if lm is not None:
-        from .analysis.lm_eval import recaptured_loss
-
-        model, layer, contexts = lm
-        results["lm"] = recaptured_loss(model, layer, {"sae": sae}, contexts, Gs)
-        for row in table:
-            for mode in MODES:
-                lm_row = next(x for x in results["lm"]["saes"]["sae"][mode] if x["G"] == row["G"])
-                row[f"recaptured_{mode}"], row[f"kl_{mode}"] = lm_row["recaptured"], lm_row["kl"]
+    lm = None
+    if a.lm_tokens:  # load the model first: a bad one fails before the long passes
+        contexts = directory_contexts(acts, a.lm_tokens)
+        source = acts.manifest["source"]
+        lm = (load_lm(a.model or source["model"])[0], source["layer"], contexts)
+    results = {"sae": str(a.sae), "acts": str(a.acts), **evaluate(sae, acts, Gs, a.tokens, a.rsa_tokens, lm)}
     save_json(a.out, results)
-    lm = "  recaptured prefix/rescaled" if a.lm_tokens else ""
-    print(f"{'G':>8} {'FVU prefix':>11} {'FVU rescaled':>13} {'L0':>7} {'dead':>6} {'RSA':>6}{lm}")
-    for row in table:
+    head = "  recaptured prefix/rescaled" if lm else ""
+    print(f"{'G':>8} {'FVU prefix':>11} {'FVU rescaled':>13} {'L0':>7} {'dead':>6} {'RSA':>6}{head}")
+    for row in results["table"]:
         line = (
             f"{row['G']:>8} {row['fvu_prefix']:>11.4f} {row['fvu_rescaled']:>13.4f} {row['l0']:>7.1f} "
             f"{row['dead_frac']:>6.3f} {row['rsa_prefix']['cosine']['spearman']:>6.3f}"
         )
-        if a.lm_tokens:
+        if lm:
             line += f"  {row['recaptured_prefix']:>10.3f} / {row['recaptured_rescaled']:.3f}"
         print(line)
-    if a.lm_tokens:
-        lmr = results["lm"]
+    if lm:
+        r = results["lm"]
         print(
-            f"LM cross-entropy over {lmr['n_tokens']} tokens: clean {lmr['ce_clean']:.3f}, "
-            f"zero-ablated {lmr['ce_zero']:.3f}, mean-ablated {lmr['ce_mean']:.3f}"
+            f"LM cross-entropy over {r['n_tokens']} tokens: clean {r['ce_clean']:.3f}, "
+            f"zero-ablated {r['ce_zero']:.3f}, mean-ablated {r['ce_mean']:.3f}"
         )
-    print(f"RSA: Spearman correlation of cosine dissimilarities over {sample.shape[0]} tokens (prefix mode)")
-    print(f"results ({r.n_tokens} tokens; full FVU curve over G=1..{sae.d_sae}) written to {a.out}")
-
-
-def _lm_inputs(a, acts):
-    """(model, layer, contexts) for the recaptured LM loss, from the activation directory's manifest."""
-    from .data.lm import load_lm
-    from .files import load_tensor
-
-    src = acts.manifest.get("source", {})
-    model_id = a.model or src.get("model")
-    if src.get("kind") != "lm" or model_id is None:
-        raise ProgsaeError(
-            f"{acts.path} holds no language-model activations (source {src.get('kind')!r}); "
-            "recaptured LM loss needs a directory written by `progsae extract`"
-        )
-    contexts = load_tensor(acts.path / "contexts.safetensors", "contexts")
-    if contexts is None:
-        raise ProgsaeError(f"{acts.path}/contexts.safetensors is missing; re-extract the directory")
-    n_ctx = max(1, min(len(contexts), -(-a.lm_tokens // (contexts.shape[1] - 1))))
-    model, _, _ = load_lm(model_id)
-    return model, src["layer"], contexts[:n_ctx]
+    print(f"RSA: Spearman correlation of cosine dissimilarities over {results['rsa_tokens']} tokens (prefix mode)")
+    print(f"results ({results['n_tokens']} tokens; full FVU curve over G=1..{sae.d_sae}) written to {a.out}")
 
 
 def cmd_run(a) -> None:

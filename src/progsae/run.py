@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import ProgressiveEval, fit_power_law, latent_stats, load_stats, save_stats, sort_by_importance
-from .analysis.lm_eval import recaptured_loss
-from .analysis.rsa import rsa
+from .analysis import fit_power_law, latent_stats, load_stats, save_stats, sort_by_importance
+from .analysis.evaluate import evaluate
+from .analysis.lm_eval import directory_contexts
 from .data import ActivationDir
 from .data.extract import ExtractConfig, extract
 from .data.lm import EMBEDDED, load_lm
-from .files import ProgsaeError, load_json, load_tensor, save_json
-from .sae import MODES, SAE, rescaled_k
+from .files import ProgsaeError, load_json, save_json
+from .sae import SAE, rescaled_k
 from .train import TrainConfig, Trainer
 
 
@@ -249,39 +249,9 @@ class Run:
         c = self.cfg
         sae = SAE.load(self.out / "saes" / name)
         acts = ActivationDir(self.out / "acts-test")
+        lm = (self.lm()[0], c.layer, directory_contexts(acts, c.lm_tokens)) if c.lm_tokens else None
         Gs = [g for g in c.G if g <= sae.d_sae]
-        acc = ProgressiveEval(sae, Gs)
-        for x in acts.iter_rows(4096):
-            acc.update(x)
-        r = acc.result()
-        table = [r.at(G) for G in Gs]
-        sample = next(acts.iter_rows(c.rsa_tokens, c.rsa_tokens))
-        with torch.no_grad():
-            for row in table:
-                for mode in MODES:
-                    row[f"rsa_{mode}"] = rsa(sample, sae(sample, row["G"], mode))
-        out = {
-            "name": name,
-            "d_sae": sae.d_sae,
-            "k": sae.k,
-            "n_tokens": r.n_tokens,
-            "table": table,
-            "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
-        }
-        if c.lm_tokens:
-            contexts = load_tensor(self.out / "acts-test" / "contexts.safetensors", "contexts")
-            n_ctx = max(1, min(len(contexts), -(-c.lm_tokens // (contexts.shape[1] - 1))))
-            model = self.lm()[0]
-            lm = recaptured_loss(model, c.layer, {name: sae}, contexts[:n_ctx], Gs, progress=self.progress)
-            out["lm"] = {k: v for k, v in lm.items() if k != "saes"}
-            for row in table:
-                for mode in MODES:
-                    hit = next(x for x in lm["saes"][name][mode] if x["G"] == row["G"])
-                    row[f"recaptured_{mode}"], row[f"kl_{mode}"], row[f"ce_{mode}"] = (
-                        hit["recaptured"],
-                        hit["kl"],
-                        hit["ce"],
-                    )
+        out = {"name": name, **evaluate(sae, acts, Gs, None, c.rsa_tokens, lm, self.progress)}
         if (self.out / "saes" / name / "history.json").is_file():
             out["history"] = load_json(self.out / "saes" / name / "history.json")
         save_json(self.out / "eval" / f"{name}.json", out)

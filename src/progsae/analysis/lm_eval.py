@@ -22,6 +22,22 @@ from ..files import ProgsaeError
 from ..sae import MODES, SAE
 
 
+def directory_contexts(acts, tokens: int) -> torch.Tensor:
+    """The first contexts [n, T] of an extracted activation directory, enough for `tokens` predictions."""
+    from ..files import load_tensor
+
+    src = acts.manifest.get("source", {})
+    if src.get("kind") != "lm":
+        raise ProgsaeError(
+            f"{acts.path} holds no language-model activations (source {src.get('kind')!r}); "
+            "recaptured LM loss needs a directory written by `progsae extract`"
+        )
+    contexts = load_tensor(acts.path / "contexts.safetensors", "contexts")
+    if contexts is None:
+        raise ProgsaeError(f"{acts.path}/contexts.safetensors is missing; re-extract the directory")
+    return contexts[: max(1, min(len(contexts), -(-tokens // (contexts.shape[1] - 1))))]
+
+
 def _ce_kl(logits: torch.Tensor, clean_logp: torch.Tensor, ids: torch.Tensor) -> tuple[float, float, int]:
     """Summed next-token CE and KL(clean || this) over positions 0..T-2, and their count."""
     logp = F.log_softmax(logits[:, :-1].float(), -1)
