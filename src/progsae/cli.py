@@ -176,7 +176,7 @@ def cmd_eval(a) -> None:
     _check_d_in(sae, acts)
     Gs = a.G or default_grid(sae.d_sae)
     for G in Gs:
-        sae._check_G(G)
+        sae.check_G(G)
     lm = None
     if a.lm_tokens:  # load the model first: a bad one fails before the long passes
         contexts = directory_contexts(acts, a.lm_tokens)

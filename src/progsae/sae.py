@@ -81,7 +81,7 @@ class SAE(nn.Module):
                 "use activations from the layer the SAE was trained on"
             )
 
-    def _check_G(self, G: int) -> None:
+    def check_G(self, G: int) -> None:
         if not 1 <= G <= self.d_sae:
             raise ProgsaeError(f"granularity G={G} is outside 1..{self.d_sae} (the SAE's d_sae); pick G in that range")
 
@@ -94,7 +94,7 @@ class SAE(nn.Module):
         """
         self._check_input(x)
         G = self.d_sae if G is None else G
-        self._check_G(G)
+        self.check_G(G)
         if mode == "prefix":
             values, indices, _, _ = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
             if G < self.d_sae:
@@ -117,7 +117,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def truncate(self, G: int, k: int | None = None) -> SAE:
         """A standalone SAE of the first G latents; k defaults to the rescaled max(1, round(k G / N))."""
-        self._check_G(G)
+        self.check_G(G)
         k = rescaled_k(self.k, G, self.d_sae) if k is None else k
         progsae = dict(self.cfg.progsae, truncated_from=self.d_sae)
         if "granularities" in progsae:

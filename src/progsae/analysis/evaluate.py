@@ -31,7 +31,7 @@ def evaluate(
     curve: fvu_prefix, l0, dead_frac at every G = 1..N.
     """
     for G in Gs:
-        sae._check_G(G)
+        sae.check_G(G)
     n = min(max_tokens or acts.n_tokens, acts.n_tokens)
     acc = ProgressiveEval(sae, Gs)
     for x in tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="eval", unit="batch", disable=not progress):

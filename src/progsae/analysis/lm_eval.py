@@ -65,7 +65,7 @@ def recaptured_loss(
     Gs, modes = sorted(set(Gs)), list(modes)
     for sae in saes.values():
         for G in Gs:
-            sae._check_G(G)
+            sae.check_G(G)
     for m in modes:
         if m not in MODES:
             raise ProgsaeError(f"unknown truncation mode {m!r}; use one of {', '.join(MODES)}")

@@ -78,7 +78,7 @@ class ProgressiveEval:
         N, d = sae.d_sae, sae.cfg.d_in
         self.rescaled_G = sorted(set(rescaled_G))
         for G in self.rescaled_G:
-            sae._check_G(G)
+            sae.check_G(G)
         self.steps = torch.zeros(N, dtype=torch.float64)
         self.counts = torch.zeros(N, dtype=torch.float64)
         self.sse0 = torch.zeros((), dtype=torch.float64)
