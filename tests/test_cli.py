@@ -174,3 +174,14 @@ def test_unknown_metric_choice_and_help_from_the_installed_script():
     assert r.returncode == 2 and "invalid choice: 'loud'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run([sys.executable, "-m", "progsae.cli", "train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--matryoshka-sampled" in r.stdout
+
+
+def test_a_device_this_machine_lacks_is_one_error_line(workdir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run_fails(["train", str(workdir / "acts"), "--out", str(tmp_path / "o"), *TRAIN, "--device", "cuda"], capsys,
+              "no CUDA device")
+    run_fails(["eval", str(workdir / "sae"), str(workdir / "acts"), "--out", str(tmp_path / "r.json"), "--device", "gpu"],
+              capsys, "is not a device")

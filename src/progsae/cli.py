@@ -73,6 +73,7 @@ def cmd_extract(a) -> None:
         seed=a.seed,
         batch_size=a.batch_size,
         keep_bos=a.keep_bos,
+        device=a.device,
     )
     if (Path(a.out) / "manifest.json").is_file() and not a.force:
         print(f"{a.out} is already a complete activation directory; nothing to do (--force re-extracts)")
@@ -97,6 +98,7 @@ def cmd_train(a) -> None:
         "matryoshka_sampler": a.sampler,
         "dead_tokens": a.dead_tokens,
         "seed": a.seed,
+        "device": a.device,
     }
     base.update({k: v for k, v in flags.items() if v is not None})
     base.setdefault("metadata", {}).update(
@@ -170,9 +172,9 @@ def cmd_eval(a) -> None:
     from .analysis.lm_eval import directory_contexts
     from .data import ActivationDir
     from .data.lm import load_lm
-    from .sae import SAE
+    from .sae import SAE, check_device
 
-    sae, acts = SAE.load(a.sae), ActivationDir(a.acts)
+    sae, acts = SAE.load(a.sae).to(check_device(a.device)), ActivationDir(a.acts)
     _check_d_in(sae, acts)
     Gs = a.G or default_grid(sae.d_sae)
     for G in Gs:
@@ -181,7 +183,7 @@ def cmd_eval(a) -> None:
     if a.lm_tokens:  # load the model first: a bad one fails before the long passes
         contexts = directory_contexts(acts, a.lm_tokens)
         source = acts.manifest["source"]
-        lm = (load_lm(a.model or source["model"])[0], source["layer"], contexts)
+        lm = (load_lm(a.model or source["model"], a.device)[0], source["layer"], contexts)
     results = {"sae": str(a.sae), "acts": str(a.acts), **evaluate(sae, acts, Gs, a.tokens, a.rsa_tokens, lm)}
     save_json(a.out, results)
     head = "  recaptured prefix/rescaled" if lm else ""
@@ -302,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-bos", action="store_true", help="keep BOS positions (huge-norm outliers; dropped by default)"
     )
     s.add_argument("--force", action="store_true", help="re-extract even if --out is complete")
+    s.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda")
     s.set_defaults(fn=cmd_extract)
 
     s = sub.add_parser("train", help="train a TopK or Matryoshka SAE on an activation directory")
@@ -324,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dead-tokens", type=int, help="tokens without firing before a latent counts as dead (default 1M)")
     s.add_argument("--seed", type=int)
     s.add_argument("--force", action="store_true", help="discard an existing run directory instead of resuming")
+    s.add_argument("--device", help="where the SAE trains: cpu (default) or cuda")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("stats", help="importance statistics of every latent (E[z^2], frequency, E[z], max)")
@@ -367,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure recaptured LM loss and KL on this many tokens of the directory's contexts",
     )
     s.add_argument("--model", help="model for the LM loss (default: the one named in the activation manifest)")
+    s.add_argument("--device", default="cpu", help="where the SAE and the model run: cpu (default) or cuda")
     s.set_defaults(fn=cmd_eval)
     return p
 

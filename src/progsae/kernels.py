@@ -41,9 +41,9 @@ def band_crow(indices: torch.Tensor, bounds: torch.Tensor | None) -> torch.Tenso
     """CSR row pointers [B*g + 1] splitting each token's sorted active latents at `bounds` (ascending, last = N)."""
     B, k = indices.shape
     if bounds is None:
-        return torch.arange(0, B * k + 1, k, dtype=torch.long)
-    ends = torch.searchsorted(indices, bounds.expand(B, -1).contiguous())  # [B, g]: # active < bound
-    ends = ends + torch.arange(0, B * k, k).unsqueeze(1)
+        return torch.arange(0, B * k + 1, k, dtype=torch.long, device=indices.device)
+    ends = torch.searchsorted(indices, bounds.to(indices.device).expand(B, -1).contiguous())  # [B, g]: # < bound
+    ends = ends + torch.arange(0, B * k, k, device=indices.device).unsqueeze(1)
     return torch.cat([ends.new_zeros(1), ends.reshape(-1)])
 
 
@@ -60,10 +60,10 @@ class TopKEncode(torch.autograd.Function):
         B = x.shape[0]
         xc = x - b_dec
         values = x.new_empty(B, k)
-        indices = torch.empty(B, k, dtype=torch.long)
+        indices = torch.empty(B, k, dtype=torch.long, device=x.device)
         use_aux = dead is not None and k_aux > 0
         aux_values = x.new_empty(B, k_aux if use_aux else 0)
-        aux_indices = torch.empty(B, k_aux if use_aux else 0, dtype=torch.long)
+        aux_indices = torch.empty(B, k_aux if use_aux else 0, dtype=torch.long, device=x.device)
         buf = x.new_empty(min(B, ENCODE_CHUNK), W_enc.shape[1])  # one buffer: fresh pages cost page faults
         for s in range(0, B, ENCODE_CHUNK):
             e = min(B, s + ENCODE_CHUNK)
@@ -95,7 +95,7 @@ class TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_W_enc = _spmm(S.t(), xc).t()  # [d, N], strides of a transposed [N, d] like the parameter
         if ctx.needs_input_grad[2]:
-            grad_b_enc = torch.zeros(N, dtype=grad_pre.dtype).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
+            grad_b_enc = grad_pre.new_zeros(N).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
             grad_xc = _spmm(S, W_enc.t())
             grad_x = grad_xc if ctx.needs_input_grad[0] else None

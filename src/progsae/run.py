@@ -29,7 +29,7 @@ from .data import ActivationDir
 from .data.extract import ExtractConfig, extract
 from .data.lm import EMBEDDED, load_lm
 from .files import ProgsaeError, load_json, save_json
-from .sae import SAE, rescaled_k
+from .sae import SAE, check_device, rescaled_k
 from .train import TrainConfig, Trainer
 
 
@@ -51,6 +51,7 @@ class RunConfig:
     rsa_tokens: int = 1000
     lm_tokens: int = 2048
     seed: int = 0
+    device: str = "cpu"  # "cuda" puts the model, SAE training and evaluation on the GPU
     minutes_estimate: float | None = None  # printed up front
 
     def validate(self) -> RunConfig:
@@ -66,6 +67,7 @@ class RunConfig:
         ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ProgsaeError(f"run config: {f} must be a positive integer, got {getattr(self, f)!r}")
+        check_device(self.device)
         if self.d_sae % 4:
             raise ProgsaeError(
                 f"run config: d_sae must be divisible by 4 (SAEs of N/4 and N/2 are trained), got {self.d_sae}"
@@ -157,7 +159,7 @@ class Run:
 
     def lm(self):
         if self._lm is None:
-            self._lm = load_lm(self.cfg.model)
+            self._lm = load_lm(self.cfg.model, self.cfg.device)
         return self._lm
 
     # -- stages ------------------------------------------------------------------------------------------
@@ -210,7 +212,14 @@ class Run:
         c = self.cfg
         model, tok, model_name = self.lm()
         ec = ExtractConfig(
-            model=c.model, layer=c.layer, tokens=tokens, corpus=c.corpus, ctx_len=c.ctx_len, split=split, seed=c.seed
+            model=c.model,
+            layer=c.layer,
+            tokens=tokens,
+            corpus=c.corpus,
+            ctx_len=c.ctx_len,
+            split=split,
+            seed=c.seed,
+            device=c.device,
         )
         extract(ec, self.out / name, model, tok, model_name, progress=self.progress)
 
@@ -228,6 +237,7 @@ class Run:
             d_sae=n,
             k=rescaled_k(c.k, n, N),
             tokens=c.sae_tokens,
+            device=c.device,
             batch_size=c.batch_size,
             seed=c.seed,
             metadata=meta,
@@ -238,7 +248,7 @@ class Run:
         Trainer(tc, acts, self.out / "saes" / name).run(self.progress)
 
     def _permute(self, name: str) -> None:
-        sae = SAE.load(self.out / "saes" / name)
+        sae = SAE.load(self.out / "saes" / name).to(self.cfg.device)
         acts = ActivationDir(self.out / "acts")
         stats = latent_stats(sae, acts.iter_rows(4096, self.cfg.stats_tokens))
         save_stats(self.out / "stats" / f"{name}.safetensors", stats, str(self.out / "saes" / name))
@@ -247,7 +257,7 @@ class Run:
 
     def _evaluate(self, name: str) -> None:
         c = self.cfg
-        sae = SAE.load(self.out / "saes" / name)
+        sae = SAE.load(self.out / "saes" / name).to(c.device)
         acts = ActivationDir(self.out / "acts-test")
         lm = (self.lm()[0], c.layer, directory_contexts(acts, c.lm_tokens)) if c.lm_tokens else None
         Gs = [g for g in c.G if g <= sae.d_sae]

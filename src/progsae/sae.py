@@ -39,6 +39,17 @@ class SAEConfig:
             raise ProgsaeError(f"SAE config: k={self.k} exceeds d_sae={self.d_sae}; choose k <= d_sae")
 
 
+def check_device(name: str) -> torch.device:
+    """torch.device(name), or a ProgsaeError if it is malformed or not on this machine."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ProgsaeError(f"device {name!r} is not a device; use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ProgsaeError(f"device {name!r}: this torch has no CUDA device available; use --device cpu")
+    return device
+
+
 def rescaled_k(k: int, G: int, N: int) -> int:
     """The paper's k for granularity G keeping K/G constant: max(1, round(k G / N))."""
     return max(1, round(k * G / N))
@@ -67,11 +78,11 @@ class SAE(nn.Module):
     @torch.no_grad()
     def init_tied(self, generator: torch.Generator | None = None, b_dec: torch.Tensor | None = None) -> SAE:
         """Random unit-norm decoder rows, W_enc = W_dec^T, b_enc = 0, b_dec as given (else 0)."""
-        W = torch.randn(self.d_sae, self.cfg.d_in, generator=generator)
+        W = torch.randn(self.d_sae, self.cfg.d_in, generator=generator).to(self.W_dec.device)
         self.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
         self.W_enc.copy_(self.W_dec.t())
         self.b_enc.zero_()
-        self.b_dec.copy_(b_dec if b_dec is not None else torch.zeros(self.cfg.d_in))
+        self.b_dec.copy_(b_dec if b_dec is not None else torch.zeros(self.cfg.d_in))  # copy_ crosses devices
         return self
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -122,7 +133,7 @@ class SAE(nn.Module):
         progsae = dict(self.cfg.progsae, truncated_from=self.d_sae)
         if "granularities" in progsae:
             progsae["granularities"] = [m for m in progsae["granularities"] if m < G] + [G]
-        small = SAE(SAEConfig(self.cfg.d_in, G, k, dict(self.cfg.metadata), progsae))
+        small = SAE(SAEConfig(self.cfg.d_in, G, k, dict(self.cfg.metadata), progsae)).to(self.W_dec.device)
         small.W_enc.copy_(self.W_enc[:, :G])
         small.b_enc.copy_(self.b_enc[:G])
         small.W_dec.copy_(self.W_dec[:G])
@@ -142,7 +153,8 @@ class SAE(nn.Module):
         earlier = self.cfg.progsae.get("permutation", {}).get("order")
         total = order if earlier is None else torch.tensor(earlier)[order]
         progsae = dict(self.cfg.progsae, permutation={"metric": metric, "order": total.tolist()})
-        out = SAE(SAEConfig(self.cfg.d_in, self.d_sae, self.k, dict(self.cfg.metadata), progsae))
+        out = SAE(SAEConfig(self.cfg.d_in, self.d_sae, self.k, dict(self.cfg.metadata), progsae)).to(self.W_dec.device)
+        order = order.to(self.W_dec.device)
         out.W_enc.copy_(self.W_enc[:, order])
         out.b_enc.copy_(self.b_enc[order])
         out.W_dec.copy_(self.W_dec[order])

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .files import ProgsaeError, fresh_dir, load_json, load_tensors, replace_dir, save_json, save_tensors
 from .kernels import nested_sse, topk_encode
-from .sae import SAE, SAEConfig
+from .sae import SAE, SAEConfig, check_device
 
 SAMPLERS = ("uniform", "pareto")
 
@@ -47,6 +47,7 @@ class TrainConfig:
     aux_coef: float = 1 / 32
     dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
     seed: int = 0
+    device: str = "cpu"  # or "cuda": SAE, optimiser and batches live there
     log_every: int = 50
     checkpoint_every: int = 500  # steps
     metadata: dict = field(default_factory=dict)  # passed into the SAE's cfg (model_name, hook_name, ...)
@@ -155,10 +156,10 @@ def sae_loss(
     values, indices, aux_values, aux_indices = topk_encode(
         x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead if k_aux else None, k_aux
     )
-    b = None if bounds is None or bounds == [sae.d_sae] else torch.tensor(bounds)
+    b = None if bounds is None or bounds == [sae.d_sae] else torch.tensor(bounds, device=x.device)
     sse, residual = nested_sse(values, indices, sae.W_dec, x - sae.b_dec, b)  # [g], [B, d]
     total_var = (x - x.mean(0)).pow(2).sum()
-    w = torch.ones(1) if weights is None else weights
+    w = torch.ones(1, device=x.device) if weights is None else weights.to(x.device)
     loss = (w * sse).sum() / total_var
     full_fvu = sse[-1].detach() / total_var
     aux = None
@@ -209,11 +210,12 @@ class Trainer:
             "granularities": cfg.matryoshka or None,
             "matryoshka_sampled": cfg.matryoshka_sampled or None,
         }
-        self.sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.k, dict(cfg.metadata), progsae))
+        self.device = check_device(cfg.device)
+        self.sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.k, dict(cfg.metadata), progsae)).to(self.device)
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else d_in // 2
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.base_lr(), betas=(0.9, 0.999), fused=True)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=self.device)
         self.step = 0
         self.history: list[dict] = []
         self.elapsed = 0.0
@@ -225,7 +227,7 @@ class Trainer:
     def _init_weights(self) -> None:
         torch.manual_seed(self.cfg.seed)
         sample = next(self.source.batches(self.cfg.batch_size, self.cfg.seed, 0))
-        self.sae.init_tied(self.gen, geometric_median(sample))
+        self.sae.init_tied(self.gen, geometric_median(sample.to(self.device)))
 
     def lr_at(self, step: int) -> float:
         warm = min(self.cfg.warmup_steps, self.cfg.steps // 10)
@@ -233,6 +235,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor) -> dict:
         cfg, sae = self.cfg, self.sae
+        x = x.to(self.device, non_blocking=True)
         bounds = sample_granularities(cfg, self.gen)
         dead = self.since_fired >= cfg.dead_tokens
         loss, full_fvu, aux, values, indices = sae_loss(
@@ -339,7 +342,7 @@ class Trainer:
                     for n in ("step", "exp_avg", "exp_avg_sq")
                 }
         self.opt.load_state_dict({"state": opt_state, "param_groups": self.opt.state_dict()["param_groups"]})
-        self.since_fired = state["since_fired"].clone()
+        self.since_fired = state["since_fired"].to(self.device)
         self.gen.set_state(state["rng"])
         self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta["history"]
 

@@ -38,7 +38,7 @@ def evaluate(
         acc.update(x)
     r = acc.result()
     table = [r.at(G) for G in Gs]
-    sample = next(acts.iter_rows(rsa_tokens, rsa_tokens))
+    sample = next(acts.iter_rows(rsa_tokens, rsa_tokens)).to(sae.W_dec.device)
     with torch.no_grad():
         for row in table:
             for mode in MODES:

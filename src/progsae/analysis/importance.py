@@ -24,9 +24,10 @@ def latent_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[str, torch.T
     s2, s1, fired = (torch.zeros(N, dtype=torch.float64) for _ in range(3))
     mx = torch.zeros(N)
     n = 0
+    device = sae.W_dec.device
     for x in batches:
-        values, indices = sae.encode(x)
-        idx, v = indices.reshape(-1), values.reshape(-1)
+        values, indices = sae.encode(x.to(device))
+        idx, v = indices.reshape(-1).cpu(), values.reshape(-1).cpu()  # accumulate on the CPU, in float64
         s1.index_add_(0, idx, v.double())
         s2.index_add_(0, idx, v.double().pow(2))
         fired.index_add_(0, idx, (v > 0).double())
@@ -47,7 +48,7 @@ def latent_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[str, torch.T
 @torch.no_grad()
 def decoder_cov_eigs(sae: SAE) -> torch.Tensor:
     """Eigenvalues (descending, float64) of the covariance of the decoder rows, a [d_in, d_in] matrix."""
-    return torch.linalg.eigvalsh(torch.cov(sae.W_dec.double().t())).flip(0)
+    return torch.linalg.eigvalsh(torch.cov(sae.W_dec.detach().double().cpu().t())).flip(0)
 
 
 def importance_order(stats: dict[str, torch.Tensor], metric: str = "e_z2") -> torch.Tensor:

@@ -70,7 +70,7 @@ def recaptured_loss(
         if m not in MODES:
             raise ProgsaeError(f"unknown truncation mode {m!r}; use one of {', '.join(MODES)}")
     splicer = Splicer(model, layer)
-    batches = contexts.split(batch_size)
+    batches = contexts.to(model.device).split(batch_size)
     # the mean-ablation vector: mean of h over all non-BOS eval positions (a cheap pass up to layer L)
     mean = torch.stack(
         [residual_stream(model, ids, layer)[:, 1:].reshape(-1, model.config.hidden_size).sum(0) for ids in batches]

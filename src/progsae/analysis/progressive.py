@@ -54,7 +54,7 @@ def residual_norms(W_dec: torch.Tensor, values: torch.Tensor, indices: torch.Ten
         pad = nb * SCAN_BLOCK - k
         values = torch.cat([values, values.new_zeros(B, pad)], 1)
         indices = torch.cat([indices, indices[:, -1:].expand(B, pad)], 1)
-    tril = torch.ones(SCAN_BLOCK, SCAN_BLOCK, dtype=values.dtype).tril()
+    tril = torch.ones(SCAN_BLOCK, SCAN_BLOCK, dtype=values.dtype, device=values.device).tril()
     e = values.new_empty(B, nb * SCAN_BLOCK)
     rows = W_dec.new_empty(CURVE_CHUNK * nb * SCAN_BLOCK, d)
     P = W_dec.new_empty(CURVE_CHUNK * nb, SCAN_BLOCK, d)
@@ -90,20 +90,22 @@ class ProgressiveEval:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         sae = self.sae
+        x = x.to(sae.W_dec.device)
         values, indices = sae.encode(x)
         r0 = x - sae.b_dec
         e0 = torch.linalg.vector_norm(r0, dim=-1).square_()  # [B]: ||r||^2 with no latent
         e = residual_norms(sae.W_dec, values, indices, r0)  # [B, k]: after the first t+1 active latents
         step = e - torch.cat([e0.unsqueeze(1), e[:, :-1]], 1)
-        self.steps.index_add_(0, indices.reshape(-1), step.reshape(-1).double())
-        self.sse0 += e0.double().sum()
-        self.counts.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).double())
+        idx = indices.reshape(-1).cpu()  # the accumulators stay on the CPU, in float64
+        self.steps.index_add_(0, idx, step.reshape(-1).double().cpu())
+        self.sse0 += e0.double().sum().cpu()
+        self.counts.index_add_(0, idx, (values > 0).reshape(-1).double().cpu())
         xd = x.double()
-        self.sum_x += xd.sum(0)
-        self.sum_x2 += xd.pow(2).sum()
+        self.sum_x += xd.sum(0).cpu()
+        self.sum_x2 += xd.pow(2).sum().cpu()
         self.n += x.shape[0]
         for G in self.rescaled_G:
-            self.rescaled_sse[G] += (x - sae(x, G, "rescaled")).double().pow(2).sum()
+            self.rescaled_sse[G] += (x - sae(x, G, "rescaled")).double().pow(2).sum().cpu()
 
     def total_variance(self) -> float:
         return float(self.sum_x2 - self.sum_x.pow(2).sum() / self.n)

@@ -32,6 +32,7 @@ class ExtractConfig:
     test_frac: float = 0.05
     seed: int = 0
     batch_size: int = 32  # contexts per forward pass
+    device: str = "cpu"  # where the model runs
     keep_bos: bool = False  # BOS positions are huge-norm outliers; SAEs are trained without them
 
     def validate(self) -> ExtractConfig:
@@ -72,7 +73,7 @@ def extract(
     """Write the activation directory `out`; pass `model`/`tokenizer` to use an already loaded model."""
     cfg.validate()
     if model is None:
-        model, tokenizer, model_name = load_lm(cfg.model)
+        model, tokenizer, model_name = load_lm(cfg.model, cfg.device)
     check_layer(model, cfg.layer)
     contexts, chosen = select_contexts(cfg, tokenizer)
     d = model.config.hidden_size
@@ -99,7 +100,7 @@ def extract(
     t0 = time.perf_counter()
     for s in range(done, len(chosen), cfg.batch_size):
         ids = contexts[s : s + cfg.batch_size]
-        h = residual_stream(model, ids, cfg.layer)[:, start:]  # [b, T', d]
+        h = residual_stream(model, ids.to(model.device), cfg.layer)[:, start:].float().cpu()  # [b, T', d]
         b, T = h.shape[:2]
         rows = {
             "token_ids": ids[:, start:].reshape(-1),

@@ -104,6 +104,9 @@ def _embedded_path(name: str) -> Path:
 
 def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer, model_name) for an embedded short name, a transformers model id or a local directory."""
+    from ..sae import check_device
+
+    check_device(device)
     tf = _transformers()
     path = str(_embedded_path(name)) if name in EMBEDDED else name
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # a hub id is ORG/NAME
