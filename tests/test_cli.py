@@ -181,7 +181,13 @@ def test_a_device_this_machine_lacks_is_one_error_line(workdir, tmp_path, capsys
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    run_fails(["train", str(workdir / "acts"), "--out", str(tmp_path / "o"), *TRAIN, "--device", "cuda"], capsys,
-              "no CUDA device")
-    run_fails(["eval", str(workdir / "sae"), str(workdir / "acts"), "--out", str(tmp_path / "r.json"), "--device", "gpu"],
-              capsys, "is not a device")
+    run_fails(
+        ["train", str(workdir / "acts"), "--out", str(tmp_path / "o"), *TRAIN, "--device", "cuda"],
+        capsys,
+        "no CUDA device",
+    )
+    run_fails(
+        ["eval", str(workdir / "sae"), str(workdir / "acts"), "--out", str(tmp_path / "r.json"), "--device", "gpu"],
+        capsys,
+        "is not a device",
+    )

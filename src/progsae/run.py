@@ -67,7 +67,6 @@ class RunConfig:
         ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ProgsaeError(f"run config: {f} must be a positive integer, got {getattr(self, f)!r}")
-        check_device(self.device)
         if self.d_sae % 4:
             raise ProgsaeError(
                 f"run config: d_sae must be divisible by 4 (SAEs of N/4 and N/2 are trained), got {self.d_sae}"
@@ -106,6 +105,7 @@ PRESETS = {
         sae_tokens=50_000_000,
         lm_tokens=100_000,
         stats_tokens=2_000_000,
+        device="cuda",
         minutes_estimate=None,
     ),
 }
@@ -126,7 +126,6 @@ def sae_names(cfg: RunConfig) -> dict[str, str]:
 class Run:
     def __init__(self, cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True):
         self.cfg, self.out, self.force, self.progress = cfg.validate(), Path(out), force, progress
-        self.out.mkdir(parents=True, exist_ok=True)
         saved = self.out / "config.json"
         resolved = json.loads(json.dumps(asdict(cfg)))
         if saved.is_file() and not force:
@@ -137,7 +136,7 @@ class Run:
                     f"{self.out} holds a run with other settings ({', '.join(diff)}); "
                     "use another --out, or --force to redo it"
                 )
-        save_json(saved, resolved)
+        self.resolved = resolved
         self.timings: dict[str, float] = (
             load_json(self.out / "timings.json") if (self.out / "timings.json").is_file() else {}
         )
@@ -172,6 +171,8 @@ class Run:
             f"progsae run: {c.model} layer {c.layer}, {c.train_tokens:,} training activations, "
             f"N = {c.d_sae}, k = {c.k}, {len(sae_names(c)) + 6} SAEs -> {self.out}{est}"
         )
+        check_device(c.device)
+        save_json(self.out / "config.json", self.resolved)
         if c.model not in EMBEDDED and not Path(c.model).expanduser().is_dir() and "/" not in c.model:
             raise ProgsaeError(
                 f"model {c.model!r} is neither embedded ({', '.join(EMBEDDED)}), a directory, nor a hub id"

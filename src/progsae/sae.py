@@ -46,7 +46,7 @@ def check_device(name: str) -> torch.device:
     except (RuntimeError, TypeError):
         raise ProgsaeError(f"device {name!r} is not a device; use cpu or cuda (cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ProgsaeError(f"device {name!r}: this torch has no CUDA device available; use --device cpu")
+        raise ProgsaeError(f"device {name!r}: this torch has no CUDA device available; use the cpu device")
     return device
 
 
