@@ -116,8 +116,8 @@ def check_numbers(page: str, res: dict) -> int:
     for row in table[1:]:
         cells = dict(zip(header, row, strict=True))
         src = next(r for r in res["saes"][cells["sae"]]["table"] if r["G"] == int(cells["G"]))
-        for col in ("fvu_prefix", "fvu_rescaled", "recaptured_rescaled", "l0"):
-            assert cells[col] == fmt(src[col]), (cells["sae"], col)
+        for col, key in (("fvu_prefix",) * 2, ("fvu_rescaled",) * 2, ("recaptured_rescaled",) * 2, ("l0_prefix", "l0")):
+            assert cells[col] == fmt(src[key]), (cells["sae"], col)
             checked += 1
         assert cells["rsa_rescaled"] == fmt(src["rsa_rescaled"]["cosine"]["spearman"])
     return checked

@@ -49,8 +49,14 @@ def _metric(row: dict, key: str, mode: str):
     return v["cosine"]["spearman"] if key == "rsa" and v is not None else v
 
 
+def _colours(names) -> dict[str, str]:
+    """One colour per SAE, the same in every figure."""
+    return {n: f"C{i % 10}" for i, n in enumerate(sorted(names))}
+
+
 def figures(res: dict, run_dir: Path) -> dict[str, Path]:
     plt = _plt()
+    colour = _colours(res["saes"])
     out = run_dir / "figures"
     figs = {}
     N = res["config"]["d_sae"]
@@ -68,7 +74,9 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
                 if not pts:
                     continue
                 native = n in (f"topk-{N // 2}", f"topk-{N // 4}")
-                ax.plot(*zip(*pts, strict=True), "s" if native else "o-", label=n, ms=7 if native else 4)
+                ax.plot(
+                    *zip(*pts, strict=True), "s" if native else "o-", label=n, ms=7 if native else 4, color=colour[n]
+                )
             ax.set_xscale("log", base=2)
             ax.set_xlabel("granularity G")
             ax.set_title(f"{mode} truncation")
@@ -83,7 +91,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
         for n, fits in res["power_laws"].items():
             v = np.asarray(res["_series"][n][metric])
             v = np.sort(v[v > 0])[::-1]
-            (line,) = ax.loglog(np.arange(1, len(v) + 1), v, lw=1.2, label=n)
+            (line,) = ax.loglog(np.arange(1, len(v) + 1), v, lw=1.2, label=n, color=colour[n])
             f = fits[metric]
             r = np.array([f["lo"], f["hi"]], dtype=float)
             ax.loglog(r, np.exp(f["intercept"]) * r ** f["exponent"], "--", color=line.get_color(), lw=1)
@@ -107,7 +115,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for n in sorted(res["_history"]):
         h = res["_history"][n]
-        ax.plot([p["tokens"] for p in h], [p["fvu"] for p in h], label=n)
+        ax.plot([p["tokens"] for p in h], [p["fvu"] for p in h], label=n, color=colour[n])
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("training FVU (batch)")
@@ -122,7 +130,7 @@ def table_rows(res: dict) -> list[dict]:
     rows = []
     for n, s in res["saes"].items():
         for r in s["table"]:
-            row = {"sae": n, "d_sae": s["d_sae"], "G": r["G"], "l0": r["l0"], "dead_frac": r["dead_frac"]}
+            row = {"sae": n, "d_sae": s["d_sae"], "G": r["G"], "l0_prefix": r["l0"], "dead_frac": r["dead_frac"]}
             for mode in MODES:
                 row[f"fvu_{mode}"] = r[f"fvu_{mode}"]
                 row[f"recaptured_{mode}"] = r.get(f"recaptured_{mode}")
@@ -205,8 +213,10 @@ def write_report(run_dir: str | Path) -> Path:
             if lm
             else ""
         )
-        + ". RSA: Spearman correlation of the cosine-dissimilarity matrices of original and reconstructed activations. "
-        "prefix: TopK over all N latents, then those ≥ G dropped; rescaled: TopK over the first G with k·G/N.</p>",
+        + " (whole contexts). RSA: Spearman correlation of the cosine-dissimilarity matrices of original and "
+        "reconstructed activations (it can fall below 0 when a few latents reconstruct mostly the shared mean direction). "
+        "prefix: TopK over all N latents, then those ≥ G dropped; rescaled: TopK over the first G with k·G/N, "
+        "the paper's constant K/G (at small G only a handful of latents). L0 is the prefix mode's.</p>",
         _table(
             rows,
             [
@@ -216,10 +226,11 @@ def write_report(run_dir: str | Path) -> Path:
                 "fvu_rescaled",
                 "recaptured_prefix",
                 "recaptured_rescaled",
+                "kl_prefix",
                 "kl_rescaled",
                 "rsa_prefix",
                 "rsa_rescaled",
-                "l0",
+                "l0_prefix",
                 "dead_frac",
             ],
         ),
@@ -232,13 +243,18 @@ def write_report(run_dir: str | Path) -> Path:
         "<h2>Feature splitting</h2>",
         _table(res["feature_splitting"], list(res["feature_splitting"][0])),
         _img(figs["splitting"], "Truncated large SAE against native SAE of the same size"),
-        "<h2>Scaling of FVU with G</h2><p>FVU(G) ≈ a·G<sup>−b</sup> + c, fitted to the one-pass prefix curve for G ≥ 16.</p>",
+        "<h2>Scaling of FVU with G</h2><p>FVU(G) ≈ a·G<sup>−b</sup> + c, fitted to the one-pass prefix curve for G ≥ 16. "
+        "A low R² means the curve is not a power law: a fixed-granularity Matryoshka curve steps at its granularities.</p>",
         _table(sc_rows, ["sae", "a", "b", "c", "r2"]),
         "<h2>Training</h2>",
         _img(figs["training"], "Training FVU against tokens"),
         "<h2>Configuration</h2>",
+        f"<p>Granularities evaluated: {', '.join(map(str, res['grid']))}.</p>",
         f"<pre>{html.escape(_json(c))}</pre>",
-        f"<p>Stage times (s): {html.escape(_json(res.get('stage_seconds', {})))}</p>",
+        "<h3>Stage times</h3>",
+        _table(
+            [{"stage": k, "seconds": float(v)} for k, v in res.get("stage_seconds", {}).items()], ["stage", "seconds"]
+        ),
     ]
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>progsae report</title><style>"
