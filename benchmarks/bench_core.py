@@ -54,7 +54,7 @@ def main() -> None:
     def step_time(**kw):
         cfg = TrainConfig(d_sae=N, k=k, batch_size=B, tokens=B * 1000, warmup_steps=0, **kw)
         tr = Trainer(cfg, FixedBatch(x))
-        return timeit(lambda: tr.train_step(x), a.repeats)
+        return timeit(lambda: tr.train_step(x), a.repeats, warmup=3)  # the first steps fault in fresh memory
 
     topk = step_time()
     rows = [("TopK step", topk)]
