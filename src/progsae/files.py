@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -29,38 +29,37 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     os.replace(tmp, path)
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: str | Path, read):
+    """read(path) for a safetensors file, with a missing or corrupt file turned into one clear error."""
     path = Path(path)
     if not path.is_file():
         raise ProgsaeError(f"{path}: file not found; check the path (it should be written by progsae)")
     try:
-        return load_file(str(path))
+        return read(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ProgsaeError(f"{path}: not a readable safetensors file ({e}); re-create it") from None
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    return _read_safetensors(path, load_file)
 
 
 def load_tensor(path: str | Path, name: str) -> torch.Tensor | None:
     """One tensor of a safetensors file (read through its memory map), or None if it has no such tensor."""
-    from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise ProgsaeError(f"{path}: file not found; check the path (it should be written by progsae)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
+    def read(p):
+        with safe_open(p, framework="pt") as f:
             return f.get_tensor(name) if name in f.keys() else None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ProgsaeError(f"{path}: not a readable safetensors file ({e}); re-create it") from None
+
+    return _read_safetensors(path, read)
 
 
 def tensors_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
+    def read(p):
+        with safe_open(p, framework="pt") as f:
             return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ProgsaeError(f"{path}: not a readable safetensors file ({e}); re-create it") from None
+
+    return _read_safetensors(path, read)
 
 
 def save_json(path: str | Path, obj) -> None:

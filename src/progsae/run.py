@@ -27,7 +27,7 @@ from .analysis.evaluate import evaluate
 from .analysis.lm_eval import directory_contexts
 from .data import ActivationDir
 from .data.extract import ExtractConfig, extract
-from .data.lm import EMBEDDED, load_lm
+from .data.lm import load_lm
 from .files import ProgsaeError, load_json, save_json
 from .sae import SAE, check_device, rescaled_k
 from .train import TrainConfig, Trainer
@@ -174,10 +174,6 @@ class Run:
         )
         check_device(c.device)
         save_json(self.out / "config.json", self.resolved)
-        if c.model not in EMBEDDED and not Path(c.model).expanduser().is_dir() and "/" not in c.model:
-            raise ProgsaeError(
-                f"model {c.model!r} is neither embedded ({', '.join(EMBEDDED)}), a directory, nor a hub id"
-            )
         for split, tokens, name in (("train", c.train_tokens, "acts"), ("test", c.test_tokens, "acts-test")):
             self.stage(
                 f"extract {split}",
