@@ -103,6 +103,37 @@ class TopKEncode(torch.autograd.Function):
         return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
 
 
+@torch.no_grad()
+def threshold_encode(x, W_enc, b_enc, b_dec, threshold=None):
+    """Every active latent of z = ReLU(pre) * (pre > threshold), pre = (x - b_dec) W_enc + b_enc.
+
+    The code of a JumpReLU (per-latent `threshold` [N]), a BatchTopK at inference (one threshold for every
+    latent) or a ReLU SAE (threshold None): (values [B, w], indices [B, w]) with w the largest number of
+    active latents of any row; shorter rows are padded with zero values, which decode to nothing and
+    change no statistic. Latent i is active iff pre_i > max(threshold_i, 0). Indices ascend per row.
+    Chunked like `TopKEncode`, so the [B, N] pre-activation never exists whole.
+    """
+    B = x.shape[0]
+    xc = x - b_dec
+    floor = torch.zeros((), device=x.device, dtype=x.dtype) if threshold is None else threshold.clamp(min=0)
+    buf = x.new_empty(min(B, ENCODE_CHUNK), W_enc.shape[1])
+    parts = []
+    for s in range(0, B, ENCODE_CHUNK):
+        pre = torch.addmm(b_enc, xc[s : s + ENCODE_CHUNK], W_enc, out=buf[: min(B, s + ENCODE_CHUNK) - s])
+        active = pre > floor
+        width = max(1, int(active.sum(1).max()))
+        pre.masked_fill_(~active, 0.0)
+        parts.append(torch.topk(pre, width, dim=1, sorted=False))
+    width = max(p.values.shape[1] for p in parts)
+    values = x.new_zeros(B, width)
+    indices = torch.zeros(B, width, dtype=torch.long, device=x.device)
+    for s, p in zip(range(0, B, ENCODE_CHUNK), parts, strict=True):
+        w = p.values.shape[1]
+        values[s : s + ENCODE_CHUNK, :w] = p.values
+        indices[s : s + ENCODE_CHUNK, :w] = p.indices
+    return _sorted_code(values, indices)
+
+
 def _sorted_code(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indices, order = indices.sort(dim=1)
     return values.gather(1, order), indices

@@ -1,25 +1,35 @@
-"""The TopK sparse autoencoder, with the paper's progressive operations: truncate and permute.
+"""The sparse autoencoder, with the paper's progressive operations: truncate and permute.
 
-    encode   z = TopK_k(ReLU((x - b_dec) W_enc + b_enc))      kept sparse: (values [B, k], indices [B, k])
-    decode   x_hat = z W_dec + b_dec                           over the k active rows only
+    pre      = (x - b_dec) W_enc + b_enc
+    topk     z = TopK_k(ReLU(pre))                          (the SAEs progsae trains)
+    jumprelu z = ReLU(pre) * (pre > threshold)              (per-latent threshold [N]: Gemma Scope, SAELens)
+    batchtopk  the same with one threshold for every latent  (BatchTopK SAEs at inference)
+    relu     z = ReLU(pre)                                  (SAELens "standard")
+    decode   x_hat = z W_dec + b_dec                         over the active rows only
 
-A Matryoshka SAE is the same model trained with nested losses (train.py); what differs is the order
-its latents carry meaning in, recorded in `cfg.progsae`. Parameter names and shapes are SAELens':
-W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; the directory layout is
-SAELens' too (cfg.json + sae_weights.safetensors), so `sae_lens.SAE.load_from_disk` reads it.
+Every architecture encodes to the same sparse code (values [B, w], indices [B, w]; indices ascending,
+zero values are padding), which the statistics, the one-pass curve, RSA and the LM loss consume.
+Per-latent parameters (threshold) permute and truncate with their latents.
+
+A Matryoshka SAE is a TopK SAE trained with nested losses (train.py); what differs is the order its
+latents carry meaning in, recorded in `cfg.progsae`. Parameter names and shapes are SAELens':
+W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], threshold [d_sae]. Files in
+every supported layout are read and written by `progsae.formats`; `SAE.save` writes SAELens' layout.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .files import ProgsaeError, load_json, load_tensors, save_json, save_tensors
-from .kernels import decode_nested, topk_encode
+from .files import ProgsaeError
+from .kernels import decode_nested, threshold_encode, topk_encode
 
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+THRESHOLD_ARCHITECTURES = ("batchtopk", "jumprelu")  # those with a threshold parameter
 MODES = ("prefix", "rescaled")
 
 
@@ -27,16 +37,27 @@ MODES = ("prefix", "rescaled")
 class SAEConfig:
     d_in: int
     d_sae: int
-    k: int
+    k: int | float | None  # topk: latents per token; batchtopk: the mean L0 it was trained for (informative)
     metadata: dict = field(default_factory=dict)  # SAELens metadata: model_name, hook_name, ...
     progsae: dict = field(default_factory=dict)  # ours, saved as metadata.progsae: granularities, permutation, ...
+    architecture: str = "topk"
+    source: dict = field(default_factory=dict)  # a file read from another layout: format, its config (kept on write)
 
     def __post_init__(self):
-        for name in ("d_in", "d_sae", "k"):
+        for name in ("d_in", "d_sae"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ProgsaeError(f"SAE config: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.k > self.d_sae:
-            raise ProgsaeError(f"SAE config: k={self.k} exceeds d_sae={self.d_sae}; choose k <= d_sae")
+        if self.architecture not in ARCHITECTURES:
+            raise ProgsaeError(
+                f"SAE config: architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}"
+            )
+        if self.architecture == "topk":
+            if not isinstance(self.k, int) or self.k < 1:
+                raise ProgsaeError(f"SAE config: k must be a positive integer for a TopK SAE, got {self.k!r}")
+            if self.k > self.d_sae:
+                raise ProgsaeError(f"SAE config: k={self.k} exceeds d_sae={self.d_sae}; choose k <= d_sae")
+        elif self.k is not None and not (isinstance(self.k, int | float) and self.k > 0):
+            raise ProgsaeError(f"SAE config: k must be a positive number or absent, got {self.k!r}")
 
 
 def check_device(name: str) -> torch.device:
@@ -66,14 +87,27 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(N))
         self.W_dec = nn.Parameter(torch.zeros(N, d))
         self.b_dec = nn.Parameter(torch.zeros(d))
+        if cfg.architecture in THRESHOLD_ARCHITECTURES:
+            self.threshold = nn.Parameter(torch.zeros(N), requires_grad=False)
+        # per-latent data carried along (permuted and truncated with the latents), e.g. SAELens' sparsity
+        self.latent_data: dict[str, torch.Tensor] = {}
 
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
     @property
-    def k(self) -> int:
+    def k(self) -> int | float | None:
         return self.cfg.k
+
+    @property
+    def architecture(self) -> str:
+        return self.cfg.architecture
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The truncation modes this SAE has: rescaled (k_G = k G / N) needs a per-token k, so TopK only."""
+        return MODES if self.architecture == "topk" else ("prefix",)
 
     @torch.no_grad()
     def init_tied(self, generator: torch.Generator | None = None, b_dec: torch.Tensor | None = None) -> SAE:
@@ -99,23 +133,34 @@ class SAE(nn.Module):
     def encode(self, x: torch.Tensor, G: int | None = None, mode: str = "prefix"):
         """Sparse code of x [B, d_in] at granularity G (default: all N latents).
 
-        prefix:   TopK over all N latents, then latents >= G dropped (their values set to 0).
-        rescaled: TopK restricted to the first G latents with k_G = max(1, round(k G / N)).
-        Returns (values [B, k'], indices [B, k']), indices ascending per row.
+        prefix:   encode with all N latents, then latents >= G dropped (their values set to 0). For the
+                  threshold architectures each latent fires on its own, so this is exactly the SAE of
+                  the first G latents.
+        rescaled: (TopK only) TopK restricted to the first G latents with k_G = max(1, round(k G / N)).
+        Returns (values [B, w], indices [B, w]), indices ascending per row, zero values as padding.
         """
         self._check_input(x)
         G = self.d_sae if G is None else G
         self.check_G(G)
-        if mode == "prefix":
-            values, indices, _, _ = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
-            if G < self.d_sae:
-                values = values * (indices < G)
-            return values, indices
+        if mode not in MODES:
+            raise ProgsaeError(f"unknown truncation mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode not in self.modes:
+            raise ProgsaeError(
+                f"rescaled truncation (k_G = k G / N) needs a TopK SAE; this {self.architecture} SAE's latents "
+                "fire independently, so its first G latents are exactly the prefix mode: use mode prefix"
+            )
         if mode == "rescaled":
             k = rescaled_k(self.k, G, self.d_sae)
             values, indices, _, _ = topk_encode(x, self.W_enc[:, :G], self.b_enc[:G], self.b_dec, k)
             return values, indices
-        raise ProgsaeError(f"unknown truncation mode {mode!r}; use one of {', '.join(MODES)}")
+        if self.architecture == "topk":
+            values, indices, _, _ = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
+        else:
+            threshold = self.threshold if self.architecture in THRESHOLD_ARCHITECTURES else None
+            values, indices = threshold_encode(x, self.W_enc, self.b_enc, self.b_dec, threshold)
+        if G < self.d_sae:
+            values = values * (indices < G)
+        return values, indices
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x_hat [B, d_in] = sum of values * W_dec[indices] + b_dec."""
@@ -125,20 +170,39 @@ class SAE(nn.Module):
         """Reconstruction of x at granularity G: encode once, keep the first G latents, decode."""
         return self.decode(*self.encode(x, G, mode))
 
+    def _like(self, d_sae: int, k, progsae: dict) -> SAE:
+        cfg = SAEConfig(
+            self.cfg.d_in, d_sae, k, dict(self.cfg.metadata), progsae, self.architecture, dict(self.cfg.source)
+        )
+        return SAE(cfg).to(self.W_dec.device)
+
+    def _copy_latents(self, out: SAE, sel) -> SAE:
+        """out's latents are this SAE's latents `sel` (a slice or an index tensor); b_dec is shared."""
+        out.W_enc.copy_(self.W_enc[:, sel])
+        out.b_enc.copy_(self.b_enc[sel])
+        out.W_dec.copy_(self.W_dec[sel])
+        out.b_dec.copy_(self.b_dec)
+        if self.architecture in THRESHOLD_ARCHITECTURES:
+            out.threshold.copy_(self.threshold[sel])
+        out.latent_data = {n: t[sel.cpu() if torch.is_tensor(sel) else sel].clone() for n, t in self.latent_data.items()}
+        return out
+
     @torch.no_grad()
     def truncate(self, G: int, k: int | None = None) -> SAE:
-        """A standalone SAE of the first G latents; k defaults to the rescaled max(1, round(k G / N))."""
+        """A standalone SAE of the first G latents.
+
+        TopK: k defaults to the rescaled max(1, round(k G / N)). Threshold architectures keep their
+        thresholds, so the result encodes exactly as the prefix mode at G.
+        """
         self.check_G(G)
-        k = rescaled_k(self.k, G, self.d_sae) if k is None else k
+        if self.architecture == "topk":
+            k = rescaled_k(self.k, G, self.d_sae) if k is None else k
+        elif k is None:
+            k = None if self.k is None else self.k * G / self.d_sae
         progsae = dict(self.cfg.progsae, truncated_from=self.d_sae)
-        if "granularities" in progsae:
+        if progsae.get("granularities"):
             progsae["granularities"] = [m for m in progsae["granularities"] if m < G] + [G]
-        small = SAE(SAEConfig(self.cfg.d_in, G, k, dict(self.cfg.metadata), progsae)).to(self.W_dec.device)
-        small.W_enc.copy_(self.W_enc[:, :G])
-        small.b_enc.copy_(self.b_enc[:G])
-        small.W_dec.copy_(self.W_dec[:G])
-        small.b_dec.copy_(self.b_dec)
-        return small
+        return self._copy_latents(self._like(G, k, progsae), slice(0, G))
 
     @torch.no_grad()
     def permute(self, order: torch.Tensor, metric: str = "custom") -> SAE:
@@ -153,67 +217,20 @@ class SAE(nn.Module):
         earlier = self.cfg.progsae.get("permutation", {}).get("order")
         total = order if earlier is None else torch.tensor(earlier)[order]
         progsae = dict(self.cfg.progsae, permutation={"metric": metric, "order": total.tolist()})
-        out = SAE(SAEConfig(self.cfg.d_in, self.d_sae, self.k, dict(self.cfg.metadata), progsae)).to(self.W_dec.device)
-        order = order.to(self.W_dec.device)
-        out.W_enc.copy_(self.W_enc[:, order])
-        out.b_enc.copy_(self.b_enc[order])
-        out.W_dec.copy_(self.W_dec[order])
-        out.b_dec.copy_(self.b_dec)
-        return out
+        return self._copy_latents(self._like(self.d_sae, self.k, progsae), order.to(self.W_dec.device))
 
-    # -- files: SAELens layout ------------------------------------------------------------------------
+    # -- files ---------------------------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
-        """Write `path/sae_weights.safetensors` (float32), then `path/cfg.json`, each atomically.
+    def save(self, path: str | Path, format: str = "saelens") -> Path:
+        """Write the SAE in `format` (saelens or sparsify; see progsae.formats), atomically."""
+        from .formats import save
 
-        Other files in `path` (a training run's checkpoint/, history.json) are left alone.
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_tensors(path / "sae_weights.safetensors", {n: p.float() for n, p in self.named_parameters()})
-        save_json(path / "cfg.json", self.cfg_json())
-        return path
-
-    def cfg_json(self) -> dict:
-        c = asdict(self.cfg)
-        return {
-            "architecture": "topk",
-            "d_in": c["d_in"],
-            "d_sae": c["d_sae"],
-            "k": c["k"],
-            "dtype": "float32",
-            "device": "cpu",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
-            # SAELens 6 keeps metadata only when it names a 6.x version; else it silently drops it
-            "metadata": {"sae_lens_version": "6.0.0", **c["metadata"], "progsae": c["progsae"]},
-        }
+        return save(self, path, format)
 
     @classmethod
     def load(cls, path: str | Path) -> SAE:
-        path = Path(path)
-        if not path.is_dir():
-            raise ProgsaeError(f"{path}: no SAE directory here; pass a directory written by `progsae train`")
-        cfg = load_json(path / "cfg.json")
-        arch = cfg.get("architecture", "topk")
-        if arch != "topk":
-            raise ProgsaeError(f"{path}/cfg.json: architecture {arch!r} is not supported; progsae loads TopK SAEs")
-        try:
-            metadata = dict(cfg.get("metadata", {}))
-            progsae = metadata.pop("progsae", {})
-            metadata.pop("sae_lens_version", None)
-            sae = cls(SAEConfig(cfg["d_in"], cfg["d_sae"], cfg["k"], metadata, progsae))
-        except KeyError as e:
-            raise ProgsaeError(f"{path}/cfg.json: missing field {e}; it needs d_in, d_sae and k") from None
-        weights = load_tensors(path / "sae_weights.safetensors")
-        with torch.no_grad():
-            for name, p in sae.named_parameters():
-                if name not in weights:
-                    raise ProgsaeError(f"{path}/sae_weights.safetensors: tensor {name} is missing; re-save the SAE")
-                if weights[name].shape != p.shape:
-                    raise ProgsaeError(
-                        f"{path}/sae_weights.safetensors: {name} has shape {tuple(weights[name].shape)}, "
-                        f"cfg.json implies {tuple(p.shape)}; the two files do not belong together"
-                    )
-                p.copy_(weights[name])
-        return sae
+        """Any SAE progsae reads (progsae, SAELens, sparsify, dictionary_learning, Gemma Scope), detected from
+        the files; weights in float32, every flag that changes the computation folded in or refused."""
+        from .formats import load
+
+        return load(path)
