@@ -6,6 +6,7 @@ Every user error is one line `progsae: error: ...` on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -142,12 +143,94 @@ def cmd_stats(a) -> None:
 
 def cmd_permute(a) -> None:
     from .analysis import load_stats, sort_by_importance
+    from .files import fresh_dir, replace_dir
+    from .formats import save
     from .sae import SAE
 
     sae = SAE.load(a.sae)
     out = sort_by_importance(sae, load_stats(a.stats), a.by)
-    out.save(a.out)
-    print(f"SAE with latents sorted by {a.by} (descending) written to {a.out}")
+    final = Path(a.out)
+    tmp = fresh_dir(final.with_name(final.name + ".tmp"))
+    save(out, tmp, a.format)
+    replace_dir(tmp, final)
+    fmt = a.format or sae.cfg.source.get("format", "saelens")
+    wrote = fmt if fmt in ("saelens", "sparsify") else f"saelens (the {fmt} source has no writer: SAELens layout)"
+    print(f"SAE with latents sorted by {a.by} (descending) written to {a.out} in {wrote} format")
+
+
+def inspect_sae(path: str, stats_path: str | None = None) -> dict:
+    """What `progsae inspect` prints, as a dict."""
+    import torch
+
+    from .analysis import load_stats
+    from .analysis.rsa import spearman
+    from .sae import SAE
+
+    sae = SAE.load(path)
+    src, p = sae.cfg.source, sae.cfg.progsae
+    info = {
+        "path": str(path),
+        "format": src.get("format", "saelens"),
+        "folded": src.get("folded", []),
+        "architecture": sae.architecture,
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "model_name": sae.cfg.metadata.get("model_name"),
+        "hook_name": sae.cfg.metadata.get("hook_name"),
+        "granularities": p.get("granularities"),
+        "permutation": (p.get("permutation") or {}).get("metric"),
+    }
+    if hasattr(sae, "threshold"):
+        t = sae.threshold.detach().double()
+        info["threshold"] = {"min": float(t.min()), "median": float(t.median()), "max": float(t.max())}
+    if stats_path:
+        stats = load_stats(stats_path)
+        if stats["e_z2"].shape != (sae.d_sae,):
+            raise ProgsaeError(
+                f"{stats_path} covers {stats['e_z2'].shape[0]} latents but the SAE has {sae.d_sae}; "
+                "compute them with `progsae stats` on this SAE"
+            )
+        index = torch.arange(sae.d_sae, dtype=torch.float64)
+        info["order"] = {
+            m: {
+                "spearman_index": spearman(index, stats[m].double()),
+                "sorted": bool((stats[m][1:] <= stats[m][:-1]).all()),
+            }
+            for m in ("e_z2", "freq")
+        }
+    return info
+
+
+def cmd_inspect(a) -> None:
+    info = inspect_sae(a.sae, a.stats)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return
+    arch = info["architecture"]
+    if arch == "topk":
+        arch += f" (k = {info['k']})"
+    if "threshold" in info:
+        t = info["threshold"]
+        arch += f", threshold {t['min']:.4g}" + ("" if t["min"] == t["max"] else f" .. {t['max']:.4g} (median {t['median']:.4g})")
+        if arch.startswith("batchtopk") and info["k"] is not None:
+            arch += f", trained for mean L0 {info['k']:g}"
+    rows = [
+        ("format", info["format"] + (f" (folded into the weights: {', '.join(info['folded'])})" if info["folded"] else "")),
+        ("architecture", arch),
+        ("d_in x d_sae", f"{info['d_in']} x {info['d_sae']}"),
+        ("model", info["model_name"] or "unknown"),
+        ("hook", info["hook_name"] or "unknown"),
+        ("granularities", ", ".join(map(str, info["granularities"])) if info["granularities"] else "none (not Matryoshka)"),
+        ("permutation", f"sorted by {info['permutation']}" if info["permutation"] else "none recorded"),
+    ]
+    for m, o in (info.get("order") or {}).items():
+        verdict = "in importance order" if o["sorted"] else "not in importance order (progsae permute sorts it)"
+        rows.append((f"order by {m}", f"Spearman(index, {m}) = {o['spearman_index']:+.3f}: {verdict}"))
+    width = max(len(k) for k, _ in rows)
+    print(f"{a.sae}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
 
 
 def cmd_powerlaw(a) -> None:
@@ -187,15 +270,21 @@ def cmd_eval(a) -> None:
     results = {"sae": str(a.sae), "acts": str(a.acts), **evaluate(sae, acts, Gs, a.tokens, a.rsa_tokens, lm)}
     save_json(a.out, results)
     head = "  recaptured prefix/rescaled" if lm else ""
+
+    def num(v, spec: str) -> str:  # rescaled values are None for SAEs without a rescaled mode
+        return "—" if v is None else format(v, spec)
+
     print(f"{'G':>8} {'FVU prefix':>11} {'FVU rescaled':>13} {'L0':>7} {'dead':>6} {'RSA':>6}{head}")
     for row in results["table"]:
         line = (
-            f"{row['G']:>8} {row['fvu_prefix']:>11.4f} {row['fvu_rescaled']:>13.4f} {row['l0']:>7.1f} "
+            f"{row['G']:>8} {row['fvu_prefix']:>11.4f} {num(row['fvu_rescaled'], '>13.4f'):>13} {row['l0']:>7.1f} "
             f"{row['dead_frac']:>6.3f} {row['rsa_prefix']['cosine']['spearman']:>6.3f}"
         )
         if lm:
-            line += f"  {row['recaptured_prefix']:>10.3f} / {row['recaptured_rescaled']:.3f}"
+            line += f"  {row['recaptured_prefix']:>10.3f} / {num(row['recaptured_rescaled'], '.3f')}"
         print(line)
+    if "rescaled" not in sae.modes:
+        print(f"rescaled mode: none for a {sae.architecture} SAE (its first G latents are the prefix mode)")
     if lm:
         r = results["lm"]
         print(
@@ -239,6 +328,12 @@ def _check_d_in(sae, acts) -> None:
             f"the SAE expects d_in={sae.cfg.d_in} but {acts.path} holds d_in={acts.d_in}; "
             "use activations from the layer the SAE was trained on"
         )
+
+
+SAE_HELP = (
+    "SAE: a directory of progsae, SAELens, sparsify (or a sparsify run directory with one hookpoint) or "
+    "dictionary_learning (trainer_i/), a Gemma Scope params.npz, or a hub id owner/repo[/folder] (network)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -331,18 +426,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("stats", help="importance statistics of every latent (E[z^2], frequency, E[z], max)")
-    s.add_argument("sae", help="SAE directory")
+    s.add_argument("sae", help=SAE_HELP)
     s.add_argument("acts", help="activation directory")
     s.add_argument("--out", required=True, help="statistics file (.safetensors)")
     s.add_argument("--tokens", type=int, help="use at most this many tokens (default all)")
     s.set_defaults(fn=cmd_stats)
 
     s = sub.add_parser("permute", help="reorder an SAE's latents by decreasing importance (no retraining)")
-    s.add_argument("sae", help="SAE directory")
+    s.add_argument("sae", help=SAE_HELP)
     s.add_argument("--stats", required=True, help="statistics file from `progsae stats`")
     s.add_argument("--by", default="e_z2", choices=METRICS, help="importance metric (default e_z2)")
     s.add_argument("--out", required=True, help="SAE directory to write")
+    s.add_argument(
+        "--format",
+        choices=["saelens", "sparsify"],
+        help="layout to write (default: the one read; dictionary_learning and Gemma Scope sources as saelens)",
+    )
     s.set_defaults(fn=cmd_permute)
+
+    s = sub.add_parser("inspect", help="what an SAE file is: format, architecture, sizes, hook, order")
+    s.add_argument("sae", help=SAE_HELP)
+    s.add_argument("--stats", help="statistics file: also tell whether the latents are in importance order")
+    s.add_argument("--json", action="store_true", help="print the facts as JSON")
+    s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("powerlaw", help="fit power laws of importance against rank")
     s.add_argument("stats", help="statistics file from `progsae stats`")
@@ -358,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_powerlaw)
 
     s = sub.add_parser("eval", help="FVU, L0 and dead fraction at every granularity, both truncation modes")
-    s.add_argument("sae", help="SAE directory")
+    s.add_argument("sae", help=SAE_HELP)
     s.add_argument("acts", help="activation directory")
     s.add_argument("--out", required=True, help="results JSON")
     s.add_argument("--G", type=_ints, help="granularities to table (default powers of two up to N)")

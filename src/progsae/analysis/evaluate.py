@@ -33,7 +33,8 @@ def evaluate(
     for G in Gs:
         sae.check_G(G)
     n = min(max_tokens or acts.n_tokens, acts.n_tokens)
-    acc = ProgressiveEval(sae, Gs)
+    modes = sae.modes  # threshold architectures have no rescaled mode: its fields stay None
+    acc = ProgressiveEval(sae, Gs if "rescaled" in modes else ())
     for x in tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="eval", unit="batch", disable=not progress):
         acc.update(x)
     r = acc.result()
@@ -42,21 +43,25 @@ def evaluate(
     with torch.no_grad():
         for row in table:
             for mode in MODES:
-                row[f"rsa_{mode}"] = rsa(sample, sae(sample, row["G"], mode))
+                row[f"rsa_{mode}"] = rsa(sample, sae(sample, row["G"], mode)) if mode in modes else None
     out = {
         "n_tokens": r.n_tokens,
         "d_sae": sae.d_sae,
         "k": sae.k,
+        "architecture": sae.architecture,
         "rsa_tokens": sample.shape[0],
         "table": table,
         "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
     }
     if lm is not None:
         model, layer, contexts = lm
-        res = recaptured_loss(model, layer, {"sae": sae}, contexts, Gs, progress=progress)
+        res = recaptured_loss(model, layer, {"sae": sae}, contexts, Gs, modes, progress=progress)
         out["lm"] = {k: v for k, v in res.items() if k != "saes"}
         for row in table:
             for mode in MODES:
+                if mode not in modes:
+                    row[f"recaptured_{mode}"] = row[f"kl_{mode}"] = row[f"ce_{mode}"] = None
+                    continue
                 hit = next(x for x in res["saes"]["sae"][mode] if x["G"] == row["G"])
                 row[f"recaptured_{mode}"], row[f"kl_{mode}"], row[f"ce_{mode}"] = (
                     hit["recaptured"],
