@@ -7,6 +7,7 @@ import sys
 from html.parser import HTMLParser
 
 import pytest
+import torch
 
 from lm_fixtures import TEXT, tiny_lm
 from progsae.cli import main
@@ -179,3 +180,75 @@ def test_paper_preset_without_the_model_fails_with_one_clear_line(tmp_path):
     # no GPU here: it stops at the device; on a GPU machine without the model, at the model
     assert re.match(r"progsae: error: (device 'cuda'|could not load model 'google/gemma-2-2b')", r.stderr.strip())
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def write_sparsify_run(root, layer: int, d: int = 32, n: int = 48, k: int = 6, seed: int = 0):
+    """A sparsify training run directory with one hookpoint, as sparsify lays it out (written by hand)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    r = np.random.default_rng(seed)
+    hook = root / f"layers.{layer}"
+    hook.mkdir(parents=True)
+    W = r.normal(size=(n, d)).astype(np.float32)
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    t = {"encoder.weight": W.copy(), "encoder.bias": np.zeros(n, np.float32), "W_dec": W, "b_dec": np.zeros(d, np.float32)}
+    save_file(t, str(hook / "sae.safetensors"))
+    cfg = {"activation": "topk", "expansion_factor": 0, "normalize_decoder": True, "num_latents": n, "k": k,
+           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d}  # fmt: skip
+    (hook / "cfg.json").write_text(json.dumps(cfg))
+    (root / "config.json").write_text(json.dumps({"model": "tiny", "batch_size": 8}))
+    return root
+
+
+def test_run_studies_pretrained_saes_beside_and_instead_of_its_own(run, tmp_path, capsys):
+    import numpy as np
+
+    from progsae import SAE
+
+    sp = write_sparsify_run(tmp_path / "sparsify-run", layer=1)
+    out = tmp_path / "out"
+    shutil.copytree(run / "out", out)  # the finished run: only the new SAE's stages run
+    extra = f'saes: ["mine={sp}"]'
+    (tmp_path / "cfg.yaml").write_text((run / "cfg.yaml").read_text() + "\n" + extra)
+    assert main(["run", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 0
+    stages = re.findall(r"^\[([^\]]+)\] (.*)$", capsys.readouterr().out, re.M)
+    ran = [s for s, msg in stages if not msg.startswith("done already")]
+    assert ran == ["import mine", "permute mine", "evaluate mine", "evaluate mine-by-e_z2", "evaluate mine-by-freq"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["pretrained"]["mine"]["format"] == "sparsify" and res["saes"]["mine"]["role"] == "pretrained"
+    assert [r["G"] for r in res["saes"]["mine"]["table"]] == [3, 6, 12, 24, 48]  # its own N/16..N
+    assert "mine" in res["power_laws"] and len(res["findings"]) == 5
+    # the imported copy computes exactly what the sparsify file does; permuting leaves G = N unchanged
+    x = torch.randn(50, 32)
+    torch.testing.assert_close(SAE.load(out / "saes" / "mine")(x), SAE.load(sp)(x), rtol=0, atol=0)
+    a, b = res["saes"]["mine"]["table"][-1], res["saes"]["mine-by-e_z2"]["table"][-1]
+    assert a["fvu_prefix"] == pytest.approx(b["fvu_prefix"], rel=1e-5)
+    # the sorted copy's order is the statistics' descending E[z^2] order (numpy's stable argsort)
+    from progsae.analysis import load_stats
+
+    e_z2 = load_stats(out / "stats" / "mine.safetensors")["e_z2"].numpy()
+    order = SAE.load(out / "saes" / "mine-by-e_z2").cfg.progsae["permutation"]["order"]
+    assert order == np.argsort(-e_z2, kind="stable").tolist() and (e_z2 > 0).sum() > 10
+    page = (out / "report.html").read_text()
+    assert "Pretrained SAEs" in page and f"sparsify: {sp}" in page and (out / "figures" / "pretrained_mine.png").is_file()
+
+    # instead of its own: train false studies only the given SAE (the activations are reused)
+    only = tmp_path / "only"
+    only.mkdir()
+    for name in ("acts", "acts-test"):
+        shutil.copytree(run / "out" / name, only / name)
+    (tmp_path / "only.yaml").write_text((run / "cfg.yaml").read_text() + f"\n{extra}\ntrain: false")
+    assert main(["run", "--config", str(tmp_path / "only.yaml"), "--out", str(only)]) == 0
+    res = json.loads((only / "results.json").read_text())
+    assert set(res["saes"]) == {"mine", "mine-by-e_z2", "mine-by-freq"} and res["findings"] == []
+    assert "train: false" in (only / "report.html").read_text()
+
+
+def test_a_pretrained_sae_of_another_hook_is_refused_before_anything_is_written(run, tmp_path, capsys):
+    sp = write_sparsify_run(tmp_path / "sp", layer=2)
+    (tmp_path / "cfg.yaml").write_text((run / "cfg.yaml").read_text() + f'\nsaes: ["{sp}"]')
+    assert main(["run", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "reads blocks.2.hook_resid_post but this run extracts blocks.1" in err
+    assert not (tmp_path / "out").exists()

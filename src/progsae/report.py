@@ -61,6 +61,8 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
     figs = {}
     N = res["config"]["d_sae"]
     curves = [f"topk-{N}", f"topk-{N}-by-e_z2", f"topk-{N}-by-freq", "matryoshka", "matryoshka-sampled"]
+    curves = [n for n in curves + [f"topk-{N // 2}", f"topk-{N // 4}"] if n in res["saes"]]
+    curves += [n for n, s in res["saes"].items() if s.get("role") == "pretrained" and n not in curves]
     for key, label in (
         ("fvu", "FVU (lower is better)"),
         ("recaptured", "recaptured LM loss"),
@@ -68,7 +70,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
     ):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
         for ax, mode in zip(axes, MODES, strict=True):
-            for n in curves + [f"topk-{N // 2}", f"topk-{N // 4}"]:
+            for n in curves:
                 rows = res["saes"][n]["table"]
                 pts = [(r["G"], _metric(r, key, mode)) for r in rows if _metric(r, key, mode) is not None]
                 if not pts:
@@ -101,17 +103,41 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
     fig.tight_layout()
     figs["powerlaw"] = _save(fig, out / "power_laws.png")
 
-    fs = res["feature_splitting"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    x = np.arange(len(fs))
-    ax.bar(x - 0.2, [f["fvu_truncated"] for f in fs], 0.4, label=f"topk-{N} by E[z²], truncated")
-    ax.bar(x + 0.2, [f["fvu_native"] for f in fs], 0.4, label="native SAE of size G")
-    ax.set_xticks(x, [f"G={f['G']}" for f in fs])
-    ax.set_ylabel("FVU (rescaled mode)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    figs["splitting"] = _save(fig, out / "feature_splitting.png")
+    for p in res.get("pretrained", {}):  # each pretrained SAE: as given, and permuted two ways
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for n, style in ((p, "-"), (f"{p}-by-e_z2", "-"), (f"{p}-by-freq", "--")):
+            curve = res["_curves"][n]
+            axes[0].loglog(np.arange(1, len(curve) + 1), curve, style, label=n, color=colour[n], lw=1.3)
+            rows = res["saes"][n]["table"]
+            pts = [(r["G"], r["recaptured_prefix"]) for r in rows if r.get("recaptured_prefix") is not None]
+            if pts:
+                axes[1].plot(*zip(*pts, strict=True), "o" + style, label=n, color=colour[n], ms=4)
+        axes[0].set_xlabel("granularity G (every G, one pass)")
+        axes[0].set_ylabel("FVU, prefix truncation")
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xlabel("granularity G")
+        axes[1].set_ylabel("recaptured LM loss, prefix")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"pretrained SAE {p}", fontsize=10)
+        fig.tight_layout()
+        figs[f"pretrained:{p}"] = _save(fig, out / f"pretrained_{p}.png")
 
+    fs = res["feature_splitting"]
+    if fs:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        x = np.arange(len(fs))
+        ax.bar(x - 0.2, [f["fvu_truncated"] for f in fs], 0.4, label=f"topk-{N} by E[z²], truncated")
+        ax.bar(x + 0.2, [f["fvu_native"] for f in fs], 0.4, label="native SAE of size G")
+        ax.set_xticks(x, [f"G={f['G']}" for f in fs])
+        ax.set_ylabel("FVU (rescaled mode)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figs["splitting"] = _save(fig, out / "feature_splitting.png")
+
+    if not res["_history"]:
+        return figs
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for n in sorted(res["_history"]):
         h = res["_history"][n]
@@ -180,6 +206,11 @@ def write_report(run_dir: str | Path) -> Path:
         for n in res["power_laws"]
         if (run_dir / "saes" / n / "history.json").is_file()
     }
+    res["_curves"] = {
+        n: load_json(run_dir / "eval" / f"{n}.json")["curve"]["fvu_prefix"]
+        for p in res.get("pretrained", {})
+        for n in (p, f"{p}-by-e_z2", f"{p}-by-freq")
+    }
     rows = table_rows(res)
     write_csv(run_dir / "tables" / "results.csv", rows)
     pl_rows = [
@@ -188,9 +219,11 @@ def write_report(run_dir: str | Path) -> Path:
         for m, f in fits.items()
     ]
     write_csv(run_dir / "tables" / "power_laws.csv", pl_rows)
-    write_csv(run_dir / "tables" / "feature_splitting.csv", res["feature_splitting"])
+    if res["feature_splitting"]:
+        write_csv(run_dir / "tables" / "feature_splitting.csv", res["feature_splitting"])
     sc_rows = [{"sae": n, **v} for n, v in res["scaling"].items()]
-    write_csv(run_dir / "tables" / "scaling.csv", sc_rows)
+    if sc_rows:
+        write_csv(run_dir / "tables" / "scaling.csv", sc_rows)
     figs = figures(res, run_dir)
 
     c, src = res["config"], res["source"]
@@ -201,11 +234,14 @@ def write_report(run_dir: str | Path) -> Path:
         f"corpus <code>{html.escape(c['corpus'])}</code> (contexts of {c['ctx_len']} tokens). "
         f"{c['train_tokens']:,} training activations, {c['test_tokens']:,} held-out; each SAE trained on {c['sae_tokens']:,} tokens. "
         f"N = {c['d_sae']}, k = {c['k']} (native smaller SAEs: k·G/N). Run time {res.get('seconds', 0) / 60:.1f} minutes.</p>",
+        *_pretrained_section(res, figs),
         "<h2>The paper's findings beside ours</h2>",
         _table(
             [{"paper": f["paper"], "ours": f["ours"], "verdict": f["verdict"]} for f in res["findings"]],
             ["paper", "ours", "verdict"],
-        ),
+        )
+        if res["findings"]
+        else "<p>No SAEs were trained in this run (train: false), so the paper's comparisons are not made.</p>",
         "<h2>Results at each granularity (held-out activations)</h2>",
         "<p>FVU: fraction of variance unexplained. Recaptured: (CE<sub>zero</sub> − CE<sub>SAE</sub>) / (CE<sub>zero</sub> − CE<sub>clean</sub>)"
         + (
@@ -240,14 +276,19 @@ def write_report(run_dir: str | Path) -> Path:
         "<h2>Power laws of latent importance</h2>",
         _table(pl_rows, ["sae", "metric", "exponent", "r2", "lo", "hi"]),
         _img(figs["powerlaw"], "Importance against rank (log-log) with least-squares fits"),
-        "<h2>Feature splitting</h2>",
-        _table(res["feature_splitting"], list(res["feature_splitting"][0])),
-        _img(figs["splitting"], "Truncated large SAE against native SAE of the same size"),
+        *(
+            [
+                "<h2>Feature splitting</h2>",
+                _table(res["feature_splitting"], list(res["feature_splitting"][0])),
+                _img(figs["splitting"], "Truncated large SAE against native SAE of the same size"),
+            ]
+            if res["feature_splitting"]
+            else []
+        ),
         "<h2>Scaling of FVU with G</h2><p>FVU(G) ≈ a·G<sup>−b</sup> + c, fitted to the one-pass prefix curve for G ≥ 16. "
         "A low R² means the curve is not a power law: a fixed-granularity Matryoshka curve steps at its granularities.</p>",
         _table(sc_rows, ["sae", "a", "b", "c", "r2"]),
-        "<h2>Training</h2>",
-        _img(figs["training"], "Training FVU against tokens"),
+        *(["<h2>Training</h2>", _img(figs["training"], "Training FVU against tokens")] if "training" in figs else []),
         "<h2>Configuration</h2>",
         f"<p>Granularities evaluated: {', '.join(map(str, res['grid']))}.</p>",
         f"<pre>{html.escape(_json(c))}</pre>",
@@ -275,6 +316,38 @@ _SELF_CHECK = (
     "<script>window.addEventListener('load',()=>{const i=[...document.images];"
     "document.body.dataset.images=i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length;});</script>"
 )
+
+
+def _pretrained_section(res: dict, figs: dict) -> list[str]:
+    """Each pretrained SAE: where it came from, what was folded, and its progressive curves."""
+    if not res.get("pretrained"):
+        return []
+    parts = [
+        "<h2>Pretrained SAEs</h2><p>Each SAE as given, and the same SAE with its latents sorted by E[z²] and by "
+        "firing frequency (no retraining; identical at G = N). Threshold architectures (JumpReLU, BatchTopK, ReLU) "
+        "have only the prefix truncation: their latents fire independently, so the first G latents are a G-latent "
+        "SAE. Left: FVU at every G from one pass; right: recaptured LM loss.</p>"
+    ]
+    rows = []
+    for n, p in res["pretrained"].items():
+        table = {r["G"]: r for r in res["saes"][n]["table"]}
+        sorted_table = {r["G"]: r for r in res["saes"][f"{n}-by-e_z2"]["table"]}
+        half = sorted(table)[-2] if len(table) > 1 else max(table)
+        rows.append(
+            {
+                "sae": n,
+                "source": f"{p.get('format')}: {p.get('path')}",
+                "architecture": p["architecture"],
+                "d_sae": p["d_sae"],
+                "folded into the weights": ", ".join(p.get("folded") or []) or "nothing",
+                "FVU at G=N/2, as given": table[half]["fvu_prefix"],
+                "FVU at G=N/2, by E[z²]": sorted_table[half]["fvu_prefix"],
+                "FVU at G=N": table[max(table)]["fvu_prefix"],
+            }
+        )
+    parts.append(_table(rows, list(rows[0])))
+    parts += [_img(figs[f"pretrained:{n}"], f"pretrained SAE {n}: as given and permuted") for n in res["pretrained"]]
+    return parts
 
 
 def _json(obj) -> str:

@@ -9,11 +9,17 @@ Stages (each saves its output under RUN_DIR; a rerun skips finished stages, `for
                                                    dead fraction, RSA, recaptured LM loss and KL
     analyse   results.json                         power laws, feature splitting, scaling fits
 then report.py writes tables/, figures/ and report.html.
+
+Pretrained SAEs (`saes`: paths or hub ids in any format progsae reads, `NAME=PATH` to name one) join
+beside the trained ones, or instead of them with `train: false`: checked against the run's hook and
+d_in before anything is written, copied as saes/NAME (SAELens layout, exact), then permuted by E[z²]
+and by frequency and evaluated at their own granularities like the vanilla SAEs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -28,7 +34,8 @@ from .analysis.lm_eval import directory_contexts
 from .data import ActivationDir
 from .data.extract import ExtractConfig, extract
 from .data.lm import load_lm
-from .files import ProgsaeError, load_json, save_json
+from .files import ProgsaeError, fresh_dir, load_json, replace_dir, save_json
+from .formats import load as load_sae
 from .sae import SAE, check_device, rescaled_k
 from .train import TrainConfig, Trainer
 
@@ -53,6 +60,8 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"  # "cuda" puts the model, SAE training and evaluation on the GPU
     minutes_estimate: float | None = None  # printed up front
+    saes: list[str] = field(default_factory=list)  # pretrained SAEs: PATH or NAME=PATH (any format progsae reads)
+    train: bool = True  # train the study's own SAEs; false: study only the pretrained `saes`
 
     def validate(self) -> RunConfig:
         for f in (
@@ -73,6 +82,11 @@ class RunConfig:
             )
         if any(not 1 <= g <= self.d_sae for g in self.grid):
             raise ProgsaeError(f"run config: every G in grid must be in 1..{self.d_sae}, got {self.grid}")
+        if not isinstance(self.saes, list) or not all(isinstance(p, str) and p for p in self.saes):
+            raise ProgsaeError(f"run config: saes must be a list of SAE paths (PATH or NAME=PATH), got {self.saes!r}")
+        if not self.train and not self.saes:
+            raise ProgsaeError("run config: train is false and no saes are given; there is nothing to study")
+        pretrained_names(self)  # names must be unique and not clash with the trained SAEs
         return self
 
     @property
@@ -111,8 +125,34 @@ PRESETS = {
 }
 
 
+def pretrained_names(cfg: RunConfig) -> dict[str, str]:
+    """The run's pretrained SAEs: name -> path (NAME=PATH, else the path's last parts made a name)."""
+    out: dict[str, str] = {}
+    for entry in cfg.saes:
+        name, sep, path = entry.partition("=")
+        if not sep:
+            path = entry
+            parts = [p for p in re.split(r"[/\\]", entry.removesuffix("/params.npz")) if p not in ("", ".", "..")]
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts[-2:])).strip("-.") or "sae"
+            base, i = name, 2
+            while name in out:
+                name, i = f"{base}-{i}", i + 1
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise ProgsaeError(f"run config: SAE name {name!r} in saes: use letters, digits, '_', '.', '-' (NAME=PATH)")
+        if name in out or name in trained_names(cfg) or re.search(r"-by-(e_z2|freq)$", name):
+            raise ProgsaeError(f"run config: SAE name {name!r} is used twice or clashes with the run's own; use NAME=PATH")
+        out[name] = path
+    return out
+
+
 def sae_names(cfg: RunConfig) -> dict[str, str]:
-    """The SAEs of a run: name -> role."""
+    """The SAEs of a run: name -> role (vanilla and matryoshka are trained; pretrained are given)."""
+    return {**trained_names(cfg), **dict.fromkeys(pretrained_names(cfg), "pretrained")}
+
+
+def trained_names(cfg: RunConfig) -> dict[str, str]:
+    if not cfg.train:
+        return {}
     N = cfg.d_sae
     return {
         f"topk-{N}": "vanilla",
@@ -131,7 +171,8 @@ class Run:
         if saved.is_file() and not force:
             old = load_json(saved)
             defaults = json.loads(json.dumps(asdict(RunConfig())))  # fields added since: their defaults
-            diff = sorted(k for k in resolved if k != "minutes_estimate" and old.get(k, defaults[k]) != resolved[k])
+            additive = ("minutes_estimate", "saes", "train")  # SAEs added or dropped: their own stages only
+            diff = sorted(k for k in resolved if k not in additive and old.get(k, defaults[k]) != resolved[k])
             if diff:
                 raise ProgsaeError(
                     f"{self.out} holds a run with other settings ({', '.join(diff)}); "
@@ -170,9 +211,10 @@ class Run:
         est = f", about {c.minutes_estimate:.0f} minutes on 2 CPU cores" if c.minutes_estimate else ""
         self.say(
             f"progsae run: {c.model} layer {c.layer}, {c.train_tokens:,} training activations, "
-            f"N = {c.d_sae}, k = {c.k}, {len(sae_names(c)) + 6} SAEs -> {self.out}{est}"
+            f"N = {c.d_sae}, k = {c.k}, {len(self.all_saes())} SAEs -> {self.out}{est}"
         )
         check_device(c.device)
+        pretrained = self._check_pretrained()  # before anything is written
         save_json(self.out / "config.json", self.resolved)
         for split, tokens, name in (("train", c.train_tokens, "acts"), ("test", c.test_tokens, "acts-test")):
             self.stage(
@@ -180,10 +222,13 @@ class Run:
                 self.out / name / "manifest.json",
                 lambda s=split, t=tokens, n=name: self._extract(s, t, n),
             )
-        for name in sae_names(c):
-            self.stage(f"train {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._train(n))
         for name, role in sae_names(c).items():
-            if role == "vanilla":
+            if role == "pretrained":
+                self.stage(f"import {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._import(n, pretrained))
+            else:
+                self.stage(f"train {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._train(n))
+        for name, role in sae_names(c).items():
+            if role in ("vanilla", "pretrained"):
                 self.stage(
                     f"permute {name}",
                     self.out / "saes" / f"{name}-by-freq" / "cfg.json",
@@ -203,8 +248,46 @@ class Run:
     def all_saes(self) -> list[str]:
         names = list(sae_names(self.cfg))
         return names + [
-            f"{n}-by-{m}" for n, r in sae_names(self.cfg).items() if r == "vanilla" for m in ("e_z2", "freq")
+            f"{n}-by-{m}"
+            for n, r in sae_names(self.cfg).items()
+            if r in ("vanilla", "pretrained")
+            for m in ("e_z2", "freq")
         ]
+
+    def _check_pretrained(self) -> dict[str, SAE]:
+        """Load every pretrained SAE and check it reads this run's hook: d_in, and the hook name where it says."""
+        c = self.cfg
+        saes = {}
+        for name, path in pretrained_names(c).items():
+            sae = load_sae(path)
+            hook = f"blocks.{c.layer}.hook_resid_post"
+            theirs = sae.cfg.metadata.get("hook_name")
+            if theirs and theirs != hook:
+                raise ProgsaeError(
+                    f"SAE {name} ({path}) reads {theirs} but this run extracts {hook}; set layer to match, or pass "
+                    "an SAE of this layer"
+                )
+            d_model = self.lm()[0].config.hidden_size
+            if sae.cfg.d_in != d_model:
+                raise ProgsaeError(
+                    f"SAE {name} ({path}) has d_in={sae.cfg.d_in} but {c.model} has width {d_model}; "
+                    "pass an SAE of this model"
+                )
+            saes[name] = sae
+        return saes
+
+    def _import(self, name: str, pretrained: dict[str, SAE]) -> None:
+        """The pretrained SAE, exactly as read (its folds applied), as saes/NAME in SAELens layout."""
+        sae = pretrained[name]
+        src = sae.cfg.source
+        sae.cfg.progsae["pretrained"] = {
+            "path": pretrained_names(self.cfg)[name],
+            "format": src.get("format"),
+            "folded": src.get("folded", []),
+        }
+        tmp = fresh_dir(self.out / "saes" / f"{name}.tmp")
+        sae.save(tmp, "saelens")
+        replace_dir(tmp, self.out / "saes" / name)
 
     def _extract(self, split: str, tokens: int, name: str) -> None:
         c = self.cfg
@@ -258,7 +341,10 @@ class Run:
         sae = SAE.load(self.out / "saes" / name).to(c.device)
         acts = ActivationDir(self.out / "acts-test")
         lm = (self.lm()[0], c.layer, directory_contexts(acts, c.lm_tokens)) if c.lm_tokens else None
-        Gs = [g for g in c.G if g <= sae.d_sae]
+        if sae_names(c).get(name.split("-by-")[0]) == "pretrained":  # their own size: N/16 .. N
+            Gs = sorted({max(1, sae.d_sae // 2**i) for i in range(5)})
+        else:
+            Gs = [g for g in c.G if g <= sae.d_sae]
         out = {"name": name, **evaluate(sae, acts, Gs, None, c.rsa_tokens, lm, self.progress)}
         if (self.out / "saes" / name / "history.json").is_file():
             out["history"] = load_json(self.out / "saes" / name / "history.json")
@@ -279,12 +365,29 @@ class Run:
             "feature_splitting": [],
             "scaling": {},
         }
+        roles = sae_names(c)
         for n, e in evals.items():
-            res["saes"][n] = {"d_sae": e["d_sae"], "k": e["k"], "table": e["table"], "lm": e.get("lm")}
-        for n, role in sae_names(c).items():
+            res["saes"][n] = {
+                "d_sae": e["d_sae"],
+                "k": e["k"],
+                "architecture": e.get("architecture", "topk"),
+                "role": roles.get(n.split("-by-")[0], "vanilla"),
+                "table": e["table"],
+                "lm": e.get("lm"),
+            }
+        res["pretrained"] = {}
+        for n, role in roles.items():
             sae = SAE.load(self.out / "saes" / n)
-            path = self.out / "stats" / f"{n}.safetensors"  # vanilla SAEs have theirs from the permute stage
-            if not path.is_file() or self.force and role != "vanilla":
+            if role == "pretrained":
+                res["pretrained"][n] = {
+                    **sae.cfg.progsae.get("pretrained", {}),
+                    "architecture": sae.architecture,
+                    "d_in": sae.cfg.d_in,
+                    "d_sae": sae.d_sae,
+                    "k": sae.k,
+                }
+            path = self.out / "stats" / f"{n}.safetensors"  # vanilla and pretrained SAEs: from the permute stage
+            if not path.is_file() or self.force and role not in ("vanilla", "pretrained"):
                 save_stats(path, latent_stats(sae, acts.iter_rows(4096, c.stats_tokens)), str(self.out / "saes" / n))
             stats = load_stats(path)
             hi = max(3, sae.d_sae // 2)  # the fit window: the top half of the ranks (the tail is noise-dominated)
@@ -292,6 +395,13 @@ class Run:
                 m: fit_power_law(stats[m].numpy(), 1, hi if m != "dec_cov_eigs" else None).to_dict()
                 for m in ("e_z2", "freq", "dec_cov_eigs")
             }
+        for n in (f"{p}-by-e_z2" for p in res["pretrained"]):
+            curve = evals[n]["curve"]["fvu_prefix"]
+            if len(curve) > 32:
+                res["scaling"][n] = fit_scaling(np.arange(1, len(curve) + 1), np.asarray(curve))
+        if not c.train:
+            res["findings"] = []
+            return res
         big = SAE.load(self.out / "saes" / f"topk-{N}-by-e_z2").requires_grad_(False)
         for G in (N // 4, N // 2):
             native = SAE.load(self.out / "saes" / f"topk-{G}").requires_grad_(False)
