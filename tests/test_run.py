@@ -247,8 +247,7 @@ def test_run_studies_pretrained_saes_beside_and_instead_of_its_own(run, tmp_path
 
 def test_a_pretrained_sae_of_another_hook_is_refused_before_anything_is_written(run, tmp_path, capsys):
     sp = write_sparsify_run(tmp_path / "sp", layer=2)
-    (tmp_path / "cfg.yaml").write_text((run / "cfg.yaml").read_text() + f'\nsaes: ["{sp}"]')
-    assert main(["run", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert main(["run", "--config", str(run / "cfg.yaml"), "--sae", str(sp), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "reads blocks.2.hook_resid_post but this run extracts blocks.1" in err
     assert not (tmp_path / "out").exists()

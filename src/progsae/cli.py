@@ -314,6 +314,8 @@ def cmd_run(a) -> None:
         else:
             overrides = load_json(path)
         base.update(overrides)
+    if a.sae:
+        base["saes"] = list(base.get("saes") or []) + a.sae
     cfg = RunConfig.from_dict(base)
     results = Run(cfg, a.out, force=a.force).run()
     report = write_report(a.out)
@@ -360,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--config", help="JSON or YAML file of run settings overriding the preset (see RunConfig)")
     s.add_argument("--out", required=True, help="run directory: every stage's output, results.json, report.html")
+    s.add_argument(
+        "--sae",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="a pretrained SAE to study beside the trained ones (repeatable; adds to the config's saes). " + SAE_HELP,
+    )
     s.add_argument("--force", action="store_true", help="redo finished stages")
     s.set_defaults(fn=cmd_run)
 
