@@ -508,3 +508,26 @@ def test_a_hub_id_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert len(err.splitlines()) == 1 and "HF_HUB_OFFLINE" in err
     assert main(["permute", str(tmp_path / "nothing"), "--stats", "s", "--out", str(tmp_path / "o")]) == 2
     assert "no SAE directory" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_saelens_inference_form_of_a_matryoshka_batchtopk_is_read_as_batchtopk(tmp_path):
+    """SAELens saves BatchTopK SAEs for inference as jumprelu with one threshold; the training metadata
+    names what it was, and its widths become granularities."""
+    meta = {"sae_lens_version": "6.54.12", "hook_name": "blocks.3.hook_resid_post",
+            "training_architecture": "matryoshka_batchtopk",
+            "training_architecture_details": {"k": 6, "matryoshka_widths": [10, 25, 40]}}  # fmt: skip
+    w = saelens_weights(BASE)
+    w["threshold"] = np.full(N, 0.9, np.float32)
+    write_saelens(tmp_path / "s", saelens_cfg("jumprelu", metadata=meta), w)
+    sae = SAE.load(tmp_path / "s")
+    assert sae.architecture == "batchtopk" and sae.k == 6 and sae.cfg.progsae["granularities"] == [10, 25, 40]
+    assert rel_err(recon(sae), ref_saelens(saelens_cfg("jumprelu"), w, X)) < 1e-5
+
+
+def test_pre6_boolean_normalisation_is_not_ignored(tmp_path):
+    cfg = {"d_in": D, "d_sae": N, "hook_point": "blocks.3.hook_resid_post", "normalize_activations": True}
+    write_saelens(tmp_path / "s", cfg, saelens_weights(BASE))
+    with pytest.raises(ProgsaeError, match="expected_average_only_in"):
+        SAE.load(tmp_path / "s")
+    write_saelens(tmp_path / "t", {**cfg, "normalize_activations": None}, saelens_weights(BASE))
+    assert SAE.load(tmp_path / "t").architecture == "relu"

@@ -21,6 +21,11 @@ from .common import build
 
 
 def read(file: Path) -> SAE:
+    if "embedding" in str(file.resolve()):
+        raise ProgsaeError(
+            f"{file}: a Gemma Scope embedding SAE reads the unscaled token embedding (SAELens rescales it by "
+            "sqrt(d_in)); progsae reads residual-stream SAEs: pass a layer_L SAE"
+        )
     try:
         with np.load(file, allow_pickle=False) as z:
             arrays = {key.lower(): np.asarray(z[key]) for key in z.files}

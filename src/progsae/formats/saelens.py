@@ -46,6 +46,11 @@ def _from_pre6(cfg: dict) -> dict:
         new["architecture"], new["k"] = "topk", new["activation_fn_kwargs"]["k"]
     elif new["architecture"] == "standard" and fn != "relu":
         raise refuse("cfg.json", "activation_fn", fn, "progsae computes relu and topk activations only")
+    norm = new.get("normalize_activations")  # pre-6: a bool or null
+    if norm is None or norm is False:
+        new["normalize_activations"] = "none"
+    elif norm is True:
+        new["normalize_activations"] = "expected_average_only_in"
     new["metadata"] = {k: new[k] for k in META_FROM_PRE6 if k in new}
     return new
 
@@ -114,10 +119,20 @@ def read(path: Path) -> SAE:
         progsae.setdefault("granularities", widths if widths[-1] == W_dec.shape[0] else widths + [W_dec.shape[0]])
         progsae.setdefault("matryoshka", "fixed")
     architecture = ARCH_IN[arch]
-    if arch == "jumprelu" and progsae.get("architecture") == "batchtopk" and threshold.unique().numel() == 1:
-        architecture = "batchtopk"  # written by progsae from a BatchTopK SAE: SAELens' inference form
     k = cfg.get("k") if architecture in ("topk", "batchtopk") else None
-    k = progsae.get("k", k) if architecture == "batchtopk" else k
+    meta_in = cfg.get("metadata") or {}
+    trained_as = meta_in.get("training_architecture")
+    if arch == "jumprelu" and threshold.unique().numel() == 1:
+        # SAELens saves BatchTopK SAEs for inference as jumprelu with one threshold; progsae says so too
+        if progsae.get("architecture") == "batchtopk":
+            architecture, k = "batchtopk", progsae.get("k")
+        elif trained_as in ("batchtopk", "matryoshka_batchtopk"):
+            details = meta_in.get("training_architecture_details") or {}
+            architecture, k = "batchtopk", details.get("k")
+            widths = [int(m) for m in details.get("matryoshka_widths") or []]
+            if trained_as == "matryoshka_batchtopk" and widths:
+                progsae.setdefault("granularities", widths if widths[-1] == W_dec.shape[0] else widths + [W_dec.shape[0]])
+                progsae.setdefault("matryoshka", "fixed")
     if architecture == "topk" and not isinstance(k, int):
         raise ProgsaeError(f"{where}: a topk SAE needs an integer k, got {k!r}")
     metadata = {key: v for key, v in (cfg.get("metadata") or {}).items() if key not in ("progsae", "sae_lens_version")}
