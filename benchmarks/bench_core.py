@@ -94,6 +94,20 @@ def main() -> None:
     print(f"{'one full-size FVU pass (encode + decode)':<52}{one * 1e3:>8.0f}{1:>9.2f}x")
     print(f"{'one-pass FVU curve at every G = 1..N':<52}{curve * 1e3:>8.0f}{curve / one:>9.2f}x")
 
+    # a JumpReLU SAE of the same weights, its one threshold set so that the mean L0 is ~k (pretrained SAEs)
+    jr = SAE(SAEConfig(d, N, None, architecture="jumprelu"))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(jr, name).copy_(getattr(sae, name))
+        pre = (x[:512] - sae.b_dec) @ sae.W_enc + sae.b_enc
+        jr.threshold.fill_(float(pre.flatten().kthvalue(pre.numel() - 512 * k).values))
+        l0 = float((jr.encode(x)[0] > 0).sum(1).float().mean())
+    sae, saved = jr, sae
+    one_jr, curve_jr = timeit(full_fvu_pass, a.repeats), timeit(curve_pass, a.repeats)
+    sae = saved
+    print(f"{f'JumpReLU FVU pass (same weights, mean L0 {l0:.0f})':<52}{one_jr * 1e3:>8.0f}{one_jr / one:>9.2f}x")
+    print(f"{'JumpReLU one-pass FVU curve at every G':<52}{curve_jr * 1e3:>8.0f}{curve_jr / one:>9.2f}x")
+
 
 if __name__ == "__main__":
     main()
