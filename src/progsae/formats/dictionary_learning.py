@@ -82,4 +82,6 @@ def read(path: Path) -> SAE:
             "the BatchTopK threshold was never set in training (-1), so the library's inference keeps every "
             "positive latent; train past threshold_start_step or use another checkpoint",
         )  # fmt: skip
+    if not subtract:
+        source["folded"] = ["no b_dec subtracted from the input"]
     return build(file, arch, W_enc, b_enc, W_dec, b_dec, threshold, k, subtract, meta, progsae, source)

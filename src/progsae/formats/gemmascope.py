@@ -41,5 +41,5 @@ def read(file: Path) -> SAE:
         meta["hook_name"] = f"blocks.{m.group(1)}.hook_resid_post"
     return build(
         file, "jumprelu", t["w_enc"], t["b_enc"], t["w_dec"], t["b_dec"], t["threshold"],
-        subtract_b_dec=False, metadata=meta, source={"format": "gemmascope", "file": str(file)},
+        subtract_b_dec=False, metadata=meta, source={"format": "gemmascope", "file": str(file), "folded": ["no b_dec subtracted from the input"]},
     )  # fmt: skip
