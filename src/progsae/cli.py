@@ -154,8 +154,8 @@ def cmd_permute(a) -> None:
     save(out, tmp, a.format)
     replace_dir(tmp, final)
     fmt = a.format or sae.cfg.source.get("format", "saelens")
-    wrote = fmt if fmt in ("saelens", "sparsify") else f"saelens (the {fmt} source has no writer: SAELens layout)"
-    print(f"SAE with latents sorted by {a.by} (descending) written to {a.out} in {wrote} format")
+    wrote = f"{fmt} format" if fmt in ("saelens", "sparsify") else f"SAELens format (progsae writes no {fmt} files)"
+    print(f"SAE with latents sorted by {a.by} (descending) written to {a.out} in {wrote}")
 
 
 def inspect_sae(path: str, stats_path: str | None = None) -> dict:

@@ -62,7 +62,6 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
     N = res["config"]["d_sae"]
     curves = [f"topk-{N}", f"topk-{N}-by-e_z2", f"topk-{N}-by-freq", "matryoshka", "matryoshka-sampled"]
     curves = [n for n in curves + [f"topk-{N // 2}", f"topk-{N // 4}"] if n in res["saes"]]
-    curves += [n for n, s in res["saes"].items() if s.get("role") == "pretrained" and n not in curves]
     for key, label in (
         ("fvu", "FVU (lower is better)"),
         ("recaptured", "recaptured LM loss"),
@@ -84,7 +83,8 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
             ax.set_title(f"{mode} truncation")
             ax.grid(alpha=0.3)
         axes[0].set_ylabel(label)
-        axes[1].legend(fontsize=7)
+        if curves:
+            axes[1].legend(fontsize=7)
         fig.tight_layout()
         figs[key] = _save(fig, out / f"{key}_vs_G.png")
 
