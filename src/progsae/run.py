@@ -145,6 +145,11 @@ def pretrained_names(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
+def base_name(name: str) -> str:
+    """The SAE a permuted copy (NAME-by-e_z2, NAME-by-freq) was made from."""
+    return name.removesuffix("-by-e_z2").removesuffix("-by-freq")
+
+
 def sae_names(cfg: RunConfig) -> dict[str, str]:
     """The SAEs of a run: name -> role (vanilla and matryoshka are trained; pretrained are given)."""
     return {**trained_names(cfg), **dict.fromkeys(pretrained_names(cfg), "pretrained")}
@@ -341,7 +346,7 @@ class Run:
         sae = SAE.load(self.out / "saes" / name).to(c.device)
         acts = ActivationDir(self.out / "acts-test")
         lm = (self.lm()[0], c.layer, directory_contexts(acts, c.lm_tokens)) if c.lm_tokens else None
-        if sae_names(c).get(name.split("-by-")[0]) == "pretrained":  # their own size: N/16 .. N
+        if sae_names(c).get(base_name(name)) == "pretrained":  # their own size: N/16 .. N
             Gs = sorted({max(1, sae.d_sae // 2**i) for i in range(5)})
         else:
             Gs = [g for g in c.G if g <= sae.d_sae]
@@ -371,7 +376,7 @@ class Run:
                 "d_sae": e["d_sae"],
                 "k": e["k"],
                 "architecture": e.get("architecture", "topk"),
-                "role": roles.get(n.split("-by-")[0], "vanilla"),
+                "role": roles[base_name(n)],
                 "table": e["table"],
                 "lm": e.get("lm"),
             }

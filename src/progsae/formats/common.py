@@ -54,10 +54,9 @@ def build(
     return sae
 
 
-def fold_decoder_norms(W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, threshold=None):
-    """Codes computed as pre·n with decoder rows divided by n (n = row norms), as unit-norm weights:
-    W_enc·n, b_enc·n, W_dec/n (threshold unchanged: it compares the rescaled pre-activation)."""
-    n = W_dec.double().norm(dim=1)
-    if bool((n == 0).any()):
-        n = n.clamp(min=1e-8)
-    return W_enc.double() * n, b_enc.double() * n, W_dec.double() / n[:, None], threshold
+def fold_decoder_norms(W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor):
+    """Codes computed as pre·n with decoder rows divided by n (n = row norms, clamped at 1e-8 as SAELens
+    does), as unit-norm weights: W_enc·n, b_enc·n, W_dec/n. A threshold needs no change: it already
+    compares the rescaled pre-activation."""
+    n = W_dec.double().norm(dim=1).clamp(min=1e-8)
+    return W_enc.double() * n, b_enc.double() * n, W_dec.double() / n[:, None]

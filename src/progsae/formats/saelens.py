@@ -36,7 +36,7 @@ def _version(cfg: dict) -> str | None:
     return cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
 
 
-def _from_pre6(cfg: dict) -> dict:
+def _from_pre6(cfg: dict, where: Path) -> dict:
     """A pre-6 config as a 6.x one (SAELens' own handle_pre_6_0_config, for the fields that matter here)."""
     new = {{"hook_point": "hook_name", "activation_fn_str": "activation_fn"}.get(k, k): v for k, v in cfg.items()}
     new.setdefault("apply_b_dec_to_input", True)
@@ -45,7 +45,7 @@ def _from_pre6(cfg: dict) -> dict:
     if fn == "topk" and (new.get("activation_fn_kwargs") or {}).get("k") is not None:
         new["architecture"], new["k"] = "topk", new["activation_fn_kwargs"]["k"]
     elif new["architecture"] == "standard" and fn != "relu":
-        raise refuse("cfg.json", "activation_fn", fn, "progsae computes relu and topk activations only")
+        raise refuse(where, "activation_fn", fn, "progsae computes relu and topk activations only")
     norm = new.get("normalize_activations")  # pre-6: a bool or null
     if norm is None or norm is False:
         new["normalize_activations"] = "none"
@@ -58,8 +58,8 @@ def _from_pre6(cfg: dict) -> dict:
 def read(path: Path) -> SAE:
     raw = load_json(path / "cfg.json")
     pre6 = not _version(raw) or int(str(_version(raw)).split(".")[0]) < 6
-    cfg = _from_pre6(raw) if pre6 else dict(raw)
     where = path / "cfg.json"
+    cfg = _from_pre6(raw, where) if pre6 else dict(raw)
     arch = cfg.get("architecture")
     if arch not in ARCH_IN:
         raise refuse(where, "architecture", arch, f"progsae reads {', '.join(ARCH_IN)} SAEs")
@@ -96,7 +96,7 @@ def read(path: Path) -> SAE:
     if cfg.get("rescale_acts_by_decoder_norm"):
         if ARCH_IN[arch] not in ("topk", "batchtopk"):
             raise refuse(where, "rescale_acts_by_decoder_norm", True, "SAELens defines it for TopK SAEs only")
-        W_enc, b_enc, W_dec, threshold = fold_decoder_norms(W_enc, b_enc, W_dec, threshold)
+        W_enc, b_enc, W_dec = fold_decoder_norms(W_enc, b_enc, W_dec)
 
     norm = cfg.get("normalize_activations") or "none"
     scale = None
