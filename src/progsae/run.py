@@ -26,11 +26,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .analysis import fit_power_law, latent_stats, load_stats, save_stats, sort_by_importance
+from .analysis.compare import feature_splitting
 from .analysis.evaluate import evaluate
+from .analysis.findings import findings
 from .analysis.lm_eval import directory_contexts
+from .analysis.scaling import fit_scaling
 from .data import ActivationDir
 from .data.extract import ExtractConfig, extract
 from .data.lm import load_lm
@@ -140,7 +142,9 @@ def pretrained_names(cfg: RunConfig) -> dict[str, str]:
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
             raise ProgsaeError(f"run config: SAE name {name!r} in saes: use letters, digits, '_', '.', '-' (NAME=PATH)")
         if name in out or name in trained_names(cfg) or re.search(r"-by-(e_z2|freq)$", name):
-            raise ProgsaeError(f"run config: SAE name {name!r} is used twice or clashes with the run's own; use NAME=PATH")
+            raise ProgsaeError(
+                f"run config: SAE name {name!r} is used twice or clashes with the run's own; use NAME=PATH"
+            )
         out[name] = path
     return out
 
@@ -229,7 +233,9 @@ class Run:
             )
         for name, role in sae_names(c).items():
             if role == "pretrained":
-                self.stage(f"import {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._import(n, pretrained))
+                self.stage(
+                    f"import {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._import(n, pretrained)
+                )
             else:
                 self.stage(f"train {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._train(n))
         for name, role in sae_names(c).items():
@@ -407,111 +413,14 @@ class Run:
         if not c.train:
             res["findings"] = []
             return res
-        big = SAE.load(self.out / "saes" / f"topk-{N}-by-e_z2").requires_grad_(False)
+        big = SAE.load(self.out / "saes" / f"topk-{N}-by-e_z2")
         for G in (N // 4, N // 2):
-            native = SAE.load(self.out / "saes" / f"topk-{G}").requires_grad_(False)
-            cos = (
-                torch.nn.functional.normalize(native.W_dec, dim=1)
-                @ torch.nn.functional.normalize(big.W_dec[:G], dim=1).t()
-            )
-            best = cos.max(1).values
+            native = SAE.load(self.out / "saes" / f"topk-{G}")
             row_t = next(r for r in evals[f"topk-{N}-by-e_z2"]["table"] if r["G"] == G)
             row_n = next(r for r in evals[f"topk-{G}"]["table"] if r["G"] == G)
-            res["feature_splitting"].append(
-                {
-                    "G": G,
-                    "fvu_truncated": row_t["fvu_rescaled"],
-                    "fvu_native": row_n["fvu_rescaled"],
-                    "recaptured_truncated": row_t.get("recaptured_rescaled"),
-                    "recaptured_native": row_n.get("recaptured_rescaled"),
-                    "matched_0.9": float((best > 0.9).float().mean()),
-                    "matched_0.7": float((best > 0.7).float().mean()),
-                    "median_max_cos": float(best.median()),
-                }
-            )
+            res["feature_splitting"].append(feature_splitting(big, native, row_t, row_n))
         for n in (f"topk-{N}-by-e_z2", f"topk-{N}-by-freq", "matryoshka", "matryoshka-sampled"):
             curve = evals[n]["curve"]["fvu_prefix"]
             res["scaling"][n] = fit_scaling(np.arange(1, len(curve) + 1), np.asarray(curve))
         res["findings"] = findings(res, N)
         return res
-
-
-def fit_scaling(G: np.ndarray, fvu: np.ndarray, lo: int = 16) -> dict:
-    """FVU(G) ~ a G^-b + c by least squares in log space over G >= lo, for c on a grid below min FVU."""
-    keep = G >= lo
-    G, fvu = G[keep].astype(np.float64), fvu[keep]
-    best = None
-    for c in np.linspace(0, fvu.min() * 0.999, 50):
-        y = np.log(np.clip(fvu - c, 1e-12, None))
-        slope, icpt = np.polyfit(np.log(G), y, 1)
-        pred = np.exp(icpt) * G**slope + c
-        r2 = 1 - ((fvu - pred) ** 2).sum() / ((fvu - fvu.mean()) ** 2).sum()
-        if best is None or r2 > best["r2"]:
-            best = {"a": float(np.exp(icpt)), "b": float(-slope), "c": float(c), "r2": float(r2), "G_min": int(lo)}
-    return best
-
-
-def findings(res: dict, N: int) -> list[dict]:
-    """The paper's reported findings beside ours, each with a plain verdict."""
-    out = []
-    pl = {n: res["power_laws"][n]["e_z2"] for n in res["power_laws"] if n.startswith("topk-")}
-    exps = [f["exponent"] for f in pl.values()]
-    r2s = [f["r2"] for f in pl.values()]
-    in_range, fits_well = all(-1.27 <= e <= -0.54 for e in exps), min(r2s) >= 0.9
-    why = (
-        ""
-        if in_range and fits_well
-        else " — "
-        + (
-            "; ".join(
-                ([] if in_range else ["exponents outside the paper's range"]) + ([] if fits_well else ["R² below 0.9"])
-            )
-        )
-    )
-    out.append(
-        {
-            "paper": "E[z²] of vanilla SAE latents follows a power law in rank: exponents -0.54 to -1.27, R² 0.916-0.922",
-            "ours": f"exponents {min(exps):.2f} to {max(exps):.2f}, R² {min(r2s):.3f}-{max(r2s):.3f} (ranks 1..N/2){why}",
-            "verdict": "reproduced"
-            if in_range and fits_well
-            else ("partly reproduced" if in_range or fits_well else "not reproduced"),
-        }
-    )
-    mat, perm = res["saes"]["matryoshka"]["table"], res["saes"][f"topk-{N}-by-e_z2"]["table"]
-    for metric, key, better in (("FVU", "fvu", min), ("recaptured LM loss", "recaptured", max), ("RSA", "rsa", max)):
-        counts = {}
-        for mode in ("rescaled", "prefix"):
-            pairs = []
-            for a, b in zip(mat, perm, strict=True):
-                va, vb = a.get(f"{key}_{mode}"), b.get(f"{key}_{mode}")
-                if a["G"] == N or va is None:
-                    continue
-                if metric == "RSA":
-                    va, vb = va["cosine"]["spearman"], vb["cosine"]["spearman"]
-                pairs.append((a["G"], va, vb))
-            counts[mode] = (sum(better(va, vb) == va and va != vb for _, va, vb in pairs), pairs)
-        wins, pairs = counts["rescaled"]
-        detail = "; ".join(f"G={g}: {va:.3f} vs {vb:.3f}" for g, va, vb in pairs)
-        out.append(
-            {
-                "paper": f"Matryoshka SAEs beat permuted vanilla SAEs on {metric} (K/G constant)",
-                "ours": f"Matryoshka better at {wins} of {len(pairs)} G < N in rescaled mode (Matryoshka vs permuted: "
-                f"{detail}); in prefix mode at {counts['prefix'][0]} of {len(counts['prefix'][1])}",
-                "verdict": "reproduced"
-                if pairs and wins == len(pairs)
-                else "partly reproduced"
-                if wins
-                else "not reproduced",
-            }
-        )
-    fs = next(f for f in res["feature_splitting"] if f["G"] == N // 4)
-    worse = fs["fvu_truncated"] > fs["fvu_native"]
-    out.append(
-        {
-            "paper": "A large SAE truncated to G underperforms a native G-latent SAE (65K truncated to 16K is worse than native 16K)",
-            "ours": f"N={N} truncated to G={N // 4}: FVU {fs['fvu_truncated']:.3f}; native {N // 4}-latent SAE: {fs['fvu_native']:.3f}; "
-            f"{fs['matched_0.9']:.1%} of native decoder directions have a match with cosine > 0.9",
-            "verdict": "reproduced" if worse else "not reproduced",
-        }
-    )
-    return out
