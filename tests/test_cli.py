@@ -165,6 +165,44 @@ def test_bad_inputs_give_one_line_exit_2_and_no_partial_output(workdir, tmp_path
     )
 
 
+def test_outputs_are_checked_before_the_work_and_written_with_the_users_umask(workdir, tmp_path, capsys, monkeypatch):
+    import os
+    import stat
+
+    import progsae.analysis.evaluate
+    from progsae.train import Trainer
+
+    def no_work(*a, **k):
+        raise AssertionError("the work started before the output was checked")
+
+    monkeypatch.setattr(progsae.analysis.evaluate, "evaluate", no_work)
+    monkeypatch.setattr(Trainer, "run", no_work)
+    monkeypatch.setattr(progsae.analysis, "latent_stats", no_work)
+    w = workdir
+    (tmp_path / "results").mkdir()
+    (tmp_path / "file").write_text("x")
+    run_fails(["eval", str(w / "sae"), str(w / "acts"), "--out", str(tmp_path / "results")], capsys, "is a directory")
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        run_fails(["eval", str(w / "sae"), str(w / "acts"), "--out", str(locked / "r.json")], capsys, "cannot be written")
+    run_fails(["train", str(w / "acts"), "--out", str(tmp_path / "file"), *TRAIN], capsys, "is an existing file")
+    run_fails(["stats", str(w / "sae"), str(w / "acts"), "--out", str(tmp_path / "results")], capsys, "is a directory")
+    assert (tmp_path / "file").read_text() == "x"
+    monkeypatch.undo()
+    # statistics of another SAE (here: of the unsorted SAE, for its permuted copy) are refused by permute and inspect
+    for cmd in (["permute", str(w / "perm"), "--out", str(tmp_path / "p2")], ["inspect", str(w / "perm")]):
+        run_fails([*cmd, "--stats", str(w / "stats.safetensors")], capsys, "statistics of another SAE")
+    assert not (tmp_path / "p2").exists()
+    # files follow the umask: safetensors used to come out 0600
+    old = os.umask(0o022)
+    try:
+        assert main(["stats", str(w / "sae"), str(w / "acts"), "--out", str(tmp_path / "s.safetensors")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "s.safetensors").stat().st_mode) == 0o644
+
+
 def test_unknown_metric_choice_and_help_from_the_installed_script():
     r = subprocess.run(
         [sys.executable, "-m", "progsae.cli", "permute", "x", "--stats", "s", "--by", "loud", "--out", "o"],

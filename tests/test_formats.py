@@ -492,7 +492,7 @@ def test_inspect_and_permute_a_gemma_scope_sae_from_the_command_line(tmp_path, c
     assert info["order"]["e_z2"]["sorted"] is False
     assert main(["permute", str(folder), "--stats", str(tmp_path / "stats.safetensors"), "--out", str(tmp_path / "p")]) == 0
     assert "SAELens format (progsae writes no gemmascope files)" in capsys.readouterr().out
-    assert main(["inspect", str(tmp_path / "p"), "--stats", str(tmp_path / "stats.safetensors"), "--json"]) == 0
+    assert main(["inspect", str(tmp_path / "p"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["permutation"] == "e_z2" and info["format"] == "saelens" and info["architecture"] == "jumprelu"
     # the permuted SAE's own statistics are in decreasing E[z^2] order, and its reconstructions are the same

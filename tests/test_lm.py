@@ -179,6 +179,21 @@ def test_embedded_default_model_loads_offline_and_hooks_match(tmp_path):
     torch.testing.assert_close(sp.logits(h), logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_an_unknown_model_id_is_one_line_at_once_when_the_hub_is_unreachable(tmp_path, offline):
+    """Not in the cache, hub unreachable (a closed local port), with and without HF_HUB_OFFLINE: our one line,
+    not transformers' minute of retries."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": offline, "HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    cmd = [sys.executable, "-m", "progsae.cli", "extract", "--model", "nobody/no-such-model", "--out", str(tmp_path / "a")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "model 'nobody/no-such-model' is not in the local Hugging Face cache" in r.stderr
+    assert not (tmp_path / "a").exists()
+
+
 def test_cli_extracts_trains_and_measures_recaptured_loss_end_to_end(lm, tmp_path, capsys):
     from progsae.cli import main
 

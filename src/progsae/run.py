@@ -177,7 +177,8 @@ class Run:
         self.cfg, self.out, self.force, self.progress = cfg.validate(), Path(out), force, progress
         saved = self.out / "config.json"
         resolved = json.loads(json.dumps(asdict(cfg)))
-        if saved.is_file() and not force:
+        started = (self.out / "timings.json").is_file()  # a stage has finished: the settings are binding
+        if saved.is_file() and started and not force:
             old = load_json(saved)
             defaults = json.loads(json.dumps(asdict(RunConfig())))  # fields added since: their defaults
             additive = ("minutes_estimate", "saes", "train")  # SAEs added or dropped: their own stages only
@@ -192,12 +193,14 @@ class Run:
             load_json(self.out / "timings.json") if (self.out / "timings.json").is_file() else {}
         )
         self._lm = None
+        self.stages: list[str] = []  # this config's stages, in order
 
     def say(self, msg: str) -> None:
         if self.progress:
             print(msg, flush=True)
 
     def stage(self, name: str, done: Path, fn) -> None:
+        self.stages.append(name)
         if done.exists() and not self.force:
             self.say(f"[{name}] done already ({done.relative_to(self.out)})")
             return
@@ -218,6 +221,8 @@ class Run:
         c = self.cfg
         t0 = time.perf_counter()
         est = f", about {c.minutes_estimate:.0f} minutes on 2 CPU cores" if c.minutes_estimate else ""
+        if self.timings and not self.force:
+            est = f"; resuming ({len(self.timings)} stages already done)"
         self.say(
             f"progsae run: {c.model} layer {c.layer}, {c.train_tokens:,} training activations, "
             f"N = {c.d_sae}, k = {c.k}, {len(self.all_saes())} SAEs -> {self.out}{est}"
@@ -250,9 +255,10 @@ class Run:
         t_analyse = time.perf_counter()
         results = self.analyse()
         self.timings["analyse"] = round(time.perf_counter() - t_analyse, 1)
-        results["seconds"] = round(sum(self.timings.values()), 1)  # all stages, over every invocation
+        # this config's stages over every invocation (not those of SAEs dropped since)
+        results["stage_seconds"] = {k: v for k, v in self.timings.items() if k in self.stages or k == "analyse"}
+        results["seconds"] = round(sum(results["stage_seconds"].values()), 1)
         results["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
-        results["stage_seconds"] = self.timings
         save_json(self.out / "results.json", results)
         return results
 

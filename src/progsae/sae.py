@@ -219,6 +219,18 @@ class SAE(nn.Module):
         progsae = dict(self.cfg.progsae, permutation={"metric": metric, "order": total.tolist()})
         return self._copy_latents(self._like(self.d_sae, self.k, progsae), order.to(self.W_dec.device))
 
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """A hash of the weights in latent order: statistics files record it, so those of another SAE (or of
+        this one before a permutation) are refused."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=12)
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     # -- files ---------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path, format: str = "saelens") -> Path:

@@ -1,7 +1,7 @@
 """Latent importance: streaming statistics over activations, decoder-covariance spectrum, sort-by-importance.
 
 Statistics file (safetensors): e_z2, e_z, freq, max  [N] float64, plus dec_cov_eigs [d_in] descending;
-metadata: n_tokens, sae (the SAE's path, if known).
+metadata: n_tokens, sae (the SAE's path, if known), fingerprint (`SAE.fingerprint()` of the SAE they describe).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def latent_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[str, torch.T
         "max": mx.double(),
         "dec_cov_eigs": decoder_cov_eigs(sae),
         "n_tokens": torch.tensor(n),
+        "fingerprint": sae.fingerprint(),
     }
 
 
@@ -68,18 +69,30 @@ def sort_by_importance(sae: SAE, stats: dict[str, torch.Tensor], metric: str = "
     return sae.permute(importance_order(stats, metric), metric)
 
 
-def save_stats(path: str | Path, stats: dict[str, torch.Tensor], sae_path: str = "") -> None:
+def save_stats(path: str | Path, stats: dict, sae_path: str = "") -> None:
     save_tensors(
         path,
-        {k: v for k, v in stats.items() if k != "n_tokens"},
-        {"n_tokens": str(int(stats["n_tokens"])), "sae": str(sae_path)},
+        {k: v for k, v in stats.items() if k not in ("n_tokens", "fingerprint")},
+        {"n_tokens": str(int(stats["n_tokens"])), "sae": str(sae_path), "fingerprint": stats["fingerprint"]},
     )
 
 
-def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
+def load_stats(path: str | Path, sae: SAE | None = None) -> dict:
+    """A statistics file; with `sae`, refused unless it was computed for exactly that SAE (same weights, same
+    latent order)."""
     stats = load_tensors(path)
     missing = [m for m in METRICS if m not in stats]
     if missing:
         raise ProgsaeError(f"{path}: missing {', '.join(missing)}; it is not a statistics file from `progsae stats`")
-    stats["n_tokens"] = torch.tensor(int(tensors_metadata(path).get("n_tokens", 0)))
+    meta = tensors_metadata(path)
+    stats["n_tokens"] = torch.tensor(int(meta.get("n_tokens", 0)))
+    stats["fingerprint"] = meta.get("fingerprint")
+    if sae is not None and stats["fingerprint"] != sae.fingerprint():
+        whose = f"another SAE ({meta['sae']})" if meta.get("sae") else "another SAE"
+        if stats["fingerprint"] is None:
+            whose = "an unrecorded SAE (the file predates fingerprints)"
+        raise ProgsaeError(
+            f"{path} holds statistics of {whose}, not of this one (other weights or latent order); "
+            "compute them with `progsae stats` on this SAE"
+        )
     return stats

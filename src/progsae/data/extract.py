@@ -24,7 +24,7 @@ from .lm import DEFAULT_MODEL, check_layer, hook_name, load_lm, residual_stream
 @dataclass
 class ExtractConfig:
     model: str = DEFAULT_MODEL
-    layer: int = 2
+    layer: int = 6  # as `progsae run`: the middle of the default model, SmolLM2-135M (30 layers)
     tokens: int = 1_000_000
     corpus: str = DEFAULT_CORPUS
     ctx_len: int = 128

@@ -115,9 +115,10 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype =
             f"model directory {name!r} does not exist; give an existing directory, "
             f"an embedded name ({', '.join(EMBEDDED)}) or a hub id like google/gemma-2-2b"
         )
+    local = name in EMBEDDED or looks_local or Path(name).expanduser().is_dir() or _hub_cached_or_reachable(name)
     try:
-        tok = tf.AutoTokenizer.from_pretrained(path)
-        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=local)
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ProgsaeError(
@@ -127,6 +128,36 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype =
     model.to(device).eval()
     model_name = EMBEDDED[name]["model_name"] if name in EMBEDDED else Path(name).name
     return model, tok, model_name
+
+
+def _hub_cached_or_reachable(repo: str) -> bool:
+    """True if hub model `repo` is in the local cache (load it from there); False if the hub can be asked for it.
+
+    Refuses at once, in one line, a model that is neither cached nor downloadable: offline, the hub would
+    otherwise be retried for about a minute before transformers gives up.
+    """
+    import huggingface_hub as hf
+
+    if isinstance(hf.try_to_load_from_cache(repo, "config.json"), str):
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ProgsaeError(
+            f"model {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"download it while online, or give an embedded name ({', '.join(EMBEDDED)}) or a model directory"
+        )
+    try:
+        hf.HfApi().model_info(repo, timeout=10)
+    except hf.errors.RepositoryNotFoundError:
+        raise ProgsaeError(
+            f"model {repo!r} does not exist on the Hugging Face hub (or is private: log in with `hf auth login`); "
+            "check the id"
+        ) from None
+    except Exception as e:  # network down, proxy, DNS: one try, not a minute of retries
+        raise ProgsaeError(
+            f"model {repo!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({type(e).__name__}); connect, or give an embedded name ({', '.join(EMBEDDED)}) or a model directory"
+        ) from None
+    return False
 
 
 def _get(obj, path: str):
