@@ -18,10 +18,11 @@ METRICS = ("e_z2", "freq", "e_z", "max")
 
 
 @torch.no_grad()
-def latent_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """E[z_i^2], E[z_i], firing frequency and max of every latent over all rows of `batches`."""
+def latent_stats(sae: SAE, batches: Iterable[torch.Tensor], outlier_norm: float | None = None) -> dict:
+    """E[z_i^2], E[z_i], firing frequency and max of every latent over all rows of `batches`; with
+    `outlier_norm`, also e_z2_outlier: the part of E[z_i^2] from rows whose norm exceeds it."""
     N = sae.d_sae
-    s2, s1, fired = (torch.zeros(N, dtype=torch.float64) for _ in range(3))
+    s2, s1, fired, s2_out = (torch.zeros(N, dtype=torch.float64) for _ in range(4))
     mx = torch.zeros(N)
     n = 0
     device = sae.W_dec.device
@@ -32,10 +33,14 @@ def latent_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[str, torch.T
         s2.index_add_(0, idx, v.double().pow(2))
         fired.index_add_(0, idx, (v > 0).double())
         mx.scatter_reduce_(0, idx, v, reduce="amax")
+        if outlier_norm is not None:
+            out = (x.norm(dim=1) > outlier_norm).to(indices.device)
+            s2_out.index_add_(0, indices[out].reshape(-1).cpu(), values[out].reshape(-1).cpu().double().pow(2))
         n += x.shape[0]
     if n == 0:
         raise ProgsaeError("no activations to compute statistics on; check the activation directory")
-    return {
+    extra = {} if outlier_norm is None else {"e_z2_outlier": s2_out / n}
+    return extra | {
         "e_z2": s2 / n,
         "e_z": s1 / n,
         "freq": fired / n,

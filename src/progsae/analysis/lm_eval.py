@@ -5,7 +5,9 @@ On held-out contexts, with layer L's output (the SAE's hook point) replaced at e
     zero       h = 0                                CE_zero
     mean       h = mean of h over the eval tokens   CE_mean
     sae        h = SAE reconstruction at (G, mode)  CE_sae, KL(clean || spliced) per token
-    recaptured = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+    recaptured = (CE_zero - CE_sae) / (CE_zero - CE_clean), and against mean ablation
+    recaptured_mean = (CE_mean - CE_sae) / (CE_mean - CE_clean); delta CE = CE_sae - CE_clean in nats
+Per-context sums are kept too ("per_context"): a bootstrap over contexts resamples them.
 The model runs up to layer L once per batch (`Splicer.clean`); only layers L+1.. run per replacement.
 """
 
@@ -38,12 +40,12 @@ def directory_contexts(acts, tokens: int) -> torch.Tensor:
     return contexts[: max(1, min(len(contexts), -(-tokens // (contexts.shape[1] - 1))))]
 
 
-def _ce_kl(logits: torch.Tensor, clean_logp: torch.Tensor, ids: torch.Tensor) -> tuple[float, float, int]:
-    """Summed next-token CE and KL(clean || this) over positions 0..T-2, and their count."""
+def _ce_kl(logits: torch.Tensor, clean_logp: torch.Tensor, ids: torch.Tensor) -> tuple[list, list, int]:
+    """Per context: next-token CE and KL(clean || this) summed over positions 0..T-2; and the count."""
     logp = F.log_softmax(logits[:, :-1].float(), -1)
-    ce = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum()
-    kl = (clean_logp.exp() * (clean_logp - logp)).sum()
-    return float(ce), float(kl), ids[:, 1:].numel()
+    ce = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(1)
+    kl = (clean_logp.exp() * (clean_logp - logp)).double().sum((1, 2))
+    return ce.tolist(), kl.tolist(), ids[:, 1:].numel()
 
 
 @torch.no_grad()
@@ -76,9 +78,9 @@ def recaptured_loss(
         [residual_stream(model, ids, layer)[:, 1:].reshape(-1, model.config.hidden_size).sum(0) for ids in batches]
     ).sum(0) / (contexts.shape[0] * (contexts.shape[1] - 1))
     keys = [("zero", None, None), ("mean", None, None)] + [(n, m, G) for n in saes for m in modes for G in Gs]
-    ce = dict.fromkeys(keys, 0.0)
-    kl = dict.fromkeys(keys, 0.0)
-    ce_clean, n_tok = 0.0, 0
+    ce = {key: [] for key in keys}  # per context
+    kl = {key: [] for key in keys}
+    ce_clean, n_tok = [], 0
     total = len(batches) * (len(keys) + 1)
     bar = tqdm(total=total, desc="recaptured LM loss", unit="pass", disable=not progress, dynamic_ncols=True)
     for ids in batches:
@@ -103,17 +105,22 @@ def recaptured_loss(
             kl[key] += k
             bar.update(1)
     bar.close()
-    ce = {k: v / n_tok for k, v in ce.items()}
-    kl = {k: v / n_tok for k, v in kl.items()}
-    ce_clean /= n_tok
-    ce_zero = ce[("zero", None, None)]
+    per_context = {"clean": ce_clean, "zero": ce[("zero", None, None)], "mean": ce[("mean", None, None)]}
+    per_context |= {"kl_zero": kl[("zero", None, None)], "kl_mean": kl[("mean", None, None)]}
+    ce_ctx, kl_ctx = ce, kl
+    ce = {k: sum(v) / n_tok for k, v in ce_ctx.items()}
+    kl_mean = {k: sum(v) / n_tok for k, v in kl_ctx.items()}
+    ce_clean_mean = sum(ce_clean) / n_tok
+    ce_zero, ce_mean = ce[("zero", None, None)], ce[("mean", None, None)]
     out = {
         "n_tokens": n_tok,
-        "ce_clean": ce_clean,
+        "ce_clean": ce_clean_mean,
         "ce_zero": ce_zero,
-        "ce_mean": ce[("mean", None, None)],
-        "kl_zero": kl[("zero", None, None)],
-        "kl_mean": kl[("mean", None, None)],
+        "ce_mean": ce_mean,
+        "kl_zero": kl_mean[("zero", None, None)],
+        "kl_mean": kl_mean[("mean", None, None)],
+        "tokens_per_context": contexts.shape[1] - 1,
+        "per_context": per_context,
         "saes": {},
     }
     for name in saes:
@@ -122,11 +129,19 @@ def recaptured_loss(
                 {
                     "G": G,
                     "ce": ce[(name, m, G)],
-                    "kl": kl[(name, m, G)],
-                    "recaptured": (ce_zero - ce[(name, m, G)]) / (ce_zero - ce_clean) if ce_zero != ce_clean else None,
+                    "kl": kl_mean[(name, m, G)],
+                    "dce": ce[(name, m, G)] - ce_clean_mean,
+                    "recaptured": _frac(ce_zero, ce[(name, m, G)], ce_clean_mean),
+                    "recaptured_mean": _frac(ce_mean, ce[(name, m, G)], ce_clean_mean),
+                    "per_context": {"ce": ce_ctx[(name, m, G)], "kl": kl_ctx[(name, m, G)]},
                 }
                 for G in Gs
             ]
             for m in modes
         }
     return out
+
+
+def _frac(ablated: float, sae: float, clean: float) -> float | None:
+    """The share of the ablation's loss increase the SAE recaptures."""
+    return (ablated - sae) / (ablated - clean) if ablated != clean else None

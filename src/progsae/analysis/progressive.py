@@ -29,6 +29,8 @@ class ProgressiveResult:
     l0: np.ndarray  # [N]: mean number of active latents among the first G
     dead_frac: np.ndarray  # [N]: fraction of the first G latents that never fired
     rescaled_fvu: dict[int, float]  # G -> rescaled-mode FVU (TopK over the first G, k_G = k G / N)
+    rescaled_l0: dict[int, float]  # G -> rescaled-mode mean number of active latents
+    blocks: dict | None = None  # per block of consecutive tokens: the sums a bootstrap resamples (see ProgressiveEval)
 
     def at(self, G: int) -> dict:
         return {
@@ -36,6 +38,7 @@ class ProgressiveResult:
             "fvu_prefix": float(self.fvu[G - 1]),
             "fvu_rescaled": self.rescaled_fvu.get(G),
             "l0": float(self.l0[G - 1]),
+            "l0_rescaled": self.rescaled_l0.get(G),
             "dead_frac": float(self.dead_frac[G - 1]),
         }
 
@@ -71,20 +74,34 @@ def residual_norms(W_dec: torch.Tensor, values: torch.Tensor, indices: torch.Ten
 
 
 class ProgressiveEval:
-    """Accumulates the one-pass prefix curve (and rescaled FVU at chosen G) over batches of activations."""
+    """Accumulates the one-pass prefix curve (and rescaled FVU at chosen G) over batches of activations.
 
-    def __init__(self, sae: SAE, rescaled_G: Iterable[int] = ()):
+    With `block_G` and `block_size`, it also keeps, per block of `block_size` consecutive rows (rows in
+    stored order: a block is about one context), the squared residual at each G of `block_G` in both modes
+    and the block's squared deviation from the overall mean: FVU = sum(sse) / sum(var) over any resample
+    of blocks, which is what a block bootstrap of the held-out tokens needs.
+    """
+
+    def __init__(self, sae: SAE, rescaled_G: Iterable[int] = (), block_G: Iterable[int] = (), block_size: int = 128):
         self.sae = sae
         N, d = sae.d_sae, sae.cfg.d_in
         self.rescaled_G = sorted(set(rescaled_G))
-        for G in self.rescaled_G:
+        self.block_G, self.block_size = sorted(set(block_G)), block_size
+        for G in self.rescaled_G + self.block_G:
             sae.check_G(G)
+        empty = torch.zeros(0, dtype=torch.float64)
+        self.blk = {"sum_x2": empty, "sum_x": torch.zeros(0, d, dtype=torch.float64), "n": empty}
+        for G in self.block_G:
+            self.blk[f"prefix:{G}"] = empty
+            if G in self.rescaled_G:
+                self.blk[f"rescaled:{G}"] = empty
         self.steps = torch.zeros(N, dtype=torch.float64)
         self.counts = torch.zeros(N, dtype=torch.float64)
         self.sse0 = torch.zeros((), dtype=torch.float64)
         self.sum_x = torch.zeros(d, dtype=torch.float64)
         self.sum_x2 = torch.zeros((), dtype=torch.float64)
         self.rescaled_sse = {G: torch.zeros((), dtype=torch.float64) for G in self.rescaled_G}
+        self.rescaled_active = {G: 0.0 for G in self.rescaled_G}
         self.n = 0
 
     @torch.no_grad()
@@ -103,9 +120,28 @@ class ProgressiveEval:
         xd = x.double()
         self.sum_x += xd.sum(0).cpu()
         self.sum_x2 += xd.pow(2).sum().cpu()
-        self.n += x.shape[0]
+        per_token = {}
         for G in self.rescaled_G:
-            self.rescaled_sse[G] += (x - sae(x, G, "rescaled")).double().pow(2).sum().cpu()
+            v, i = sae.encode(x, G, "rescaled")
+            r = (x - sae.decode(v, i)).double().pow(2).sum(1).cpu()
+            self.rescaled_sse[G] += r.sum()
+            self.rescaled_active[G] += float((v > 0).sum())
+            per_token[f"rescaled:{G}"] = r
+        if self.block_G:
+            for G in self.block_G:
+                per_token[f"prefix:{G}"] = (e0 + (step * (indices < G)).sum(1)).double().cpu()
+            per_token["sum_x2"], per_token["sum_x"] = xd.pow(2).sum(1).cpu(), xd.cpu()
+            per_token["n"] = torch.ones(x.shape[0], dtype=torch.float64)
+            block = torch.arange(self.n, self.n + x.shape[0]) // self.block_size
+            n_blocks = int(block[-1]) + 1
+            for key, t in per_token.items():
+                acc = self.blk.get(key)
+                if acc is None:
+                    continue
+                if acc.shape[0] < n_blocks:  # blocks may span batches: grow, then add this batch's rows
+                    acc = self.blk[key] = torch.cat([acc, acc.new_zeros(n_blocks - acc.shape[0], *acc.shape[1:])])
+                acc.index_add_(0, block, t)
+        self.n += x.shape[0]
 
     def total_variance(self) -> float:
         return float(self.sum_x2 - self.sum_x.pow(2).sum() / self.n)
@@ -116,12 +152,27 @@ class ProgressiveEval:
         var = self.total_variance()
         N = self.sae.d_sae
         G = torch.arange(1, N + 1, dtype=torch.float64)
+        blocks = None
+        if self.block_G:
+            mean = self.sum_x / self.n
+            b = self.blk
+            blocks = {
+                "size": self.block_size,
+                "var": (b["sum_x2"] - 2 * b["sum_x"] @ mean + b["n"] * mean.pow(2).sum()).tolist(),
+                **{
+                    f"sse_{mode}": {G: b[f"{mode}:{G}"].tolist() for G in self.block_G}
+                    for mode in ("prefix", "rescaled")
+                    if any(f"{mode}:{G}" in self.blk for G in self.block_G)
+                },
+            }
         return ProgressiveResult(
             n_tokens=self.n,
             fvu=((self.sse0 + self.steps.cumsum(0)) / var).numpy(),
             l0=(self.counts.cumsum(0) / self.n).numpy(),
             dead_frac=((self.counts == 0).double().cumsum(0) / G).numpy(),
             rescaled_fvu={g: float(s / var) for g, s in self.rescaled_sse.items()},
+            rescaled_l0={g: a / self.n for g, a in self.rescaled_active.items()},
+            blocks=blocks,
         )
 
 

@@ -1,0 +1,139 @@
+"""The statistics behind the report's verdicts, each against an independent computation."""
+
+import numpy as np
+import pytest
+import torch
+
+from progsae.analysis import latent_stats, progressive_eval
+from progsae.analysis.compare import fvu_at_l0
+from progsae.analysis.intervals import block_weights, interval, over_seeds, ratio
+from progsae.analysis.outliers import flagged_latents, norm_profile, robust_window
+from progsae.analysis.progressive import ProgressiveEval
+from progsae.analysis.scaling import fit_scaling, predict
+from progsae.data import ActivationDir, write_activations
+from reference import dense_code, make_sae
+
+
+def heavy_acts(tmp_path, n=6000, d=16, seed=0):
+    """Gaussian rows with 1% of them scaled up 12x: a heavy tail like an LM's first-position tokens."""
+    g = np.random.default_rng(seed)
+    x = g.normal(size=(n, d)) + 0.5
+    x[g.random(n) < 0.01] *= 12
+    x = x.astype(np.float32)
+    path = write_activations(tmp_path / "acts", [torch.from_numpy(x[i : i + 1000]) for i in range(0, n, 1000)], d, {})
+    return ActivationDir(path), x.astype(np.float64)
+
+
+def test_norm_profile_matches_numpy(tmp_path):
+    acts, x = heavy_acts(tmp_path)
+    p = norm_profile(acts, quantile=0.99)
+    norm = np.linalg.norm(x, axis=1)
+    dev = ((x - x.mean(0)) ** 2).sum(1)
+    top = np.sort(dev)[::-1]
+    assert p["threshold"] == pytest.approx(np.quantile(norm, 0.99), rel=1e-6)
+    assert p["norm_quantiles"]["0.5"] == pytest.approx(np.median(norm), rel=1e-6)
+    assert p["norm_quantiles"]["max"] == pytest.approx(norm.max(), rel=1e-6)
+    assert p["variance_share"]["top_1%"] == pytest.approx(top[:60].sum() / top.sum(), rel=1e-6)
+    assert p["variance_share"]["top_5%"] == pytest.approx(top[:300].sum() / top.sum(), rel=1e-6)
+    out = norm > np.quantile(norm, 0.99)
+    assert p["n_outliers"] == out.sum() and p["outlier_variance_share"] == pytest.approx(dev[out].sum() / dev.sum())
+    assert sum(p["histogram"]["counts"]) == len(x)
+
+
+def test_outlier_share_of_each_latent_and_the_robust_window(tmp_path):
+    sae = make_sae(d=16)
+    acts, x = heavy_acts(tmp_path)
+    thr = float(np.quantile(np.linalg.norm(x, axis=1), 0.99))
+    s = latent_stats(sae, acts.iter_rows(1000), outlier_norm=thr)
+    xt = torch.from_numpy(x).float()
+    z = dense_code(xt, sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach().double().numpy()
+    out = np.linalg.norm(x, axis=1) > thr
+    np.testing.assert_allclose(s["e_z2_outlier"].numpy(), (z[out] ** 2).sum(0) / len(x), rtol=1e-5, atol=1e-12)
+    # flagging and the window's first rank on a hand-made case: latents 3 and 7 live on outliers
+    e = np.array([9.0, 1, 2, 50, 3, 4, 5, 40, 0.5] + [0.1] * 23)
+    e_out = np.zeros_like(e)
+    e_out[[3, 7]] = [45, 30]
+    e_out[0] = 1.0  # a little, not most
+    flagged = flagged_latents(e, e_out)
+    assert flagged.tolist() == [3, 7]  # by decreasing E[z^2]
+    assert robust_window(e, flagged, hi=16) == 3  # ranks 1 and 2 are the flagged ones: start at 3
+    assert robust_window(e, np.array([], int), hi=16) == 1
+
+
+def test_block_bootstrap_interval_has_the_textbook_width():
+    """For a mean of iid blocks the 95% interval is +-1.96 sigma / sqrt(n)."""
+    g = np.random.default_rng(3)
+    n, sigma = 400, 2.0
+    v = g.normal(5.0, sigma, size=n)
+    W = block_weights(n, 4000, seed=1)
+    assert (W.sum(1) == n).all()
+    lo, hi = interval(ratio(v, np.ones(n), W))
+    half = 1.96 * v.std(ddof=1) / np.sqrt(n)
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.08)
+    assert lo < v.mean() < hi
+    # one seed: unchanged; two seeds with far-apart values: the interval spans both
+    r = ratio(v, np.ones(n), W)
+    np.testing.assert_array_equal(over_seeds([v.mean()], [r])[1], r)
+    m, reps = over_seeds([1.0, 3.0], [np.full(4000, 1.0), np.full(4000, 3.0)])
+    assert m == 2.0 and interval(reps) == [1.0, 3.0]
+
+
+def test_block_sums_give_the_fvu_and_its_bootstrap(tmp_path):
+    sae = make_sae(d=16)
+    acts, x = heavy_acts(tmp_path, n=3000)
+    acc = ProgressiveEval(sae, rescaled_G=[24, 96], block_G=[24, 96], block_size=70)
+    for b in acts.iter_rows(512):
+        acc.update(b)
+    r = acc.result()
+    blocks = r.blocks
+    assert len(blocks["var"]) == -(-3000 // 70)
+    for G in (24, 96):  # the sums over blocks give the table's FVU
+        assert sum(blocks["sse_prefix"][G]) / sum(blocks["var"]) == pytest.approx(r.fvu[G - 1], rel=1e-9)
+        assert sum(blocks["sse_rescaled"][G]) / sum(blocks["var"]) == pytest.approx(r.rescaled_fvu[G], rel=1e-9)
+    # block 5 by hand (rows 350..419) at G = 24, prefix mode, against a dense numpy reconstruction
+    xt = torch.from_numpy(x[350:420]).float()
+    z = dense_code(xt, sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach().double().numpy()
+    rec = z[:, :24] @ sae.W_dec.detach().double().numpy()[:24] + sae.b_dec.detach().double().numpy()
+    assert blocks["sse_prefix"][24][5] == pytest.approx(((x[350:420] - rec) ** 2).sum(), rel=1e-5)
+    assert blocks["var"][5] == pytest.approx(((x[350:420] - x.mean(0)) ** 2).sum(), rel=1e-6)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.002])
+def test_nonlinear_fit_recovers_known_parameters_with_the_floor_free(noise):
+    G = np.arange(1, 4097)
+    fvu = 0.9 * G**-0.45 + 0.06
+    fvu = fvu * (1 + noise * np.random.default_rng(0).normal(size=len(G)))
+    f = fit_scaling(G, fvu, lo=4)
+    tol = 1e-3 if noise == 0 else 0.05
+    assert f["b"] == pytest.approx(0.45, rel=tol) and f["c"] == pytest.approx(0.06, rel=tol * 3)
+    assert f["a"] == pytest.approx(0.9, rel=tol * 2) and f["r2"] > 0.99 and f["G_min"] == 4
+    np.testing.assert_allclose(predict(f, [4, 4096]), 0.9 * np.array([4, 4096]) ** -0.45 + 0.06, rtol=tol)
+    # with no floor in the data, c is found at 0 (the bound), not forced there
+    g = fit_scaling(G, 0.7 * G**-0.3, lo=1)
+    assert g["c"] == pytest.approx(0, abs=1e-4) and g["b"] == pytest.approx(0.3, rel=1e-3)
+
+
+def brute_fvu_l0(sae, x, G):
+    z = dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach().double().numpy()[:, :G]
+    xn = x.double().numpy()
+    rec = z @ sae.W_dec.detach().double().numpy()[:G] + sae.b_dec.detach().double().numpy()
+    return ((xn - rec) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum(), (z > 0).sum(1).mean()
+
+
+def test_matched_l0_reads_the_curve_where_l0_equals_the_target():
+    """At an L0 some G reaches, the FVU there (brute force); between two, interpolated in log L0; a permuted
+    SAE compared at its own L0 is compared against the unpermuted SAE's curve at that same L0."""
+    sae = make_sae()
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(1)) + 0.3
+    r = progressive_eval(sae, [x])
+    for G in (10, 40, 96):
+        fvu, l0 = brute_fvu_l0(sae, x, G)
+        first = int(np.argmax(r.l0 >= r.l0[G - 1])) + 1  # the first G with this L0 gives the same reconstruction
+        assert fvu_at_l0(r.l0, r.fvu, l0) == pytest.approx(brute_fvu_l0(sae, x, first)[0], rel=1e-5)
+    a, b = 20, 21
+    while r.l0[b - 1] == r.l0[a - 1]:
+        b += 1
+    mid = np.exp((np.log(r.l0[a - 1]) + np.log(r.l0[b - 1])) / 2)
+    f = fvu_at_l0(r.l0, r.fvu, mid)
+    assert min(r.fvu[a - 1], r.fvu[b - 1]) <= f <= max(r.fvu[a - 1], r.fvu[b - 1])
+    assert fvu_at_l0(r.l0, r.fvu, r.l0[-1] + 1) is None
