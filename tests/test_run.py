@@ -12,7 +12,7 @@ import torch
 from lm_fixtures import TEXT, tiny_lm
 from progsae import ProgsaeError
 from progsae.cli import main
-from progsae.report import fmt
+from progsae.report.tables import fmt_ci
 
 pytest.importorskip("transformers")
 
@@ -52,29 +52,44 @@ def test_run_writes_every_artifact(run):
         "topk-64",
         "topk-32",
         "topk-16",
+        "topk-8",
         "matryoshka",
         "matryoshka-sampled",
-        *(f"topk-{n}-by-{m}" for n in (64, 32, 16) for m in ("e_z2", "freq")),
+        "topk-64-by-e_z2",
+        "topk-64-by-freq",
     }
     assert res["grid"] == [4, 8, 16, 32, 64]
-    assert [f["G"] for f in res["feature_splitting"]] == [16, 32]
-    assert {"a", "b", "c", "r2"} <= set(res["scaling"]["matryoshka"])
-    assert len(res["findings"]) == 5 and all(f["verdict"] for f in res["findings"])
+    assert [f["G"] for f in res["feature_splitting"]] == [8, 16, 32]
+    assert {"a", "b", "c", "r2", "G_min", "G_max", "method"} <= set(res["scaling"]["matryoshka"])
+    assert res["scaling_over_N"]["N"] == [8, 16, 32, 64]
+    # power law, 3 metrics x 2 Matryoshka variants, feature splitting: each with its verdict and rule
+    assert len(res["findings"]) == 8 and all(f["verdict"] and f["rule"] for f in res["findings"])
     assert json.loads((out / "config.json").read_text())["d_sae"] == 64
-    for name in ("fvu_vs_G", "recaptured_vs_G", "rsa_vs_G", "power_laws", "feature_splitting", "training_curves"):
+    o = res["outliers"]
+    assert o["handling"] == "keep" and o["n_outliers"] > 0 and 0 < o["variance_share"]["top_1%"] < 1
+    for name in FIGURES:
         assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-    for name in ("results", "power_laws", "feature_splitting", "scaling"):
+    # every table number of a family has its interval, and the interval holds the mean
+    row = res["families"]["topk-64-by-e_z2"]["table"][1]
+    for key in ("fvu_prefix", "fvu_rescaled", "recaptured_prefix", "recaptured_mean_rescaled", "dce_prefix", "kl_rescaled"):
+        lo, hi = row[f"{key}_ci"]
+        assert lo <= row[key] <= hi, key
+    for name in ("results", "power_laws", "feature_splitting", "scaling", "training"):
         assert (out / "tables" / f"{name}.csv").stat().st_size > 0
     # the permuted SAE equals the original at G = N, in every metric
     a, b = res["saes"]["topk-64"]["table"][-1], res["saes"]["topk-64-by-e_z2"]["table"][-1]
     assert a["fvu_prefix"] == pytest.approx(b["fvu_prefix"], rel=1e-5)
 
 
+FIGURES = ("fvu_vs_G", "recaptured_vs_G", "rsa_vs_G", "fvu_curve", "fvu_vs_l0", "activation_norms", "power_laws",
+           "feature_splitting", "training_curves")  # fmt: skip
+
+
 def test_rerun_skips_finished_stages_and_a_changed_config_is_refused(run, capsys):
     assert main(["run", "--config", str(run / "cfg.yaml"), "--out", str(run / "out")]) == 0
     printed = capsys.readouterr().out
     stages = re.findall(r"^\[([^\]]+)\] (.*)$", printed, re.M)
-    assert len(stages) == 21 and all(msg.startswith("done already") for _, msg in stages)
+    assert len(stages) == 18 and all(msg.startswith("done already") for _, msg in stages)
     before = (run / "out" / "saes" / "topk-16" / "sae_weights.safetensors").stat().st_mtime_ns
     assert main(["run", "--config", str(run / "cfg.yaml"), "--out", str(run / "out"), "--force"]) == 0
     assert not re.findall(r"^\[[^\]]+\] done already", capsys.readouterr().out, re.M)  # --force redoes every stage
@@ -113,15 +128,15 @@ def check_numbers(page: str, res: dict) -> int:
     """Every cell of the results table on the page equals results.json formatted the same way."""
     p = Cells()
     p.feed(page)
-    table = next(t for t in p.tables if t[0][:2] == ["sae", "G"])
+    table = next(t for t in p.tables if t[0][:3] == ["sae", "seeds", "G"])
     header, checked = table[0], 0
     for row in table[1:]:
         cells = dict(zip(header, row, strict=True))
-        src = next(r for r in res["saes"][cells["sae"]]["table"] if r["G"] == int(cells["G"]))
+        src = next(r for r in res["families"][cells["sae"]]["table"] if r["G"] == int(cells["G"]))
         for col, key in (("fvu_prefix",) * 2, ("fvu_rescaled",) * 2, ("recaptured_rescaled",) * 2, ("l0_prefix", "l0")):
-            assert cells[col] == fmt(src[key]), (cells["sae"], col)
+            assert cells[col] == fmt_ci(src[key], src[f"{key}_ci"]), (cells["sae"], col)
             checked += 1
-        assert cells["rsa_rescaled"] == fmt(src["rsa_rescaled"]["cosine"]["spearman"])
+        assert cells["rsa_rescaled"] == fmt_ci(src["rsa_rescaled"], src["rsa_rescaled_ci"])
     return checked
 
 
@@ -129,8 +144,12 @@ def test_report_numbers_equal_results_json(run):
     out = run / "out"
     res = json.loads((out / "results.json").read_text())
     assert check_numbers((out / "report.html").read_text(), res) == 4 * sum(
-        len(s["table"]) for s in res["saes"].values()
+        len(s["table"]) for s in res["families"].values()
     )
+    # and the families' means are the SAEs' own numbers (one seed here)
+    for fam, f in res["families"].items():
+        for a, b in zip(f["table"], res["saes"][fam]["table"], strict=True):
+            assert a["fvu_prefix"] == b["fvu_prefix"] and a["recaptured_rescaled"] == b["recaptured_rescaled"]
 
 
 def test_report_in_headless_chromium_loads_cleanly_with_every_figure(run, tmp_path):
@@ -162,7 +181,7 @@ def test_report_in_headless_chromium_loads_cleanly_with_every_figure(run, tmp_pa
         timeout=120,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert 'data-images="6/6"' in r.stdout  # every figure decoded and shown
+    assert f'data-images="{len(FIGURES)}/{len(FIGURES)}"' in r.stdout  # every figure decoded and shown
     assert "CONSOLE" not in r.stderr, [line for line in r.stderr.splitlines() if "CONSOLE" in line]
     check_numbers(r.stdout, json.loads((out / "results.json").read_text()))
 
@@ -237,7 +256,7 @@ def test_run_studies_pretrained_saes_beside_and_instead_of_its_own(run, tmp_path
     res = json.loads((out / "results.json").read_text())
     assert res["pretrained"]["mine"]["format"] == "sparsify" and res["saes"]["mine"]["role"] == "pretrained"
     assert [r["G"] for r in res["saes"]["mine"]["table"]] == [3, 6, 12, 24, 48]  # its own N/16..N
-    assert "mine" in res["power_laws"] and len(res["findings"]) == 5
+    assert "mine" in res["power_laws"] and len(res["findings"]) == 8
     # the imported copy computes exactly what the sparsify file does; permuting leaves G = N unchanged
     x = torch.randn(50, 32)
     torch.testing.assert_close(SAE.load(out / "saes" / "mine")(x), SAE.load(sp)(x), rtol=0, atol=0)

@@ -28,12 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import fit_power_law, latent_stats, load_stats, save_stats, sort_by_importance
+from .analysis.aggregate import Aggregate
 from .analysis.compare import feature_splitting
 from .analysis.evaluate import evaluate
 from .analysis.findings import findings
 from .analysis.lm_eval import directory_contexts
+from .analysis.outliers import FLAG_SHARE, flagged_latents, norm_profile, robust_window
 from .analysis.scaling import fit_scaling
-from .data import ActivationDir
+from .data import ActivationDir, write_activations
 from .data.extract import ExtractConfig, extract
 from .data.lm import load_lm
 from .files import ProgsaeError, fresh_dir, load_json, replace_dir, save_json
@@ -60,6 +62,10 @@ class RunConfig:
     rsa_tokens: int = 1000
     lm_tokens: int = 2048
     seed: int = 0
+    seeds: int = 1  # every trained SAE is trained this many times (seeds seed, seed+1, ...): intervals across seeds
+    outliers: str = "keep"  # how SAEs see huge-norm tokens: "keep" (train and evaluate on all) or "exclude"
+    outlier_quantile: float = 0.99  # a token is an outlier above this quantile of the training norms
+    bootstrap: int = 1000  # bootstrap replicates for every interval
     device: str = "cpu"  # "cuda" puts the model, SAE training and evaluation on the GPU
     minutes_estimate: float | None = None  # printed up front
     saes: list[str] = field(default_factory=list)  # pretrained SAEs: PATH or NAME=PATH (any format progsae reads)
@@ -75,13 +81,19 @@ class RunConfig:
             "batch_size",
             "stats_tokens",
             "rsa_tokens",
+            "seeds",
+            "bootstrap",
         ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ProgsaeError(f"run config: {f} must be a positive integer, got {getattr(self, f)!r}")
-        if self.d_sae % 4:
+        if self.d_sae % 8:
             raise ProgsaeError(
-                f"run config: d_sae must be divisible by 4 (SAEs of N/4 and N/2 are trained), got {self.d_sae}"
+                f"run config: d_sae must be divisible by 8 (SAEs of N/8, N/4 and N/2 are trained), got {self.d_sae}"
             )
+        if self.outliers not in ("keep", "exclude"):
+            raise ProgsaeError(f"run config: outliers must be 'keep' or 'exclude', got {self.outliers!r}")
+        if not 0.5 <= self.outlier_quantile < 1:
+            raise ProgsaeError(f"run config: outlier_quantile must be in [0.5, 1), got {self.outlier_quantile!r}")
         if any(not 1 <= g <= self.d_sae for g in self.grid):
             raise ProgsaeError(f"run config: every G in grid must be in 1..{self.d_sae}, got {self.grid}")
         if not isinstance(self.saes, list) or not all(isinstance(p, str) and p for p in self.saes):
@@ -160,16 +172,23 @@ def sae_names(cfg: RunConfig) -> dict[str, str]:
 
 
 def trained_names(cfg: RunConfig) -> dict[str, str]:
+    """name -> role of the SAEs the run trains: every family once per seed (NAME, NAME-seed1, ...)."""
     if not cfg.train:
         return {}
     N = cfg.d_sae
-    return {
-        f"topk-{N}": "vanilla",
-        f"topk-{N // 2}": "vanilla",
-        f"topk-{N // 4}": "vanilla",
-        "matryoshka": "matryoshka",
-        "matryoshka-sampled": "matryoshka",
-    }
+    families = {f"topk-{N}": "vanilla", **{f"topk-{N // m}": "native" for m in (2, 4, 8)}}
+    families |= {"matryoshka": "matryoshka", "matryoshka-sampled": "matryoshka"}
+    return {seed_name(f, s): role for s in range(cfg.seeds) for f, role in families.items()}
+
+
+def seed_name(family: str, s: int) -> str:
+    return family if s == 0 else f"{family}-seed{s}"
+
+
+def family(name: str) -> tuple[str, int]:
+    """(family, seed index) of an SAE name: topk-4096-seed1-by-e_z2 -> (topk-4096-by-e_z2, 1)."""
+    m = re.fullmatch(r"(.*?)-seed(\d+)(-by-(?:e_z2|freq))?", name)
+    return (m[1] + (m[3] or ""), int(m[2])) if m else (name, 0)
 
 
 class Run:
@@ -236,6 +255,14 @@ class Run:
                 self.out / name / "manifest.json",
                 lambda s=split, t=tokens, n=name: self._extract(s, t, n),
             )
+        self.stage("outliers", self.out / "outliers.json", self._outliers)
+        if c.outliers == "exclude":  # SAEs train and are measured on the tokens at or below the threshold
+            for name in ("acts", "acts-test"):
+                self.stage(
+                    f"exclude outliers {name}",
+                    self.out / f"{name}-typical" / "manifest.json",
+                    lambda n=name: self._exclude(n),
+                )
         for name, role in sae_names(c).items():
             if role == "pretrained":
                 self.stage(
@@ -261,6 +288,28 @@ class Run:
         results["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
         save_json(self.out / "results.json", results)
         return results
+
+    def acts(self, split: str = "acts") -> ActivationDir:
+        """The activations SAEs see: all of them, or with outliers excluded (`outliers: exclude`)."""
+        return ActivationDir(self.out / (f"{split}-typical" if self.cfg.outliers == "exclude" else split))
+
+    def threshold(self) -> float:
+        return load_json(self.out / "outliers.json")["threshold"]
+
+    def _outliers(self) -> None:
+        """The norm distribution of the training activations and the outlier threshold (outliers.json)."""
+        prof = norm_profile(ActivationDir(self.out / "acts"), self.cfg.outlier_quantile, self.cfg.stats_tokens)
+        if "outlier_tokens" in prof:
+            tok = self.lm()[1]
+            for row in prof["outlier_tokens"]:
+                row["token"] = tok.decode([row["value"]])
+        save_json(self.out / "outliers.json", prof)
+
+    def _exclude(self, split: str) -> None:
+        src, thr = ActivationDir(self.out / split), self.threshold()
+        rows = (x[x.norm(dim=1) <= thr] for x in src.iter_rows(8192))
+        source = {**src.manifest["source"], "excluded": {"norm_above": thr, "quantile": self.cfg.outlier_quantile}}
+        write_activations(self.out / f"{split}-typical", rows, src.d_in, source)
 
     def all_saes(self) -> list[str]:
         names = list(sae_names(self.cfg))
@@ -323,13 +372,14 @@ class Run:
 
     def _train(self, name: str) -> None:
         c, N = self.cfg, self.cfg.d_sae
-        acts = ActivationDir(self.out / "acts")
+        acts = self.acts()
+        fam, s = family(name)
         kw: dict = {}
-        if name == "matryoshka":
+        if fam == "matryoshka":
             kw["matryoshka"] = [N // 4, N // 2, N]
-        elif name == "matryoshka-sampled":
+        elif fam == "matryoshka-sampled":
             kw["matryoshka_sampled"] = c.matryoshka_sampled
-        n = N if name.startswith("matryoshka") else int(name.split("-")[1])
+        n = N if fam.startswith("matryoshka") else int(fam.split("-")[1])
         meta = {k: v for k, v in acts.manifest["source"].items() if k in ("model_name", "hook_name")}
         tc = TrainConfig(
             d_sae=n,
@@ -337,7 +387,7 @@ class Run:
             tokens=c.sae_tokens,
             device=c.device,
             batch_size=c.batch_size,
-            seed=c.seed,
+            seed=c.seed + s,
             metadata=meta,
             **kw,
         )
@@ -347,17 +397,24 @@ class Run:
 
     def _permute(self, name: str) -> None:
         sae = SAE.load(self.out / "saes" / name).to(self.cfg.device)
-        acts = ActivationDir(self.out / "acts")
-        stats = latent_stats(sae, acts.iter_rows(4096, self.cfg.stats_tokens))
+        stats = self._stats(sae)
         save_stats(self.out / "stats" / f"{name}.safetensors", stats, str(self.out / "saes" / name))
         for metric in ("e_z2", "freq"):
             sort_by_importance(sae, stats, metric).save(self.out / "saes" / f"{name}-by-{metric}")
 
+    def _stats(self, sae: SAE) -> dict:
+        """Importance statistics on the training activations (with each latent's E[z²] on outlier tokens)."""
+        rows = ActivationDir(self.out / "acts").iter_rows(4096, self.cfg.stats_tokens)
+        if self.cfg.outliers == "exclude":
+            rows = (x[x.norm(dim=1) <= self.threshold()] for x in rows)
+        return latent_stats(sae, rows, outlier_norm=self.threshold())
+
     def _evaluate(self, name: str) -> None:
         c = self.cfg
         sae = SAE.load(self.out / "saes" / name).to(c.device)
-        acts = ActivationDir(self.out / "acts-test")
-        lm = (self.lm()[0], c.layer, directory_contexts(acts, c.lm_tokens)) if c.lm_tokens else None
+        acts = self.acts("acts-test")
+        contexts = directory_contexts(ActivationDir(self.out / "acts-test"), c.lm_tokens) if c.lm_tokens else None
+        lm = (self.lm()[0], c.layer, contexts) if c.lm_tokens else None
         if sae_names(c).get(base_name(name)) == "pretrained":  # their own size: N/16 .. N
             Gs = sorted({max(1, sae.d_sae // 2**i) for i in range(5)})
         else:
@@ -373,25 +430,44 @@ class Run:
         c, N = self.cfg, self.cfg.d_sae
         evals = {n: load_json(self.out / "eval" / f"{n}.json") for n in self.all_saes()}
         acts = ActivationDir(self.out / "acts")
+        roles = sae_names(c)
+        families: dict[str, list[str]] = {}
+        for n in self.all_saes():
+            families.setdefault(family(n)[0], []).append(n)
+        agg = Aggregate(evals, families, c.bootstrap, c.seed)
         res: dict = {
             "config": json.loads(json.dumps(asdict(c))),
             "source": acts.manifest["source"],
             "grid": c.G,
+            "outliers": {**load_json(self.out / "outliers.json"), "handling": c.outliers},
             "saes": {},
+            "families": {},
             "power_laws": {},
             "feature_splitting": [],
             "scaling": {},
+            "training": {},
         }
-        roles = sae_names(c)
         for n, e in evals.items():
             res["saes"][n] = {
                 "d_sae": e["d_sae"],
                 "k": e["k"],
                 "architecture": e.get("architecture", "topk"),
                 "role": roles[base_name(n)],
+                "family": family(n)[0],
+                "seed": family(n)[1],
                 "table": e["table"],
-                "lm": e.get("lm"),
+                "lm": {k: v for k, v in e["lm"].items() if not k.startswith("per_context")} if e.get("lm") else None,
             }
+        for fam, names in families.items():
+            res["families"][fam] = {
+                **{k: res["saes"][names[0]][k] for k in ("d_sae", "k", "architecture", "role")},
+                "seeds": names,
+                "table": agg.table(fam),
+            }
+        curves = {  # each family's prefix curve, averaged over seeds
+            fam: {k: np.mean([evals[n]["curve"][k] for n in names], 0) for k in ("fvu_prefix", "l0")}
+            for fam, names in families.items()
+        }
         res["pretrained"] = {}
         for n, role in roles.items():
             sae = SAE.load(self.out / "saes" / n)
@@ -405,28 +481,66 @@ class Run:
                 }
             path = self.out / "stats" / f"{n}.safetensors"  # vanilla and pretrained SAEs: from the permute stage
             if not path.is_file() or self.force and role not in ("vanilla", "pretrained"):
-                save_stats(path, latent_stats(sae, acts.iter_rows(4096, c.stats_tokens)), str(self.out / "saes" / n))
-            stats = load_stats(path)
-            hi = max(3, sae.d_sae // 2)  # the fit window: the top half of the ranks (the tail is noise-dominated)
-            res["power_laws"][n] = {
-                m: fit_power_law(stats[m].numpy(), 1, hi if m != "dec_cov_eigs" else None).to_dict()
-                for m in ("e_z2", "freq", "dec_cov_eigs")
-            }
-        for n in (f"{p}-by-e_z2" for p in res["pretrained"]):
-            curve = evals[n]["curve"]["fvu_prefix"]
-            if len(curve) > 32:
-                res["scaling"][n] = fit_scaling(np.arange(1, len(curve) + 1), np.asarray(curve))
+                save_stats(path, self._stats(sae), str(self.out / "saes" / n))
+            res["power_laws"][n] = power_laws(load_stats(path), sae.d_sae)
+            if (self.out / "saes" / n / "history.json").is_file():
+                res["training"][n] = convergence(load_json(self.out / "saes" / n / "history.json"), c)
+        res["outliers"]["latent_threshold_share"] = FLAG_SHARE
+        for fam in families:
+            if fam.endswith("-by-e_z2") or fam.endswith("-by-freq") or fam.startswith("matryoshka"):
+                G = np.arange(1, len(curves[fam]["fvu_prefix"]) + 1)
+                if len(G) > 32:
+                    res["scaling"][fam] = fit_scaling(G, curves[fam]["fvu_prefix"], lo=16)
         if not c.train:
             res["findings"] = []
             return res
         big = SAE.load(self.out / "saes" / f"topk-{N}-by-e_z2")
-        for G in (N // 4, N // 2):
+        for G in (N // 8, N // 4, N // 2):
             native = SAE.load(self.out / "saes" / f"topk-{G}")
             row_t = next(r for r in evals[f"topk-{N}-by-e_z2"]["table"] if r["G"] == G)
             row_n = next(r for r in evals[f"topk-{G}"]["table"] if r["G"] == G)
             res["feature_splitting"].append(feature_splitting(big, native, row_t, row_n))
-        for n in (f"topk-{N}-by-e_z2", f"topk-{N}-by-freq", "matryoshka", "matryoshka-sampled"):
-            curve = evals[n]["curve"]["fvu_prefix"]
-            res["scaling"][n] = fit_scaling(np.arange(1, len(curve) + 1), np.asarray(curve))
-        res["findings"] = findings(res, N)
+        sizes = [N // 8, N // 4, N // 2, N]  # scaling over N: each native SAE at its own size
+        fvus = [res["families"][f"topk-{n}"]["table"][-1]["fvu_prefix"] for n in sizes]
+        res["scaling_over_N"] = {"N": sizes, "fvu": fvus, **fit_scaling(sizes, fvus)}
+        res["_curves"] = curves
+        res["findings"] = findings(agg, res, N)
+        del res["_curves"]
         return res
+
+
+def power_laws(stats: dict, n: int) -> dict:
+    """Per statistic, the fit over ranks 1..N/2 ("full") and over the robust window ("robust": after the
+    outlier latents, see analysis/outliers.py); and the outlier latents themselves."""
+    hi = max(3, n // 2)  # the top half of the ranks (the tail is noise-dominated)
+    e_z2 = stats["e_z2"].numpy()
+    flagged = flagged_latents(e_z2, stats["e_z2_outlier"].numpy()) if "e_z2_outlier" in stats else np.array([], int)
+    lo = robust_window(e_z2, flagged, hi)
+    out = {"outlier_latents": {"count": int(len(flagged)), "top": flagged[:20].tolist(), "robust_lo": lo}}
+    if "e_z2_outlier" in stats:
+        out["outlier_latents"]["share_of_e_z2"] = float(stats["e_z2_outlier"][flagged].sum() / stats["e_z2"].sum())
+    for m in ("e_z2", "freq", "dec_cov_eigs"):
+        v, top = stats[m].numpy(), None if m == "dec_cov_eigs" else hi
+        full = fit_power_law(v, 1, top).to_dict()
+        out[m] = {"full": full, "robust": fit_power_law(v, lo, top).to_dict() if m != "dec_cov_eigs" else full}
+    return out
+
+
+def convergence(history: list[dict], cfg: RunConfig) -> dict:
+    """How far training got: the slope of the batch FVU against log2(tokens) over the last quarter of training
+    (the FVU change per doubling of tokens) and whether it is below the stated criterion."""
+    h = [p for p in history if p.get("fvu") is not None]
+    tail = h[-max(3, len(h) // 4) :]
+    t, f = np.log2([p["tokens"] for p in tail]), np.array([p["fvu"] for p in tail])
+    slope = float(np.polyfit(t, f, 1)[0]) if len(tail) >= 3 and np.ptp(t) > 0 else None
+    final = float(np.mean(f[-3:]))
+    return {
+        "tokens": h[-1]["tokens"] if h else 0,
+        "passes": round((h[-1]["tokens"] if h else 0) / cfg.train_tokens, 2),
+        "final_fvu": final,
+        "fvu_per_doubling": slope,
+        "converged": slope is not None and -slope < CONVERGED * final,
+    }
+
+
+CONVERGED = 0.01  # converged: one more doubling of the tokens is projected to lower FVU by < 1% of its value

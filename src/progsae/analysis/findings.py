@@ -1,69 +1,140 @@
-"""The paper's findings beside a run's, each with a verdict decided by a stated rule."""
+"""The paper's findings beside a run's, each with a verdict decided by a stated rule.
+
+Comparisons (Matryoshka against the permuted vanilla SAE; a truncated large SAE against a native one) are
+made per G with the difference's 95% interval (aggregate.py). The rule: "reproduced" when the paper's side
+is better at every compared G with an interval that excludes the reverse; "not reproduced" when it is
+better for certain at none; "partly reproduced" otherwise. The rescaled mode is the paper's comparison and
+its L0 is matched by construction (k_G = k G / N latents for every SAE); the prefix mode is shown at the
+same G with both L0s, and at matched L0 (each prefix curve read where its L0 equals the lower of the two).
+A fixed-granularity Matryoshka is judged only at the granularities it was trained for.
+"""
 
 from __future__ import annotations
 
+from .aggregate import Aggregate
+from .compare import matched_l0
 
-def findings(res: dict, N: int) -> list[dict]:
-    """The paper's reported findings beside ours, each with a plain verdict."""
-    out = []
-    pl = {n: res["power_laws"][n]["e_z2"] for n in res["power_laws"] if n.startswith("topk-")}
-    exps = [f["exponent"] for f in pl.values()]
-    r2s = [f["r2"] for f in pl.values()]
-    in_range, fits_well = all(-1.27 <= e <= -0.54 for e in exps), min(r2s) >= 0.9
-    why = (
-        ""
+PAPER_EXPONENTS = (-1.27, -0.54)
+
+
+def _num(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _cmp(c: dict) -> str:
+    ci = f", 95% [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c["ci"] else ", no interval"
+    return f"G={c['G']}: {_num(c['a'])} vs {_num(c['b'])} (Δ {c['diff']:+.3f}{ci})"
+
+
+def _verdict(cmps: list[dict]) -> str:
+    certain = sum(c["certain"] for c in cmps)
+    if cmps and certain == len(cmps):
+        return "reproduced"
+    return "not reproduced" if certain == 0 else "partly reproduced"
+
+
+def power_law_finding(power_laws: dict) -> dict:
+    fits = {n: f["e_z2"] for n, f in power_laws.items()}
+    full, robust = [f["full"] for f in fits.values()], [f["robust"] for f in fits.values()]
+
+    def span(fs, k):
+        return f"{min(f[k] for f in fs):.2f} to {max(f[k] for f in fs):.2f}"
+
+    lo, hi = PAPER_EXPONENTS
+    in_range = all(lo <= f["exponent"] <= hi for f in robust)
+    fits_well = min(f["r2"] for f in robust) >= 0.9
+    starts = sorted({f["lo"] for f in robust})
+    return {
+        "paper": "E[z²] of vanilla SAE latents follows a power law in rank: exponents -0.54 to -1.27, R² 0.916-0.922",
+        "ours": f"robust window (ranks {'/'.join(map(str, starts))}..N/2, after the outlier latents): exponents "
+        f"{span(robust, 'exponent')}, R² {span(robust, 'r2')}; full window (ranks 1..N/2): exponents "
+        f"{span(full, 'exponent')}, R² {span(full, 'r2')} ({len(fits)} SAEs)",
+        "verdict": "reproduced"
         if in_range and fits_well
-        else " — "
-        + (
-            "; ".join(
-                ([] if in_range else ["exponents outside the paper's range"]) + ([] if fits_well else ["R² below 0.9"])
+        else ("partly reproduced" if in_range or fits_well else "not reproduced"),
+        "rule": "robust-window exponents inside the paper's range and R² ≥ 0.9 for every vanilla SAE",
+    }
+
+
+def matryoshka_findings(agg: Aggregate, res: dict, N: int) -> list[dict]:
+    out = []
+    perm = f"topk-{N}-by-e_z2"
+    grid = [g for g in res["grid"] if g < N]
+    variants = {"matryoshka": ("fixed M = N/4, N/2, N", [N // 4, N // 2]), "matryoshka-sampled": ("sampled", grid)}
+    curves = res["_curves"]
+    for metric, key, higher in (
+        ("FVU", "fvu", False),
+        ("recaptured LM loss", "recaptured", True),
+        ("RSA", "rsa", True),
+    ):
+        for fam, (what, trained) in variants.items():
+            if fam not in agg.families:
+                continue
+            cmps = [c for G in trained if (c := agg.compare(fam, perm, key, "rescaled", G, higher))]
+            if not cmps:
+                continue
+            pre = [c for G in grid if (c := agg.compare(fam, perm, key, "prefix", G, higher))]
+            l0s = {G: (agg.point(fam, "l0", "prefix", G), agg.point(perm, "l0", "prefix", G)) for G in grid}
+            prefix = (
+                f"prefix mode, same G: better at {sum(c['better'] for c in pre)} of {len(pre)} (for certain at {sum(c['certain'] for c in pre)}; L0 "
+                + ", ".join(f"{l0s[c['G']][0]:.1f} vs {l0s[c['G']][1]:.1f}" for c in pre)
+                + ")"
             )
-        )
-    )
-    out.append(
-        {
-            "paper": "E[z²] of vanilla SAE latents follows a power law in rank: exponents -0.54 to -1.27, R² 0.916-0.922",
-            "ours": f"exponents {min(exps):.2f} to {max(exps):.2f}, R² {min(r2s):.3f}-{max(r2s):.3f} (ranks 1..N/2){why}",
-            "verdict": "reproduced"
-            if in_range and fits_well
-            else ("partly reproduced" if in_range or fits_well else "not reproduced"),
-        }
-    )
-    mat, perm = res["saes"]["matryoshka"]["table"], res["saes"][f"topk-{N}-by-e_z2"]["table"]
-    for metric, key, better in (("FVU", "fvu", min), ("recaptured LM loss", "recaptured", max), ("RSA", "rsa", max)):
-        counts = {}
-        for mode in ("rescaled", "prefix"):
-            pairs = []
-            for a, b in zip(mat, perm, strict=True):
-                va, vb = a.get(f"{key}_{mode}"), b.get(f"{key}_{mode}")
-                if a["G"] == N or va is None:
-                    continue
-                if metric == "RSA":
-                    va, vb = va["cosine"]["spearman"], vb["cosine"]["spearman"]
-                pairs.append((a["G"], va, vb))
-            counts[mode] = (sum(better(va, vb) == va and va != vb for _, va, vb in pairs), pairs)
-        wins, pairs = counts["rescaled"]
-        detail = "; ".join(f"G={g}: {va:.3f} vs {vb:.3f}" for g, va, vb in pairs)
-        out.append(
-            {
-                "paper": f"Matryoshka SAEs beat permuted vanilla SAEs on {metric} (K/G constant)",
-                "ours": f"Matryoshka better at {wins} of {len(pairs)} G < N in rescaled mode (Matryoshka vs permuted: "
-                f"{detail}); in prefix mode at {counts['prefix'][0]} of {len(counts['prefix'][1])}",
-                "verdict": "reproduced"
-                if pairs and wins == len(pairs)
-                else "partly reproduced"
-                if wins
-                else "not reproduced",
-            }
-        )
-    fs = next(f for f in res["feature_splitting"] if f["G"] == N // 4)
-    worse = fs["fvu_truncated"] > fs["fvu_native"]
-    out.append(
-        {
-            "paper": "A large SAE truncated to G underperforms a native G-latent SAE (65K truncated to 16K is worse than native 16K)",
-            "ours": f"N={N} truncated to G={N // 4}: FVU {fs['fvu_truncated']:.3f}; native {N // 4}-latent SAE: {fs['fvu_native']:.3f}; "
-            f"{fs['matched_0.9']:.1%} of native decoder directions have a match with cosine > 0.9",
-            "verdict": "reproduced" if worse else "not reproduced",
-        }
-    )
+            if key == "fvu":
+                m = [matched_l0(curves[fam], curves[perm], G) for G in grid]
+                m = [x for x in m if x["fvu_a"] is not None and x["fvu_b"] is not None]
+                wins = sum(x["fvu_a"] < x["fvu_b"] for x in m)
+                prefix += (
+                    f"; at matched L0: better at {wins} of {len(m)} ("
+                    + ", ".join(f"L0 {x['l0']:.1f}: {x['fvu_a']:.3f} vs {x['fvu_b']:.3f}" for x in m)
+                    + ")"
+                )
+            untrained = [G for G in grid if G not in trained]
+            note = (
+                f" Not judged at G = {', '.join(map(str, untrained))}, which it was not trained for."
+                if untrained
+                else ""
+            )
+            out.append(
+                {
+                    "paper": f"Matryoshka SAEs beat permuted vanilla SAEs on {metric} (K/G constant)",
+                    "ours": f"{fam} ({what}) vs {perm}, rescaled mode (L0 = k·G/N for both): better for certain at "
+                    f"{sum(c['certain'] for c in cmps)} of {len(cmps)} G, worse for certain at "
+                    f"{sum(c['worse_certain'] for c in cmps)} — "
+                    + "; ".join(_cmp(c) for c in cmps)
+                    + f". {prefix}.{note}",
+                    "verdict": _verdict(cmps),
+                    "rule": "rescaled mode, every trained G < N, interval of the difference excluding the reverse",
+                }
+            )
     return out
+
+
+def splitting_finding(agg: Aggregate, res: dict, N: int) -> dict:
+    big = f"topk-{N}-by-e_z2"
+    cmps = [
+        c
+        for f in res["feature_splitting"]
+        if (c := agg.compare(big, f"topk-{f['G']}", "fvu", "rescaled", f["G"], False))
+    ]
+    worse = [dict(c, certain=c["worse_certain"]) for c in cmps]  # the paper's side: truncated is worse
+    fs = {f["G"]: f for f in res["feature_splitting"]}
+    match = "; ".join(
+        f"G={g}: {fs[g]['matched_0.9']:.1%} of native directions match one of the first G latents with cosine > 0.9, "
+        f"{fs[g]['matched_0.9_all_N']:.1%} one of all N"
+        for g in sorted(fs)
+    )
+    return {
+        "paper": "A large SAE truncated to G underperforms a native G-latent SAE (65K truncated to 16K is worse than native 16K)",
+        "ours": f"topk-{N} by E[z²] truncated vs native, FVU in rescaled mode (same L0): "
+        + "; ".join(_cmp(c) for c in cmps)
+        + f". Decoder matches: {match}",
+        "verdict": _verdict(worse),
+        "rule": "truncated FVU above native at every G with the interval excluding the reverse",
+    }
+
+
+def findings(agg: Aggregate, res: dict, N: int) -> list[dict]:
+    """The paper's reported findings beside ours, each with its verdict and the rule that decided it."""
+    vanilla = {n: f for n, f in res["power_laws"].items() if res["saes"][n]["role"] in ("vanilla", "native")}
+    return [power_law_finding(vanilla), *matryoshka_findings(agg, res, N), splitting_finding(agg, res, N)]

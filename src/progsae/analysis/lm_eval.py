@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -119,6 +120,7 @@ def recaptured_loss(
         "ce_mean": ce_mean,
         "kl_zero": kl_mean[("zero", None, None)],
         "kl_mean": kl_mean[("mean", None, None)],
+        "ce_uniform": float(np.log(model.config.vocab_size)),  # a uniform guess: what ablation should not exceed
         "tokens_per_context": contexts.shape[1] - 1,
         "per_context": per_context,
         "saes": {},

@@ -9,9 +9,12 @@ import base64
 import html
 from pathlib import Path
 
+import numpy as np
+
+from ..analysis import load_stats
 from ..files import load_json
 from .figures import figures
-from .tables import fmt, html_table, table_rows, write_csv
+from .tables import RESULT_COLUMNS, fmt, html_table, result_rows, seconds, write_csv
 
 
 def _img(path: Path, alt: str) -> str:
@@ -23,8 +26,6 @@ def write_report(run_dir: str | Path) -> Path:
     """Tables, figures and report.html for the run in `run_dir` (reads results.json and the eval files)."""
     run_dir = Path(run_dir)
     res = load_json(run_dir / "results.json")
-    from ..analysis import load_stats
-
     res["_series"] = {
         n: {m: load_stats(run_dir / "stats" / f"{n}.safetensors")[m].numpy() for m in ("e_z2", "freq", "dec_cov_eigs")}
         for n in res["power_laws"]
@@ -34,101 +35,114 @@ def write_report(run_dir: str | Path) -> Path:
         for n in res["power_laws"]
         if (run_dir / "saes" / n / "history.json").is_file()
     }
-    res["_curves"] = {
-        n: load_json(run_dir / "eval" / f"{n}.json")["curve"]["fvu_prefix"]
-        for p in res.get("pretrained", {})
-        for n in (p, f"{p}-by-e_z2", f"{p}-by-freq")
-    }
-    rows = table_rows(res)
-    write_csv(run_dir / "tables" / "results.csv", rows)
+    res["_curves"] = {}
+    for fam, f in res["families"].items():  # each family's prefix curve, averaged over its seeds
+        cs = [load_json(run_dir / "eval" / f"{n}.json")["curve"] for n in f["seeds"]]
+        res["_curves"][fam] = {k: np.mean([c[k] for c in cs], 0) for k in ("fvu_prefix", "l0")}
+    write_csv(run_dir / "tables" / "results.csv", result_rows(res, with_ci=False))
     pl_rows = [
-        {"sae": n, "metric": m, **{k: f[k] for k in ("exponent", "r2", "lo", "hi")}}
-        for n, fits in res["power_laws"].items()
-        for m, f in fits.items()
-    ]
+        {"sae": n, "metric": m, "window": w, **{k: f[m][w][k] for k in ("exponent", "r2", "lo", "hi")},
+         "outlier_latents": f["outlier_latents"]["count"]}
+        for n, f in res["power_laws"].items()
+        for m in ("e_z2", "freq", "dec_cov_eigs")
+        for w in (("full", "robust") if m != "dec_cov_eigs" else ("full",))
+    ]  # fmt: skip
     write_csv(run_dir / "tables" / "power_laws.csv", pl_rows)
     if res["feature_splitting"]:
         write_csv(run_dir / "tables" / "feature_splitting.csv", res["feature_splitting"])
     sc_rows = [{"sae": n, **v} for n, v in res["scaling"].items()]
+    if "scaling_over_N" in res:
+        f = res["scaling_over_N"]
+        sc_rows.append({"sae": "native SAEs over N (FVU at their own size)", **{k: v for k, v in f.items() if k not in ("N", "fvu")}})
     if sc_rows:
         write_csv(run_dir / "tables" / "scaling.csv", sc_rows)
+    tr_rows = [{"sae": n, **v} for n, v in res.get("training", {}).items()]
+    if tr_rows:
+        write_csv(run_dir / "tables" / "training.csv", tr_rows)
     figs = figures(res, run_dir)
 
     c, src = res["config"], res["source"]
     lm = next((s["lm"] for s in res["saes"].values() if s.get("lm")), None)
+    seeds = c.get("seeds", 1)
     parts = [
         "<h1>progsae: progressive coding with sparse autoencoders</h1>",
         f"<p>Model <b>{html.escape(src.get('model_name', c['model']))}</b>, hook <code>{html.escape(src.get('hook_name', ''))}</code>, "
         f"corpus <code>{html.escape(c['corpus'])}</code> (contexts of {c['ctx_len']} tokens). "
-        f"{c['train_tokens']:,} training activations, {c['test_tokens']:,} held-out; each SAE trained on {c['sae_tokens']:,} tokens. "
-        f"N = {c['d_sae']}, k = {c['k']} (native smaller SAEs: k·G/N). Run time {res.get('seconds', 0) / 60:.1f} minutes.</p>",
+        f"{c['train_tokens']:,} training activations, {c['test_tokens']:,} held-out; each SAE trained on {c['sae_tokens']:,} tokens, "
+        f"{seeds} seed{'s' if seeds > 1 else ''}. N = {c['d_sae']}, k = {c['k']} (native smaller SAEs: k·G/N). "
+        f"Run time {seconds(res.get('seconds', 0))} ({res.get('seconds', 0) / 60:.0f} minutes).</p>",
+        "<p><b>How to read the numbers.</b> Every number is measured on held-out activations. A number in a table is "
+        f"the mean over the {seeds} seed{'s' if seeds > 1 else ''} with its 95% interval in brackets: a block bootstrap "
+        f"({c.get('bootstrap', 1000)} replicates) over held-out tokens in blocks of one context (FVU) or over the "
+        "LM-loss contexts (recaptured loss, ΔCE, KL), nested in a bootstrap over seeds; RSA and L0 have intervals "
+        "across seeds only (none with one seed). Comparisons are paired: both SAEs are resampled with the same "
+        "tokens. A verdict counts a G as won only when the interval of the difference excludes the reverse.</p>",
         *_pretrained_section(res, figs),
         "<h2>The paper's findings beside ours</h2>",
-        html_table(
-            [{"paper": f["paper"], "ours": f["ours"], "verdict": f["verdict"]} for f in res["findings"]],
-            ["paper", "ours", "verdict"],
-        )
+        html_table(res["findings"], ["paper", "ours", "verdict", "rule"])
         if res["findings"]
         else "<p>No SAEs were trained in this run (train: false), so the paper's comparisons are not made.</p>",
+        *_outlier_section(res, figs),
         "<h2>Results at each granularity (held-out activations)</h2>",
-        "<p>FVU: fraction of variance unexplained. Recaptured: (CE<sub>zero</sub> − CE<sub>SAE</sub>) / (CE<sub>zero</sub> − CE<sub>clean</sub>)"
+        "<p>FVU: fraction of variance unexplained. Recaptured: (CE<sub>zero</sub> − CE<sub>SAE</sub>) / (CE<sub>zero</sub> − CE<sub>clean</sub>); "
+        "recaptured vs mean: the same against mean ablation, (CE<sub>mean</sub> − CE<sub>SAE</sub>) / (CE<sub>mean</sub> − CE<sub>clean</sub>), "
+        "the stricter baseline; ΔCE = CE<sub>SAE</sub> − CE<sub>clean</sub> in nats; KL(clean ‖ spliced) in nats per token"
         + (
-            f"; CE clean {fmt(lm['ce_clean'])}, zero-ablated {fmt(lm['ce_zero'])}, mean-ablated {fmt(lm['ce_mean'])} over {lm['n_tokens']} tokens"
+            f". CE clean {fmt(lm['ce_clean'])}, zero-ablated {fmt(lm['ce_zero'])}, mean-ablated {fmt(lm['ce_mean'])} nats over {lm['n_tokens']} tokens "
+            f"(a uniform guess over the vocabulary would be {fmt(lm.get('ce_uniform'))})"
             if lm
             else ""
         )
-        + " (whole contexts). RSA: Spearman correlation of the cosine-dissimilarity matrices of original and "
-        "reconstructed activations (it can fall below 0 when a few latents reconstruct mostly the shared mean direction). "
-        "prefix: TopK over all N latents, then those ≥ G dropped; rescaled: TopK over the first G with k·G/N, "
-        "the paper's constant K/G (at small G only a handful of latents). L0 is the prefix mode's.</p>",
-        html_table(
-            rows,
-            [
-                "sae",
-                "G",
-                "fvu_prefix",
-                "fvu_rescaled",
-                "recaptured_prefix",
-                "recaptured_rescaled",
-                "kl_prefix",
-                "kl_rescaled",
-                "rsa_prefix",
-                "rsa_rescaled",
-                "l0_prefix",
-                "dead_frac",
-            ],
-        ),
-        _img(figs["fvu"], "FVU against granularity G"),
+        + ". RSA: Spearman correlation of the cosine-dissimilarity matrices of original and reconstructed activations. "
+        "prefix: TopK over all N latents, then those ≥ G dropped (its L0 falls with G); rescaled: TopK over the first G "
+        "with k·G/N, the paper's constant K/G (L0 = k·G/N, matched across SAEs). Native SAEs are meaningful at their own "
+        "size; their rows at smaller G are truncations.</p>",
+        html_table(result_rows(res), ["sae", "seeds", "G", *(col for col, _ in RESULT_COLUMNS)]),
+        _img(figs["fvu"], "FVU against granularity G (95% intervals)"),
+        _img(figs["curve"], "The full one-pass curve: FVU at every G, log-log, and the fitted scaling laws"),
+        _img(figs["l0"], "FVU against L0: how much each SAE reconstructs for a given number of active latents"),
         _img(figs["recaptured"], "Recaptured LM loss against granularity G"),
         _img(figs["rsa"], "RSA against granularity G"),
         "<h2>Power laws of latent importance</h2>",
-        html_table(pl_rows, ["sae", "metric", "exponent", "r2", "lo", "hi"]),
-        _img(figs["powerlaw"], "Importance against rank (log-log) with least-squares fits"),
+        "<p>Least-squares line in log-log over two rank windows: full (ranks 1..N/2) and robust (from the rank after "
+        "the last outlier latent among the top N/8 ranks, to N/2). Outlier latents: more than "
+        f"{res['outliers'].get('latent_threshold_share', 0.5):.0%} of their E[z²] comes from outlier tokens.</p>",
+        html_table(pl_rows, ["sae", "metric", "window", "exponent", "r2", "lo", "hi", "outlier_latents"]),
+        _img(figs["powerlaw"], "Importance against rank (log-log) with the full and robust fits"),
         *(
             [
-                "<h2>Feature splitting</h2>",
+                "<h2>Feature splitting</h2><p>A large SAE sorted by E[z²] and truncated to G against a native G-latent SAE. "
+                "Decoder matches: the share of native decoder directions whose best cosine among the big SAE's first G "
+                "latents (and among all N) exceeds 0.9 / 0.7; a native direction found only among all N has split or moved "
+                "down the order.</p>",
                 html_table(res["feature_splitting"], list(res["feature_splitting"][0])),
                 _img(figs["splitting"], "Truncated large SAE against native SAE of the same size"),
             ]
             if res["feature_splitting"]
             else []
         ),
-        "<h2>Scaling of FVU with G</h2><p>FVU(G) ≈ a·G<sup>−b</sup> + c, fitted to the one-pass prefix curve for G ≥ 16. "
-        "A low R² means the curve is not a power law: a fixed-granularity Matryoshka curve steps at its granularities.</p>",
-        html_table(sc_rows, ["sae", "a", "b", "c", "r2"]),
-        *(["<h2>Training</h2>", _img(figs["training"], "Training FVU against tokens")] if "training" in figs else []),
+        "<h2>Scaling laws</h2><p>FVU(G) = a·G<sup>−b</sup> + c fitted by nonlinear least squares (the exponent profiled, "
+        "(a, c) solved for each b with the floor c free in [0, min FVU]) to the one-pass prefix curve at 64 points spaced "
+        "evenly in log G over the range shown; fallback if that fails: the log-log line with c = 0 (method column). "
+        "A fixed-granularity Matryoshka curve steps at its granularities, so a smooth law fits it less well. "
+        "Over N: each native SAE's FVU at its own size"
+        + (f" ({len(res['scaling_over_N']['N'])} sizes: a fit through few points)" if "scaling_over_N" in res else "")
+        + ".</p>",
+        html_table(sc_rows, ["sae", "a", "b", "c", "r2", "G_min", "G_max", "n_points", "method"]),
+        *(["<h2>Training</h2>", _training_text(res), html_table(tr_rows, list(tr_rows[0])),
+           _img(figs["training"], "Training FVU against tokens")] if tr_rows else []),  # fmt: skip
         "<h2>Configuration</h2>",
         f"<p>Granularities evaluated: {', '.join(map(str, res['grid']))}.</p>",
         f"<pre>{html.escape(_json(c))}</pre>",
         "<h3>Stage times</h3>",
         html_table(
-            [{"stage": k, "seconds": float(v)} for k, v in res.get("stage_seconds", {}).items()], ["stage", "seconds"]
+            [{"stage": k, "time": seconds(v)} for k, v in res.get("stage_seconds", {}).items()], ["stage", "time"]
         ),
     ]
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>progsae report</title><style>"
-        "body{font-family:sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+        "body{font-family:sans-serif;max-width:1250px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
         "td.t,th{text-align:left}img{max-width:100%}figure{margin:1em 0}"
         "figcaption{font-size:13px;color:#555}</style></head><body>" + "\n".join(parts) + _SELF_CHECK + "</body></html>"
     )
@@ -137,6 +151,47 @@ def write_report(run_dir: str | Path) -> Path:
     tmp.write_text(page)
     tmp.replace(path)
     return path
+
+
+def _training_text(res: dict) -> str:
+    c = res["config"]
+    return (
+        f"<p>Each SAE saw {c['sae_tokens']:,} tokens drawn from {c['train_tokens']:,} training activations "
+        f"({c['sae_tokens'] / c['train_tokens']:.1f} passes). Convergence: the slope of the batch FVU against "
+        "log₂(tokens) over the last quarter of training, i.e. the FVU change one more doubling of the tokens is "
+        "projected to bring; an SAE counts as converged when that is under 1% of its final FVU.</p>"
+    )
+
+
+def _outlier_section(res: dict, figs: dict) -> list[str]:
+    o = res["outliers"]
+    q = o["norm_quantiles"]
+    handling = {
+        "keep": "SAEs are trained and evaluated on every token (outliers: keep)",
+        "exclude": "SAEs are trained and evaluated only on tokens at or below the threshold (outliers: exclude); "
+        "recaptured LM loss still splices them in at every position",
+    }[o["handling"]]
+    parts = [
+        "<h2>Outlier tokens</h2>",
+        f"<p>Activation norms of {o['n_tokens']:,} training tokens: median {q['0.5']:.1f}, 90th percentile {q['0.9']:.1f}, "
+        f"99th {q['0.99']:.1f}, 99.9th {q['0.999']:.1f}, maximum {q['max']:.1f}. The largest 1% of tokens (by squared "
+        f"deviation from the mean) hold {o['variance_share']['top_1%']:.0%} of the variance, the largest 5% hold "
+        f"{o['variance_share']['top_5%']:.0%}. Tokens above the {o['quantile']} norm quantile ({o['threshold']:.1f}) "
+        f"are outliers: {o['n_outliers']:,} tokens with {o['outlier_variance_share']:.0%} of the variance. {handling}.</p>",
+    ]
+    if o.get("outlier_tokens"):
+        pos = ", ".join(f"position {p['value']}: {p['share']:.0%}" for p in o.get("outlier_positions", [])[:3])
+        parts.append(f"<p>Most common outlier tokens (positions in their context: {pos}):</p>")
+        parts.append(html_table([{"token": repr(t["token"]), "count": t["count"], "share": t["share"]} for t in o["outlier_tokens"]],
+                                ["token", "count", "share"]))  # fmt: skip
+    rows = [
+        {"sae": n, "outlier latents": f["outlier_latents"]["count"], "their share of E[z²]": f["outlier_latents"].get("share_of_e_z2"),
+         "robust fit starts at rank": f["outlier_latents"]["robust_lo"]}
+        for n, f in res["power_laws"].items()
+    ]  # fmt: skip
+    parts.append(html_table(rows, list(rows[0])) if rows else "")
+    parts.append(_img(figs["norms"], "Distribution of activation norms (log-log) and the outlier threshold"))
+    return parts
 
 
 # records on <body> how many figures decoded, for a browser test (and a reader's devtools)

@@ -7,6 +7,24 @@ import html
 from pathlib import Path
 
 MODES = ("prefix", "rescaled")
+# the results table: (column, key in a family's table row); each value shown with its 95% interval
+RESULT_COLUMNS = (
+    ("fvu_prefix", "fvu_prefix"),
+    ("fvu_rescaled", "fvu_rescaled"),
+    ("l0_prefix", "l0"),
+    ("l0_rescaled", "l0_rescaled"),
+    ("recaptured_prefix", "recaptured_prefix"),
+    ("recaptured_rescaled", "recaptured_rescaled"),
+    ("recaptured_vs_mean_prefix", "recaptured_mean_prefix"),
+    ("recaptured_vs_mean_rescaled", "recaptured_mean_rescaled"),
+    ("dce_prefix", "dce_prefix"),
+    ("dce_rescaled", "dce_rescaled"),
+    ("kl_prefix", "kl_prefix"),
+    ("kl_rescaled", "kl_rescaled"),
+    ("rsa_prefix", "rsa_prefix"),
+    ("rsa_rescaled", "rsa_rescaled"),
+    ("dead_frac", "dead_frac"),
+)
 
 
 def fmt(v) -> str:
@@ -18,21 +36,32 @@ def fmt(v) -> str:
     return f"{v:.4f}"
 
 
+def fmt_ci(v, ci) -> str:
+    """A mean with its 95% interval: "0.1234 [0.1200, 0.1250]" (the mean alone where there is no interval)."""
+    return fmt(v) if not ci or v is None else f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def seconds(v: float) -> str:
+    return f"{v:,.0f} s"
+
+
 def metric(row: dict, key: str, mode: str):
     v = row.get(f"{key}_{mode}")
     return v["cosine"]["spearman"] if key == "rsa" and v is not None else v
 
 
-def table_rows(res: dict) -> list[dict]:
+def result_rows(res: dict, with_ci: bool = True) -> list[dict]:
+    """One row per family and G: every metric as mean [interval] (page), or mean, lo, hi columns (CSV)."""
     rows = []
-    for n, s in res["saes"].items():
-        for r in s["table"]:
-            row = {"sae": n, "d_sae": s["d_sae"], "G": r["G"], "l0_prefix": r["l0"], "dead_frac": r["dead_frac"]}
-            for mode in MODES:
-                row[f"fvu_{mode}"] = r[f"fvu_{mode}"]
-                row[f"recaptured_{mode}"] = r.get(f"recaptured_{mode}")
-                row[f"kl_{mode}"] = r.get(f"kl_{mode}")
-                row[f"rsa_{mode}"] = metric(r, "rsa", mode)
+    for fam, f in res["families"].items():
+        for r in f["table"]:
+            row = {"sae": fam, "seeds": len(f["seeds"]), "d_sae": f["d_sae"], "G": r["G"]}
+            for col, key in RESULT_COLUMNS:
+                ci = r.get(f"{key}_ci")
+                if with_ci:
+                    row[col] = fmt_ci(r.get(key), ci)
+                else:
+                    row[col], row[f"{col}_lo"], row[f"{col}_hi"] = r.get(key), *(ci or (None, None))
             rows.append(row)
     return rows
 
@@ -40,8 +69,9 @@ def table_rows(res: dict) -> list[dict]:
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    cols = list(dict.fromkeys(k for r in rows for k in r))
     with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
             w.writerow({k: fmt(v) if isinstance(v, float) or v is None else v for k, v in r.items()})
@@ -50,8 +80,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def html_table(rows: list[dict], cols: list[str]) -> str:
     def cell(v) -> str:  # text left-aligned, numbers right-aligned
-        return f"<td class='t'>{html.escape(v)}</td>" if isinstance(v, str) else f"<td>{html.escape(fmt(v))}</td>"
+        if isinstance(v, str):
+            numeric = v[:1].isdigit() or v[:1] in "-–" and v[1:2].isdigit()
+            return f"<td{'' if numeric else ' class=t'}>{html.escape(v)}</td>"
+        return f"<td>{html.escape(fmt(v))}</td>"
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(cell(r[c]) for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(cell(r.get(c)) for c in cols) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
