@@ -118,8 +118,8 @@ class RunConfig:
 
 
 PRESETS = {
-    # 2 CPU cores, ~16-20 minutes: the embedded SmolLM2-135M and the KJV corpus
-    "demo": RunConfig(minutes_estimate=20),
+    # 2 CPU cores, ~30 minutes: the embedded SmolLM2-135M and the KJV corpus; one seed (each more adds ~20 minutes)
+    "demo": RunConfig(minutes_estimate=30),
     # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; a GPU and tens of millions of tokens
     "paper": RunConfig(
         model="google/gemma-2-2b",
@@ -134,6 +134,7 @@ PRESETS = {
         lm_tokens=100_000,
         stats_tokens=2_000_000,
         device="cuda",
+        seeds=3,
         minutes_estimate=None,
     ),
 }
@@ -388,6 +389,7 @@ class Run:
             device=c.device,
             batch_size=c.batch_size,
             seed=c.seed + s,
+            log_every=max(1, c.sae_tokens // c.batch_size // 40),  # ~40 points: enough for the convergence slope
             metadata=meta,
             **kw,
         )
