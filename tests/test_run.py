@@ -220,6 +220,31 @@ def test_a_run_whose_first_stage_failed_reruns_with_corrected_settings_without_f
         Run(good, out)
 
 
+def test_seeds_make_families_whose_numbers_are_means_with_intervals(run, tmp_path):
+    import numpy as np
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("acts", "acts-test"):
+        shutil.copytree(run / "out" / name, out / name)
+    (tmp_path / "cfg.yaml").write_text((run / "cfg.yaml").read_text() + "\nseeds: 2")
+    assert main(["run", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    fam = res["families"]["matryoshka"]
+    assert fam["seeds"] == ["matryoshka", "matryoshka-seed1"]
+    a, b = (json.loads((out / "eval" / f"{n}.json").read_text())["table"] for n in fam["seeds"])
+    assert a[0]["fvu_prefix"] != b[0]["fvu_prefix"]  # two trainings, not one
+    for row, ra, rb in zip(fam["table"], a, b, strict=True):
+        assert row["fvu_rescaled"] == pytest.approx(np.mean([ra["fvu_rescaled"], rb["fvu_rescaled"]]), rel=1e-12)
+        lo, hi = row["rsa_prefix_ci"]  # across seeds: resampling two values spans them
+        rsa = [r["rsa_prefix"]["cosine"]["spearman"] for r in (ra, rb)]
+        assert lo == pytest.approx(min(rsa)) and hi == pytest.approx(max(rsa))
+        lo, hi = row["fvu_rescaled_ci"]
+        assert lo <= row["fvu_rescaled"] <= hi
+    assert res["families"]["topk-64-by-e_z2"]["seeds"] == ["topk-64-by-e_z2", "topk-64-seed1-by-e_z2"]
+    assert len(res["findings"]) == 8
+
+
 def write_sparsify_run(root, layer: int, d: int = 32, n: int = 48, k: int = 6, seed: int = 0):
     """A sparsify training run directory with one hookpoint, as sparsify lays it out (written by hand)."""
     import numpy as np

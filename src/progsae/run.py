@@ -154,7 +154,7 @@ def pretrained_names(cfg: RunConfig) -> dict[str, str]:
                 name, i = f"{base}-{i}", i + 1
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
             raise ProgsaeError(f"run config: SAE name {name!r} in saes: use letters, digits, '_', '.', '-' (NAME=PATH)")
-        if name in out or name in trained_names(cfg) or re.search(r"-by-(e_z2|freq)$", name):
+        if name in out or name in trained_names(cfg) or re.search(r"-by-(e_z2|freq)$|-seed\d+$", name):
             raise ProgsaeError(
                 f"run config: SAE name {name!r} is used twice or clashes with the run's own; use NAME=PATH"
             )
