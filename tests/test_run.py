@@ -314,3 +314,15 @@ def test_a_pretrained_sae_of_another_hook_is_refused_before_anything_is_written(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "reads blocks.2.hook_resid_post but this run extracts blocks.1" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_stages_defaults_agree_with_the_run():
+    """`progsae extract` alone extracts what `progsae run` does (it used to default to another layer)."""
+    from progsae.cli import build_parser
+    from progsae.data.extract import ExtractConfig
+    from progsae.run import RunConfig
+
+    run, ex = RunConfig(), ExtractConfig()
+    assert (ex.layer, ex.model, ex.corpus, ex.ctx_len) == (run.layer, run.model, run.corpus, run.ctx_len)
+    args = build_parser().parse_args(["extract", "--out", "x"])
+    assert args.layer is None  # unset flags fall through to ExtractConfig's defaults

@@ -522,7 +522,8 @@ def power_laws(stats: dict, n: int) -> dict:
     if "e_z2_outlier" in stats:
         out["outlier_latents"]["share_of_e_z2"] = float(stats["e_z2_outlier"][flagged].sum() / stats["e_z2"].sum())
     for m in ("e_z2", "freq", "dec_cov_eigs"):
-        v, top = stats[m].numpy(), None if m == "dec_cov_eigs" else hi
+        # the covariance of n decoder rows has rank at most n - 1: the rest are rounding noise, not a spectrum
+        v, top = stats[m].numpy(), min(n - 1, len(stats[m])) if m == "dec_cov_eigs" else hi
         full = fit_power_law(v, 1, top).to_dict()
         out[m] = {"full": full, "robust": fit_power_law(v, lo, top).to_dict() if m != "dec_cov_eigs" else full}
     return out

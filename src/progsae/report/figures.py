@@ -97,7 +97,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
                 if s.get("marker") == MARKER_NATIVE:  # a native SAE: only its own size
                     x, y, err = x[-1:], y[-1:], None if err is None else err[:, -1:]
                 ax.errorbar(x, y, yerr=err, color=s["color"], ls=s["ls"], marker=s.get("marker", "o"), ms=4,
-                            capsize=2, label=fam if s.get("marker") != MARKER_NATIVE or fam == f"topk-{N // 2}" else None)  # fmt: skip
+                            capsize=2, label=fam if s.get("marker") != MARKER_NATIVE else "native SAEs (own size)" if fam == f"topk-{N // 2}" else None)  # fmt: skip
             ax.set_xscale("log", base=2)
             ax.set_xlabel("granularity G")
             ax.set_ylabel(label)
