@@ -137,3 +137,25 @@ def test_matched_l0_reads_the_curve_where_l0_equals_the_target():
     f = fvu_at_l0(r.l0, r.fvu, mid)
     assert min(r.fvu[a - 1], r.fvu[b - 1]) <= f <= max(r.fvu[a - 1], r.fvu[b - 1])
     assert fvu_at_l0(r.l0, r.fvu, r.l0[-1] + 1) is None
+
+
+def test_rsa_replicates_are_the_rsa_at_unit_weights_and_track_a_re_ranked_bootstrap():
+    from progsae.analysis.rsa import _rank, dissimilarities, pearson, rsa, spearman_replicates
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 12, generator=g) + 0.2
+    x_hat = x + 0.8 * torch.randn(80, 12, generator=g)
+    one = spearman_replicates(x, x_hat, torch.ones(1, 80))
+    assert float(one[0]) == pytest.approx(rsa(x, x_hat)["cosine"]["spearman"], rel=1e-12)
+    W = torch.from_numpy(block_weights(80, 400, seed=5))
+    fast = spearman_replicates(x, x_hat, W).numpy()
+    slow = []  # the textbook bootstrap: draw tokens, drop self-pairs, re-rank, correlate
+    for w in W.numpy().astype(int):
+        idx = torch.from_numpy(np.repeat(np.arange(80), w))
+        a, b = dissimilarities(x[idx], "cosine"), dissimilarities(x_hat[idx], "cosine")
+        i, j = torch.triu_indices(len(idx), len(idx), offset=1)
+        keep = idx[i] != idx[j]
+        slow.append(pearson(_rank(a[keep]), _rank(b[keep])))
+    slow = np.array(slow)
+    assert np.corrcoef(fast, slow)[0, 1] > 0.95
+    assert fast.std() == pytest.approx(slow.std(), rel=0.15)

@@ -421,7 +421,7 @@ class Run:
             Gs = sorted({max(1, sae.d_sae // 2**i) for i in range(5)})
         else:
             Gs = [g for g in c.G if g <= sae.d_sae]
-        out = {"name": name, **evaluate(sae, acts, Gs, None, c.rsa_tokens, lm, self.progress)}
+        out = {"name": name, **evaluate(sae, acts, Gs, None, c.rsa_tokens, lm, self.progress, c.bootstrap)}
         if (self.out / "saes" / name / "history.json").is_file():
             out["history"] = load_json(self.out / "saes" / name / "history.json")
         save_json(self.out / "eval" / f"{name}.json", out)

@@ -1,8 +1,9 @@
 """A run's SAEs grouped into families (one SAE per training seed), each table number a mean over seeds with
 a 95% interval: a block bootstrap over held-out tokens nested in a bootstrap over seeds (see intervals.py).
 
-FVU, recaptured loss (against zero and mean ablation), delta CE and KL are bootstrapped; RSA, L0 and the dead
-fraction get an interval across seeds only (none with one seed). Comparisons of two families are paired:
+FVU, RSA, recaptured loss (against zero and mean ablation), delta CE and KL are bootstrapped (RSA over its
+token sample, by replicates drawn at evaluation); L0 and the dead fraction get an interval across seeds only
+(none with one seed). Comparisons of two families are paired:
 every SAE is resampled with the same blocks and contexts.
 """
 
@@ -15,8 +16,8 @@ import numpy as np
 from .intervals import block_weights, interval, over_seeds, ratio, seed_interval
 
 MODES = ("prefix", "rescaled")
-BOOTSTRAPPED = ("fvu", "recaptured", "recaptured_mean", "dce", "kl")
-SEED_ONLY = ("rsa", "l0", "dead_frac")
+BOOTSTRAPPED = ("fvu", "rsa", "recaptured", "recaptured_mean", "dce", "kl")
+SEED_ONLY = ("l0", "dead_frac")
 
 
 def _value(row: dict, key: str, mode: str):
@@ -43,9 +44,12 @@ class Aggregate:
         e = self.evals[name]
         if key == "fvu" and e.get("blocks") and str(G) in e["blocks"].get(f"sse_{mode}", {}):
             return ratio(e["blocks"][f"sse_{mode}"][str(G)], e["blocks"]["var"], self.Wb)
+        if key == "rsa":  # replicates drawn at evaluation (RSA is no ratio of sums)
+            reps = (e.get("rsa_boot") or {}).get(f"{mode}:{G}")
+            return np.asarray(reps) if reps is not None and len(reps) == self.n_boot else None
         lm = e.get("lm") or {}
         hit = (lm.get("per_context_sae") or {}).get(f"{mode}:{G}")
-        if key not in BOOTSTRAPPED[1:] or hit is None:
+        if key in ("fvu", "rsa") or hit is None:
             return None
         pc, sae = lm["per_context"], np.asarray(hit["ce"])
         clean, tpc = np.asarray(pc["clean"]), np.full(len(pc["clean"]), float(lm["tokens_per_context"]))

@@ -10,9 +10,10 @@ from tqdm.auto import tqdm
 
 from ..data import ActivationDir
 from ..sae import MODES, SAE
+from .intervals import block_weights
 from .lm_eval import recaptured_loss
 from .progressive import ProgressiveEval
-from .rsa import rsa
+from .rsa import _rank_matrix, rsa, spearman_replicates
 
 LM_KEYS = ("recaptured", "recaptured_mean", "dce", "kl", "ce")  # per G and mode, with lm
 
@@ -25,13 +26,15 @@ def evaluate(
     rsa_tokens: int = 1000,
     lm: tuple | None = None,
     progress: bool = True,
+    n_boot: int = 1000,
 ) -> dict:
     """{"n_tokens", "d_sae", "k", "rsa_tokens", "table", "curve"[, "lm"]}.
 
     table: per G in Gs, fvu_prefix, fvu_rescaled, l0 (prefix), l0_rescaled, dead_frac, rsa_prefix, rsa_rescaled
     and, with lm = (model, layer, contexts [n, T]), recaptured_* (against zero ablation), recaptured_mean_*,
     dce_* (CE_sae - CE_clean, nats), kl_*, ce_* per mode.
-    curve: fvu_prefix, l0, dead_frac at every G = 1..N.
+    curve: fvu_prefix, l0, dead_frac at every G = 1..N. RSA: on `rsa_tokens` rows taken evenly across the set;
+    rsa_boot: its bootstrap replicates over those tokens (`rsa.spearman_replicates`).
     blocks: per block of about one context of held-out rows, the squared residual at each G (both modes)
     and the squared deviation from the mean, for bootstrap intervals; lm.per_context[_sae] likewise.
     """
@@ -42,15 +45,26 @@ def evaluate(
     src = acts.manifest.get("source", {})
     block = src["ctx_len"] - (0 if src.get("keep_bos") else 1) if src.get("kind") == "lm" else 128  # ~ a context
     acc = ProgressiveEval(sae, Gs if "rescaled" in modes else (), block_G=Gs, block_size=block)
+    stride, picked, at = max(1, n // rsa_tokens), [], 0  # the RSA sample: every stride-th row, across the set
     for x in tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="eval", unit="batch", disable=not progress):
         acc.update(x)
+        picked.append(x[(-at) % stride :: stride])
+        at += len(x)
     r = acc.result()
     table = [r.at(G) for G in Gs]
-    sample = next(acts.iter_rows(rsa_tokens, rsa_tokens)).to(sae.W_dec.device)
+    sample = torch.cat(picked)[:rsa_tokens].to(sae.W_dec.device)
+    W = torch.from_numpy(block_weights(len(sample), n_boot, seed=2))  # the same draws for every SAE: paired
+    ranks_x = _rank_matrix(sample.cpu())
+    rsa_boot = {}
     with torch.no_grad():
         for row in table:
             for mode in MODES:
-                row[f"rsa_{mode}"] = rsa(sample, sae(sample, row["G"], mode)) if mode in modes else None
+                if mode not in modes:
+                    row[f"rsa_{mode}"] = None
+                    continue
+                rec = sae(sample, row["G"], mode)
+                row[f"rsa_{mode}"] = rsa(sample, rec)
+                rsa_boot[f"{mode}:{row['G']}"] = spearman_replicates(sample.cpu(), rec.cpu(), W, ranks_x).tolist()
     out = {
         "n_tokens": r.n_tokens,
         "d_sae": sae.d_sae,
@@ -60,6 +74,7 @@ def evaluate(
         "table": table,
         "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
         "blocks": r.blocks,
+        "rsa_boot": rsa_boot,  # bootstrap replicates of the cosine-Spearman RSA over the sample's tokens
     }
     if lm is not None:
         model, layer, contexts = lm

@@ -28,7 +28,7 @@ def _cmp(c: dict) -> str:
 
 def _verdict(cmps: list[dict]) -> str:
     if cmps and all(c["ci"] is None for c in cmps):
-        return "undecided (no interval: one seed, and RSA is not bootstrapped)"
+        return "undecided (no interval)"
     certain = sum(c["certain"] for c in cmps)
     if cmps and certain == len(cmps):
         return "reproduced"

@@ -51,3 +51,29 @@ def rsa(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
         a, b = dissimilarities(x, metric), dissimilarities(x_hat, metric)
         out[metric] = {"pearson": pearson(a, b), "spearman": spearman(a, b)}
     return out
+
+
+def _rank_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric [n, n] matrix of the cosine dissimilarities' Spearman ranks (diagonal 0)."""
+    n = len(x)
+    i, j = torch.triu_indices(n, n, offset=1)
+    r = _rank(dissimilarities(x, "cosine"))
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m[i, j] = r
+    return m + m.t()
+
+
+def spearman_replicates(x: torch.Tensor, x_hat: torch.Tensor, W: torch.Tensor, ranks_x=None) -> torch.Tensor:
+    """Bootstrap replicates [n_boot] of the cosine-Spearman RSA: the tokens of replicate b drawn W[b] times
+    each, so pair (i, j) weighs W[b, i] W[b, j]; the ranks are those of the full sample (not re-ranked per
+    replicate, so each replicate is five quadratic forms). With all weights 1 it is `rsa`'s value exactly."""
+    A = _rank_matrix(x) if ranks_x is None else ranks_x
+    B = _rank_matrix(x_hat)
+    W = W.double()
+
+    def q(M):  # sum over pairs i < j of w_i w_j M_ij, per replicate (M symmetric with zero diagonal)
+        return ((W @ M) * W).sum(1) / 2
+
+    s0 = (W.sum(1) ** 2 - (W**2).sum(1)) / 2
+    sa, sb, saa, sbb, sab = q(A), q(B), q(A * A), q(B * B), q(A * B)
+    return (s0 * sab - sa * sb) / ((s0 * saa - sa**2) * (s0 * sbb - sb**2)).sqrt().clamp_min(1e-300)
