@@ -167,9 +167,13 @@ def _outlier_section(res: dict, figs: dict) -> list[str]:
     o = res["outliers"]
     q = o["norm_quantiles"]
     handling = {
-        "keep": "SAEs are trained and evaluated on every token (outliers: keep)",
+        "keep": "SAEs are trained and evaluated on every token (outliers: keep, the default: in a measurement "
+        "on this model and layer, excluding the outliers from training left the FVU on all tokens unchanged and "
+        "lowered the recaptured LM loss slightly, while hiding the outlier latents from the statistics; see the "
+        "README). The latents that exist for outlier tokens are flagged below and skipped by the robust power-law fit",
         "exclude": "SAEs are trained and evaluated only on tokens at or below the threshold (outliers: exclude); "
-        "recaptured LM loss still splices them in at every position",
+        "recaptured LM loss still splices the SAE in at every position. Outlier latents cannot be flagged: the "
+        "statistics see no outlier tokens",
     }[o["handling"]]
     parts = [
         "<h2>Outlier tokens</h2>",
