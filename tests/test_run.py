@@ -128,10 +128,10 @@ def check_numbers(page: str, res: dict) -> int:
     """Every cell of the results table on the page equals results.json formatted the same way."""
     p = Cells()
     p.feed(page)
-    table = next(t for t in p.tables if t[0][:3] == ["sae", "seeds", "G"])
-    header, checked = table[0], 0
-    for row in table[1:]:
-        cells = dict(zip(header, row, strict=True))
+    recon, lm = (t for t in p.tables if t[0][:3] == ["sae", "seeds", "G"])  # one row per family and G in each
+    header, checked = recon[0] + lm[0], 0
+    for a, b in zip(recon[1:], lm[1:], strict=True):
+        cells = dict(zip(header, a + b, strict=True))
         src = next(r for r in res["families"][cells["sae"]]["table"] if r["G"] == int(cells["G"]))
         for col, key in (("fvu_prefix",) * 2, ("fvu_rescaled",) * 2, ("recaptured_rescaled",) * 2, ("l0_prefix", "l0")):
             assert cells[col] == fmt_ci(src[key], src[f"{key}_ci"]), (cells["sae"], col)

@@ -14,7 +14,7 @@ import numpy as np
 from ..analysis import load_stats
 from ..files import load_json
 from .figures import figures
-from .tables import RESULT_COLUMNS, fmt, html_table, result_rows, seconds, write_csv
+from .tables import RECONSTRUCTION, RESULT_COLUMNS, fmt, html_table, result_rows, seconds, write_csv
 
 
 def _img(path: Path, alt: str) -> str:
@@ -61,6 +61,7 @@ def write_report(run_dir: str | Path) -> Path:
         write_csv(run_dir / "tables" / "training.csv", tr_rows)
     figs = figures(res, run_dir)
 
+    rows = result_rows(res)
     c, src = res["config"], res["source"]
     lm = next((s["lm"] for s in res["saes"].values() if s.get("lm")), None)
     seeds = c.get("seeds", 1)
@@ -97,7 +98,10 @@ def write_report(run_dir: str | Path) -> Path:
         "prefix: TopK over all N latents, then those ≥ G dropped (its L0 falls with G); rescaled: TopK over the first G "
         "with k·G/N, the paper's constant K/G (L0 = k·G/N, matched across SAEs). Native SAEs are meaningful at their own "
         "size; their rows at smaller G are truncations.</p>",
-        html_table(result_rows(res), ["sae", "seeds", "G", *(col for col, _ in RESULT_COLUMNS)]),
+        "<h3>Reconstruction</h3>",
+        html_table(rows, ["sae", "seeds", "G", *RECONSTRUCTION]),
+        "<h3>Language-modelling loss with the reconstruction spliced in</h3>",
+        html_table(rows, ["sae", "seeds", "G", *(col for col, _ in RESULT_COLUMNS if col not in RECONSTRUCTION)]),
         _img(figs["fvu"], "FVU against granularity G (95% intervals)"),
         _img(figs["curve"], "The full one-pass curve: FVU at every G, log-log, and the fitted scaling laws"),
         _img(figs["l0"], "FVU against L0: how much each SAE reconstructs for a given number of active latents"),

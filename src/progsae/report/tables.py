@@ -26,6 +26,8 @@ RESULT_COLUMNS = (
     ("dead_frac", "dead_frac"),
 )
 
+RECONSTRUCTION = ("fvu_prefix", "fvu_rescaled", "l0_prefix", "l0_rescaled", "rsa_prefix", "rsa_rescaled", "dead_frac")
+
 
 def fmt(v) -> str:
     """How every number appears on the page and in the tables."""
