@@ -203,6 +203,22 @@ def test_outputs_are_checked_before_the_work_and_written_with_the_users_umask(wo
     assert stat.S_IMODE((tmp_path / "s.safetensors").stat().st_mode) == 0o644
 
 
+def test_a_killed_command_says_how_to_resume(workdir, tmp_path):
+    import os
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "progsae.cli", "train", str(workdir / "acts"), "--out", str(tmp_path / "s"),
+           "--d-sae", "128", "--k", "4", "--tokens", "100000000", "--batch-size", "1024"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, t0 = b"", time.monotonic()
+    while b"train" not in seen and time.monotonic() - t0 < 120:  # until the progress bar shows: it is training
+        seen += os.read(p.stderr.fileno(), 4096)
+    p.send_signal(signal.SIGTERM)
+    err = (seen + p.stderr.read()).decode()
+    assert p.wait(timeout=60) == 130 and "progsae: interrupted" in err and "resumes" in err, err[-1000:]
+
+
 def test_unknown_metric_choice_and_help_from_the_installed_script():
     r = subprocess.run(
         [sys.executable, "-m", "progsae.cli", "permute", "x", "--stats", "s", "--by", "loud", "--out", "o"],

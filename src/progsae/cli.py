@@ -488,14 +488,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"progsae: error: unknown metric {bad[0]!r}; use e_z2, freq, e_z, max or dec_cov_eigs", file=sys.stderr
             )
             return 2
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # `kill` ends a command as Ctrl-C does: with a word on how to resume
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         args.fn(args)
     except ProgsaeError as e:
         print(f"progsae: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("progsae: interrupted", file=sys.stderr)
+        print(
+            "progsae: interrupted; finished stages, checkpoints and partial extractions are kept: "
+            "the same command resumes from them",
+            file=sys.stderr,
+        )
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
