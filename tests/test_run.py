@@ -38,6 +38,7 @@ def run(tmp_path_factory):
         "stats_tokens": 2000,
         "rsa_tokens": 100,
         "lm_tokens": 60,
+        "seeds": 1,
         "minutes_estimate": None,
     }
     (w / "cfg.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()))

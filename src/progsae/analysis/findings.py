@@ -75,22 +75,27 @@ def matryoshka_findings(agg: Aggregate, res: dict, N: int) -> list[dict]:
             cmps = [c for G in trained if (c := agg.compare(fam, perm, key, "rescaled", G, higher))]
             if not cmps:
                 continue
-            pre = [c for G in grid if (c := agg.compare(fam, perm, key, "prefix", G, higher))]
-            l0s = {G: (agg.point(fam, "l0", "prefix", G), agg.point(perm, "l0", "prefix", G)) for G in grid}
+            pre = [c for G in trained if (c := agg.compare(fam, perm, key, "prefix", G, higher))]
+            l0s = {G: (agg.point(fam, "l0", "prefix", G), agg.point(perm, "l0", "prefix", G)) for G in trained}
             prefix = (
-                f"prefix mode, same G: better at {sum(c['better'] for c in pre)} of {len(pre)} (for certain at {sum(c['certain'] for c in pre)}; L0 "
+                f"Prefix mode, same G: better at {sum(c['better'] for c in pre)} of {len(pre)} (for certain at "
+                f"{sum(c['certain'] for c in pre)}; L0 "
                 + ", ".join(f"{l0s[c['G']][0]:.1f} vs {l0s[c['G']][1]:.1f}" for c in pre)
                 + ")"
             )
+            qualifier = ""
             if key == "fvu":
-                m = [matched_l0(curves[fam], curves[perm], G) for G in grid]
+                m = [matched_l0(curves[fam], curves[perm], G) for G in trained]
                 m = [x for x in m if x["fvu_a"] is not None and x["fvu_b"] is not None]
                 wins = sum(x["fvu_a"] < x["fvu_b"] for x in m)
                 prefix += (
-                    f"; at matched L0: better at {wins} of {len(m)} ("
-                    + ", ".join(f"L0 {x['l0']:.1f}: {x['fvu_a']:.3f} vs {x['fvu_b']:.3f}" for x in m)
+                    "; at matched L0 (each prefix curve read at the G where its L0 equals the lower of the two "
+                    f"L0s at that G): better at {wins} of {len(m)} ("
+                    + ", ".join(f"G={x['G']}, L0 {x['l0']:.1f}: {x['fvu_a']:.3f} vs {x['fvu_b']:.3f}" for x in m)
                     + ")"
                 )
+                if m and 2 * wins < len(m):
+                    qualifier = f" in rescaled mode; not in prefix mode at matched L0 ({wins} of {len(m)})"
             untrained = [G for G in grid if G not in trained]
             note = (
                 f" Not judged at G = {', '.join(map(str, untrained))}, which it was not trained for."
@@ -105,8 +110,9 @@ def matryoshka_findings(agg: Aggregate, res: dict, N: int) -> list[dict]:
                     f"{sum(c['worse_certain'] for c in cmps)} — "
                     + "; ".join(_cmp(c) for c in cmps)
                     + f". {prefix}.{note}",
-                    "verdict": _verdict(cmps),
-                    "rule": "rescaled mode, every trained G < N, interval of the difference excluding the reverse",
+                    "verdict": _verdict(cmps) + (qualifier if _verdict(cmps) != "not reproduced" else ""),
+                    "rule": "rescaled mode, every trained G < N, interval of the difference excluding the reverse; "
+                    "FVU verdicts also say when prefix mode at matched L0 disagrees",
                 }
             )
     return out

@@ -54,8 +54,9 @@ def styles(res: dict) -> dict[str, dict]:
     for fam, f in res["families"].items():
         if fam in fixed:
             out[fam] = fixed[fam]
-        elif f["role"] == "native":
-            out[fam] = {"color": "tab:green", "ls": "none", "marker": MARKER_NATIVE}
+        elif f["role"] == "native":  # greens, darker for larger
+            shade = 0.45 + 0.5 * np.log2(f["d_sae"] / (N / 8)) / 3
+            out[fam] = {"color": _plt().cm.Greens(shade), "ls": "none", "marker": MARKER_NATIVE}
         else:  # pretrained: one colour per SAE; as given solid, sorted dashed / dotted
             base = fam.removesuffix("-by-e_z2").removesuffix("-by-freq")
             colour = pre_colour.setdefault(base, next(others, "0.3"))
@@ -123,8 +124,9 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
             axes[1].loglog(G, predict(f, G), color=st[fam]["color"], lw=2.2, alpha=0.8,
                            label=f"{fam}: {f['a']:.2f}·G^-{f['b']:.2f} + {f['c']:.3f} (R² {f['r2']:.3f})")  # fmt: skip
     nat = [(f, v) for f, v in res["families"].items() if v["role"] in ("native", "vanilla") and "-by-" not in f]
-    for _, v in nat:
-        axes[0].plot(v["d_sae"], v["table"][-1]["fvu_prefix"], MARKER_NATIVE, color="tab:green", ms=6)
+    for fam, v in nat:
+        colour = st[fam]["color"] if v["role"] == "native" else plt.cm.Greens(0.95)
+        axes[0].plot(v["d_sae"], v["table"][-1]["fvu_prefix"], MARKER_NATIVE, color=colour, ms=6)
     for ax in axes:
         ax.set_xlabel("granularity G (every G from one pass; prefix truncation)")
         ax.set_ylabel("FVU")

@@ -162,7 +162,7 @@ def _training_text(res: dict) -> str:
     return (
         f"<p>Each SAE saw {c['sae_tokens']:,} tokens drawn from {c['train_tokens']:,} training activations "
         f"({c['sae_tokens'] / c['train_tokens']:.1f} passes). Convergence: the slope of the batch FVU against "
-        "log₂(tokens) over the last quarter of training, i.e. the FVU change one more doubling of the tokens is "
+        "log₂(tokens) over the second half of training, i.e. the FVU change one more doubling of the tokens is "
         "projected to bring; an SAE counts as converged when that is under 1% of its final FVU.</p>"
     )
 
