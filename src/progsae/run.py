@@ -540,7 +540,7 @@ def convergence(history: list[dict], cfg: RunConfig) -> dict:
     final = float(np.mean(f[-3:]))
     return {
         "tokens": h[-1]["tokens"] if h else 0,
-        "passes": round((h[-1]["tokens"] if h else 0) / cfg.train_tokens, 2),
+        "passes": round((h[-1]["tokens"] if h else 0) / cfg.train_tokens, 1),
         "final_fvu": final,
         "fvu_per_doubling": slope,
         "converged": slope is not None and -slope < CONVERGED * final,

@@ -33,6 +33,8 @@ def fmt(v) -> str:
     """How every number appears on the page and in the tables."""
     if v is None:
         return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, int):
         return str(v)
     return f"{v:.4f}"
