@@ -160,6 +160,33 @@ def test_rsa_is_one_for_identical_and_scaled_geometry_and_lower_for_noise():
     assert 0 < noisy["cosine"]["spearman"] < 0.95
 
 
+def test_rsa_equals_a_numpy_computation_of_all_four_correlations():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 7, generator=g) + 0.4
+    y = x + 0.7 * torch.randn(50, 7, generator=g)
+    got = rsa(x, y)
+    iu = np.triu_indices(50, 1)
+
+    def dists(a):
+        a = a.double().numpy()
+        u = a / np.linalg.norm(a, axis=1, keepdims=True)
+        euclid = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
+        return {"cosine": (1 - u @ u.T)[iu], "euclidean": euclid[iu]}
+
+    def ranks(v):  # no ties in continuous random data
+        r = np.empty(len(v))
+        r[np.argsort(v)] = np.arange(len(v))
+        return r
+
+    dx, dy = dists(x), dists(y)
+    for m in ("cosine", "euclidean"):
+        assert got[m]["pearson"] == pytest.approx(np.corrcoef(dx[m], dy[m])[0, 1], abs=1e-9)
+        assert got[m]["spearman"] == pytest.approx(np.corrcoef(ranks(dx[m]), ranks(dy[m]))[0, 1], abs=1e-9)
+    assert 0.2 < got["cosine"]["spearman"] < 0.95  # a value, not just a correlation's range
+
+
 def test_ranks_average_ties():
     v = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0], dtype=torch.float64)
     assert _rank(v).tolist() == [3.0, 0.0, 3.0, 1.0, 3.0]

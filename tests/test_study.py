@@ -159,3 +159,15 @@ def test_rsa_replicates_are_the_rsa_at_unit_weights_and_track_a_re_ranked_bootst
     slow = np.array(slow)
     assert np.corrcoef(fast, slow)[0, 1] > 0.95
     assert fast.std() == pytest.approx(slow.std(), rel=0.15)
+
+
+def test_verdict_rule_counts_only_comparisons_whose_interval_excludes_the_reverse():
+    from progsae.analysis.findings import _verdict
+
+    def c(certain, ci=(0.1, 0.2)):
+        return {"certain": certain, "ci": list(ci)}
+
+    assert _verdict([c(True), c(True)]) == "reproduced"
+    assert _verdict([c(True), c(False)]) == "partly reproduced"
+    assert _verdict([c(False), c(False)]) == "not reproduced"
+    assert _verdict([{"certain": False, "ci": None}]) == "undecided (no interval)"
