@@ -94,6 +94,22 @@ def main() -> None:
     print(f"{'one full-size FVU pass (encode + decode)':<52}{one * 1e3:>8.0f}{1:>9.2f}x")
     print(f"{'one-pass FVU curve at every G = 1..N':<52}{curve * 1e3:>8.0f}{curve / one:>9.2f}x")
 
+    # latent records (the browser's and auto-interp's data) against one encode of the same tokens, streaming:
+    # the records' kept entries are full after the first batches, so a timed update merges into full state
+    from progsae.analysis.records import RecordsPass
+
+    @torch.no_grad()
+    def encode_pass():
+        return sae.encode(x)
+
+    records = RecordsPass(sae)
+    for _ in range(3):
+        records.update(x)
+    enc, rec = timeit(encode_pass, a.repeats), timeit(lambda: records.update(x), a.repeats)
+    print(f"{'encode only':<52}{enc * 1e3:>8.0f}{enc / one:>9.2f}x")
+    print(f"{'latent records pass (top 20, sample 40, histogram)':<52}{rec * 1e3:>8.0f}{rec / one:>9.2f}x"
+          f"   {rec / enc:.2f}x the encode")  # fmt: skip
+
     # a JumpReLU SAE of the same weights, its one threshold set so that the mean L0 is ~k (pretrained SAEs)
     jr = SAE(SAEConfig(d, N, None, architecture="jumprelu"))
     with torch.no_grad():

@@ -171,3 +171,33 @@ def test_verdict_rule_counts_only_comparisons_whose_interval_excludes_the_revers
     assert _verdict([c(True), c(False)]) == "partly reproduced"
     assert _verdict([c(False), c(False)]) == "not reproduced"
     assert _verdict([{"certain": False, "ci": None}]) == "undecided (no interval)"
+
+
+def test_latent_records_match_a_dense_brute_force():
+    from progsae.analysis.records import BINS, latent_records, non_activating
+
+    sae = make_sae(d=16, N=96, k=5)
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(300, 16, generator=g) + 0.3 for _ in range(4)]
+    rec = latent_records(sae, xs, n_top=6, n_sample=10, n_random_rows=50, seed=1)
+    x = torch.cat(xs)
+    z = dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach().double().numpy()  # [1200, 96]
+    np.testing.assert_allclose(rec["freq"].numpy(), (z > 0).mean(0))
+    np.testing.assert_allclose(rec["e_z2"].numpy(), (z**2).mean(0), rtol=1e-5)
+    for i in range(96):
+        col = z[:, i]
+        fired = np.flatnonzero(col > 0)
+        top = fired[np.argsort(-col[fired], kind="stable")][:6]
+        got = rec["top_rows"][i].numpy()
+        got = got[got >= 0]
+        np.testing.assert_allclose(np.sort(col[got])[::-1], col[top], rtol=1e-5)  # the same top values
+        np.testing.assert_allclose(rec["top_values"][i, : len(got)].numpy(), col[got], rtol=1e-5)
+        s = rec["sample_rows"][i].numpy()
+        s = s[s >= 0]
+        assert len(s) == min(10, len(fired)) and (col[s] > 0).all()  # a sample of its own activations
+        assert rec["hist"][i].sum() == len(fired)
+        h, _ = np.histogram(np.clip(col[fired], BINS[0], BINS[-1] * 0.999), BINS)
+        assert (rec["hist"][i].numpy() == h).all()
+        for r in non_activating(rec, i, 20):
+            assert col[r] == 0
+    assert len(rec["random_rows"]) == 50 and len(set(rec["random_rows"].tolist())) == 50

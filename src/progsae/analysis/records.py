@@ -1,0 +1,124 @@
+"""Latent records: what each latent fires on, gathered in one streaming pass (the basis of the feature
+browser and of auto-interpretation).
+
+Per latent: its top-n activations (value, row), a uniform random sample of its activations (a reservoir:
+each activation gets a random key and the `n_sample` smallest keys are kept, so quantiles can be drawn from
+it), an activation histogram over fixed log-spaced bins, firing frequency and E[z^2]; and, shared by all
+latents, a random sample of rows with their codes, from which each latent's non-activating rows are drawn.
+Memory is O(N (n_top + n_sample + bins)), never [n_tokens, N]: each batch's sparse entries are merged into
+the kept ones by one sort. Rows are indices into the activation directory, which maps them to contexts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from ..sae import SAE
+
+BINS = np.geomspace(1e-3, 1e4, 57)  # histogram edges: activation values from 0.001 to 10,000
+
+
+def _keep_top(latent, key, payload: list, N: int, n: int):
+    """Entries sorted by (latent, key descending), at most n per latent: (latent, key, *payload)."""
+    order = torch.sort(key, descending=True, stable=True).indices
+    order = order[torch.sort(latent[order], stable=True).indices]
+    latent, key, payload = latent[order], key[order], [p[order] for p in payload]
+    counts = torch.bincount(latent, minlength=N)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(latent)) - start[latent]
+    keep = rank < n
+    return latent[keep], key[keep], [p[keep] for p in payload]
+
+
+class RecordsPass:
+    def __init__(self, sae: SAE, n_top: int = 20, n_sample: int = 40, n_random_rows: int = 512, seed: int = 0):
+        self.sae, self.N = sae, sae.d_sae
+        self.n_top, self.n_sample, self.n_random = n_top, n_sample, n_random_rows
+        self.gen = torch.Generator().manual_seed(seed)
+        empty_i, empty_f = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        self.top = (empty_i, empty_f, [empty_i])  # latent, value, [row]
+        self.res = (empty_i, empty_f, [empty_f, empty_i])  # latent, key, [value, row]
+        self.hist = torch.zeros(self.N, len(BINS) - 1, dtype=torch.long)
+        self.count = torch.zeros(self.N, dtype=torch.float64)
+        self.sum_sq = torch.zeros(self.N, dtype=torch.float64)
+        self.random_rows: list[tuple[float, int, torch.Tensor, torch.Tensor]] = []  # key, row, values, indices
+        self.n = 0
+        self.edges = torch.from_numpy(BINS).float()
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        values, indices = self.sae.encode(x.to(self.sae.W_dec.device))
+        values, indices = values.cpu(), indices.cpu()
+        rows = torch.arange(self.n, self.n + len(x)).unsqueeze(1).expand_as(indices)
+        on = values > 0
+        lat, val, row = indices[on], values[on], rows[on]
+        self.count += torch.bincount(lat, minlength=self.N).double()
+        self.sum_sq.index_add_(0, lat, val.double().pow(2))
+        b = (torch.bucketize(val, self.edges) - 1).clamp(0, len(BINS) - 2)
+        self.hist.view(-1).index_add_(0, lat * (len(BINS) - 1) + b, torch.ones_like(lat))
+        tl, tv, (tr,) = self.top
+        self.top = _keep_top(torch.cat([tl, lat]), torch.cat([tv, val]), [torch.cat([tr, row])], self.N, self.n_top)
+        rl, rk, (rv, rr) = self.res
+        key = torch.rand(len(lat), generator=self.gen)
+        self.res = _keep_top(
+            torch.cat([rl, lat]), torch.cat([rk, key]), [torch.cat([rv, val]), torch.cat([rr, row])], self.N,
+            self.n_sample,
+        )  # fmt: skip
+        keys = torch.rand(len(x), generator=self.gen).tolist()
+        self.random_rows += [(k, self.n + i, values[i], indices[i]) for i, k in enumerate(keys)]
+        self.random_rows = sorted(self.random_rows, key=lambda t: -t[0])[: self.n_random]
+        self.n += len(x)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Dense per-latent arrays (rows padded with -1, values with 0), latents in index order."""
+
+        def dense(latent, value, row, n):
+            counts = torch.bincount(latent, minlength=self.N)
+            rank = torch.arange(len(latent)) - (torch.cumsum(counts, 0) - counts)[latent]
+            V, R = torch.zeros(self.N, n), torch.full((self.N, n), -1, dtype=torch.long)
+            V[latent, rank], R[latent, rank] = value, row
+            return V, R
+
+        tl, tv, (tr,) = self.top
+        top_v, top_r = dense(tl, tv, tr, self.n_top)
+        rl, _, (rv, rr) = self.res
+        order = torch.sort(rv, descending=True, stable=True).indices  # each latent's sample by value, high first
+        order = order[torch.sort(rl[order], stable=True).indices]
+        sample_v, sample_r = dense(rl[order], rv[order], rr[order], self.n_sample)
+        random = sorted(self.random_rows, key=lambda t: t[1])
+        return {
+            "top_values": top_v,
+            "top_rows": top_r,
+            "sample_values": sample_v,
+            "sample_rows": sample_r,
+            "hist": self.hist,
+            "hist_edges": torch.from_numpy(BINS),
+            "freq": self.count / max(self.n, 1),
+            "e_z2": self.sum_sq / max(self.n, 1),
+            "random_rows": torch.tensor([t[1] for t in random], dtype=torch.long),
+            "n_tokens": torch.tensor(self.n),
+        } | self._random_codes(random)
+
+    def _random_codes(self, random) -> dict[str, torch.Tensor]:
+        """The random rows' codes as a CSR-like pair, so each latent's non-activating rows can be drawn."""
+        w = max((len(t[3]) for t in random), default=0)
+        idx = torch.full((len(random), w), -1, dtype=torch.long)
+        for i, t in enumerate(random):
+            idx[i, : len(t[3])] = torch.where(t[2] > 0, t[3], -1)
+        return {"random_active": idx}
+
+
+def latent_records(sae: SAE, batches: Iterable[torch.Tensor], **kw) -> dict[str, torch.Tensor]:
+    acc = RecordsPass(sae, **kw)
+    for x in batches:
+        acc.update(x)
+    return acc.result()
+
+
+def non_activating(records: dict[str, torch.Tensor], latent: int, n: int) -> list[int]:
+    """Up to n of the random rows on which `latent` did not fire."""
+    active = (records["random_active"] == latent).any(1)
+    return records["random_rows"][~active][:n].tolist()
