@@ -103,6 +103,31 @@ def test_extraction_writes_traceable_rows_without_bos(lm, tmp_path):
     torch.testing.assert_close(rows["activations"][i], h)
 
 
+def test_latent_records_point_at_the_tokens_that_made_them(lm, tmp_path):
+    """Each top record's (context, position) is where the model's activation gives that latent that value."""
+    from progsae.analysis.records import latent_records, load_records, row_contexts, save_records
+
+    model, tok, corpus, _ = lm
+    cfg = ExtractConfig(model="tiny", layer=1, tokens=300, corpus=corpus, ctx_len=16, batch_size=4)
+    acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False, shard_tokens=100))
+    sae = SAE(SAEConfig(acts.d_in, 40, 4)).init_tied()
+    rec = latent_records(sae, acts.iter_rows(64), n_top=5)
+    save_records(tmp_path / "records.safetensors", rec, sae, str(acts.path))
+    rec = load_records(tmp_path / "records.safetensors", sae)
+    ctx, pos = row_contexts(acts, rec["top_rows"])
+    contexts = load_tensors(acts.path / "contexts.safetensors")["contexts"]
+    i = int(rec["freq"].argmax())
+    for c, p, v in zip(ctx[i], pos[i], rec["top_values"][i], strict=True):
+        h = residual_stream(model, contexts[c][None], 1)[0, p]
+        with torch.no_grad():
+            z = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        kept = z.topk(4).indices
+        assert i in kept.tolist() and float(z[i]) == pytest.approx(float(v), rel=1e-4)
+    other = SAE(SAEConfig(acts.d_in, 40, 4)).init_tied()
+    with pytest.raises(ProgsaeError, match="records of another SAE"):
+        load_records(tmp_path / "records.safetensors", other.permute(torch.arange(40).flip(0)))
+
+
 def test_killed_extraction_resumes_with_no_lost_or_duplicated_tokens(lm, tmp_path, monkeypatch):
     model, tok, corpus, _ = lm
     cfg = ExtractConfig(model="tiny", layer=1, tokens=250, corpus=corpus, ctx_len=16, batch_size=2)

@@ -122,3 +122,43 @@ def non_activating(records: dict[str, torch.Tensor], latent: int, n: int) -> lis
     """Up to n of the random rows on which `latent` did not fire."""
     active = (records["random_active"] == latent).any(1)
     return records["random_rows"][~active][:n].tolist()
+
+
+def save_records(path, records: dict[str, torch.Tensor], sae: SAE, acts_path: str = "") -> None:
+    """The records as safetensors, with the SAE's fingerprint and the activation directory they index."""
+    from ..files import save_tensors
+
+    meta = {"fingerprint": sae.fingerprint(), "acts": str(acts_path), "n_tokens": str(int(records["n_tokens"]))}
+    save_tensors(path, {k: v for k, v in records.items() if k != "n_tokens"}, meta)
+
+
+def load_records(path, sae: SAE | None = None) -> dict:
+    """Records written by `save_records`; with `sae`, refused unless they were gathered for exactly that SAE."""
+    from ..files import ProgsaeError, load_tensors, tensors_metadata
+
+    rec, meta = load_tensors(path), tensors_metadata(path)
+    if "top_rows" not in rec:
+        raise ProgsaeError(f"{path}: not a latent-records file (no top_rows); write one with progsae's records pass")
+    if sae is not None and meta.get("fingerprint") != sae.fingerprint():
+        raise ProgsaeError(f"{path} holds the records of another SAE (other weights or latent order); gather them again")
+    rec["n_tokens"] = torch.tensor(int(meta.get("n_tokens", 0)))
+    rec["acts"] = meta.get("acts", "")
+    return rec
+
+
+def row_contexts(acts, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context_ids, positions) of activation rows of an extracted directory (-1 for padding rows)."""
+    from ..files import ProgsaeError, load_tensor
+
+    ctx, pos = [], []
+    for s in acts.shards:
+        c, p = load_tensor(acts.path / s["file"], "context_ids"), load_tensor(acts.path / s["file"], "positions")
+        if c is None or p is None:
+            raise ProgsaeError(f"{acts.path} stores no context_ids/positions; records need a directory from `progsae extract`")
+        ctx.append(c)
+        pos.append(p)
+    ctx, pos = torch.cat(ctx), torch.cat(pos)
+    valid = rows >= 0
+    out_c, out_p = torch.full_like(rows, -1), torch.full_like(rows, -1)
+    out_c[valid], out_p[valid] = ctx[rows[valid]], pos[rows[valid]]
+    return out_c, out_p
