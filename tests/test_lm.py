@@ -123,6 +123,17 @@ def test_latent_records_point_at_the_tokens_that_made_them(lm, tmp_path):
             z = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
         kept = z.topk(4).indices
         assert i in kept.tolist() and float(z[i]) == pytest.approx(float(v), rel=1e-4)
+    # the proxies read the tokens at those rows: the same as the shards' own token_ids
+    from progsae.analysis.proxies import proxies
+
+    shards = [load_tensors(acts.path / s["file"]) for s in acts.shards]
+    token_ids = torch.cat([s["token_ids"] for s in shards])
+    p = proxies(sae, rec, acts, contexts, model.get_output_embeddings().weight, k=5)
+    row = rec["top_rows"][i][rec["top_rows"][i] >= 0]
+    _, counts = torch.unique(token_ids[row], return_counts=True)
+    q = counts.double() / counts.sum()
+    assert float(p["token_entropy"][i]) == pytest.approx(float(-(q * q.log()).sum()))
+    assert p["logit_lens"].shape == (40, 5) and 0 <= float(p["lens_agreement"][i]) <= 1
     other = SAE(SAEConfig(acts.d_in, 40, 4)).init_tied()
     with pytest.raises(ProgsaeError, match="records of another SAE"):
         load_records(tmp_path / "records.safetensors", other.permute(torch.arange(40).flip(0)))

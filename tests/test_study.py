@@ -201,3 +201,20 @@ def test_latent_records_match_a_dense_brute_force():
         for r in non_activating(rec, i, 20):
             assert col[r] == 0
     assert len(rec["random_rows"]) == 50 and len(set(rec["random_rows"].tolist())) == 50
+
+
+def test_llm_free_proxies_against_hand_computed_values():
+    import math
+
+    from progsae.analysis.proxies import lens_agreement, logit_lens, token_entropy
+
+    ids = torch.tensor([[5, 5, 5, -1], [1, 2, 3, 4], [1, 1, 2, 2], [-1, -1, -1, -1]])
+    np.testing.assert_allclose(token_entropy(ids).numpy(), [0, math.log(4), math.log(2), 0], atol=1e-12)
+    lens = torch.tensor([[5, 9], [7, 8], [2, 0], [1, 1]])
+    got = lens_agreement(ids, lens).numpy()
+    np.testing.assert_allclose(got[:3], [1.0, 0.0, 0.5])
+    assert np.isnan(got[3])  # no records: no agreement to measure
+    sae = make_sae(d=16, N=24)
+    U = torch.randn(50, 16, generator=torch.Generator().manual_seed(2))
+    expect = np.argsort(-(sae.W_dec.detach().double().numpy() @ U.double().numpy().T), axis=1)[:, :3]
+    assert (logit_lens(sae, U, k=3, chunk=7).numpy() == expect).all()
