@@ -313,3 +313,48 @@ def test_cli_extracts_trains_and_measures_recaptured_loss_end_to_end(lm, tmp_pat
     capsys.readouterr()
     assert main(["extract", *common, "--layer", "7", "--tokens", "10", "--out", str(tmp_path / "bad")]) == 2
     assert "layer 7 does not exist" in capsys.readouterr().err and not (tmp_path / "bad.partial").exists()
+
+
+def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromium(lm, tmp_path, capsys):
+    import re
+    import shutil
+    import subprocess
+
+    from progsae.analysis import latent_stats
+    from progsae.cli import main
+
+    model, tok, corpus, model_dir = lm
+    cfg = ExtractConfig(model=model_dir, layer=1, tokens=400, corpus=corpus, ctx_len=16, batch_size=4)
+    acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False))
+    sae = SAE(SAEConfig(acts.d_in, 24, 3, progsae={"granularities": [8, 24]})).init_tied()
+    sae.save(tmp_path / "sae")
+    assert main(["browse", str(tmp_path / "sae"), str(acts.path), "--out", str(tmp_path / "site")]) == 0
+    site = tmp_path / "site"
+    page = (site / "index.html").read_text()
+    listed = [int(i) for i in re.findall(r"<a href='latents/(\d+)\.html'>", page)]
+    e_z2 = latent_stats(sae, acts.iter_rows(100))["e_z2"]
+    assert listed == torch.sort(e_z2, descending=True, stable=True).indices.tolist()  # importance order
+    top = listed[0]
+    latent = (site / "latents" / f"{top}.html").read_text()
+    assert re.search(r"background:rgba\(255,120,0,(1\.00|0\.[1-9]\d)\)", latent)  # shaded tokens
+    assert latent.count("<div class='lens'><span>") == 1 and "band: latents below" in latent
+    assert len(list((site / "latents").glob("*.html"))) == 24 and "<style" not in latent  # shared CSS, small pages
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not installed (make test installs it where it can)")
+    token = next(t for t in json.loads((site / "tokens.js").read_text()[len("window.TOKENS=") : -1]) if t.strip())
+
+    def dom(url):
+        r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                            f"--user-data-dir={tmp_path / 'chrome'}", "--enable-logging=stderr", "--log-level=0",
+                            "--virtual-time-budget=3000", "--dump-dom", url],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 0 and "CONSOLE" not in r.stderr, r.stderr[-2000:]
+        return r.stdout
+
+    assert f"latents/{top}.html" in dom((site / "index.html").as_uri())
+    import urllib.parse
+
+    found = dom((site / "index.html").as_uri() + "#q=" + urllib.parse.quote(token))
+    assert "class=\"hit\"" in found  # the token search lists the latents that fire on it
+    assert "logit lens" in dom((site / "latents" / f"{top}.html").as_uri())

@@ -187,6 +187,20 @@ def inspect_sae(path: str, stats_path: str | None = None) -> dict:
     return info
 
 
+def cmd_browse(a) -> None:
+    from .browse import browse
+    from .data import ActivationDir
+    from .data.lm import load_lm
+    from .sae import SAE
+
+    out = check_output_dir(a.out)
+    sae, acts = SAE.load(a.sae), ActivationDir(a.acts)
+    _check_d_in(sae, acts)
+    model, tok, _ = load_lm(a.model or acts.manifest.get("source", {}).get("model", ""))
+    browse(sae, acts, out, model, tok, max_tokens=a.tokens)
+    print(f"browser of {sae.d_sae} latents written to {out}/index.html (opens from disk)")
+
+
 def cmd_inspect(a) -> None:
     info = inspect_sae(a.sae, a.stats)
     if a.json:
@@ -438,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="layout to write (default: the one read; dictionary_learning and Gemma Scope sources as saelens)",
     )
     s.set_defaults(fn=cmd_permute)
+
+    s = sub.add_parser("browse", help="a static feature browser: latents in importance order, their contexts")
+    s.add_argument("sae", help=SAE_HELP)
+    s.add_argument("acts", help="activation directory from `progsae extract` (held-out split)")
+    s.add_argument("--out", required=True, help="directory to write (index.html opens from disk)")
+    s.add_argument("--tokens", type=int, default=50_000, help="rows of ACTS to read (default 50,000)")
+    s.add_argument("--model", help="model for the logit lens and the tokens (default: the one ACTS was extracted from)")
+    s.set_defaults(fn=cmd_browse)
 
     s = sub.add_parser("inspect", help="what an SAE file is: format, architecture, sizes, hook, order")
     s.add_argument("sae", help=SAE_HELP)
