@@ -218,3 +218,26 @@ def test_llm_free_proxies_against_hand_computed_values():
     U = torch.randn(50, 16, generator=torch.Generator().manual_seed(2))
     expect = np.argsort(-(sae.W_dec.detach().double().numpy() @ U.double().numpy().T), axis=1)[:, :3]
     assert (logit_lens(sae, U, k=3, chunk=7).numpy() == expect).all()
+
+
+def test_simulation_and_detection_scores_on_a_latent_whose_rule_is_known():
+    """A latent fires on the token 'cat' (value 5). A judge that follows that rule scores ~1; one that guesses
+    scores ~0 (simulation) and ~0.5 (detection)."""
+    from progsae.interp.scoring import auroc, balanced_accuracy, simulation_score
+
+    g = np.random.default_rng(0)
+    vocab = ["the", "cat", "sat", "on", "mat", "dog"]
+    contexts = [list(g.choice(vocab, 12)) for _ in range(200)]
+    true = [np.array([5.0 if t == "cat" else 0.0 for t in c]) for c in contexts]
+    follows = [np.array([4.0 if t == "cat" else 0.1 for t in c]) for c in contexts]  # the rule, other scale
+    guesses = [g.random(12) for _ in contexts]
+    assert simulation_score(follows, true) == pytest.approx(1.0, abs=1e-9)
+    assert abs(simulation_score(guesses, true)) < 0.1
+    fires = np.array([t.max() > 0 for t in true])
+    assert fires.any() and not fires.all()
+    assert balanced_accuracy(["cat" in c for c in contexts], fires) == 1.0
+    coin = g.random(200) < 0.5
+    assert abs(balanced_accuracy(coin, fires) - 0.5) < 0.1
+    assert auroc([c.count("cat") for c in contexts], fires) == 1.0
+    assert abs(auroc(g.random(200), fires) - 0.5) < 0.1
+    assert simulation_score([np.zeros(12)] * 200, true) is None  # a constant prediction has no correlation
