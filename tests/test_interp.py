@@ -65,3 +65,62 @@ def test_calls_malformed_replies_timeouts_and_a_rerun_from_the_cache(server, tmp
     assert again.calls == 0 and all(r.cached for r in replies)
     assert [r.text for r in replies] == [ok.text, ok2.text, None, notjson.text]
     assert {r["model"] for r in Handler.seen} == {"judge-1"}
+
+
+class RuleJudge(BaseHTTPRequestHandler):
+    """A judge that knows the latent's rule (fires on 'cat'), or guesses (mode 'guess'), or garbles some replies."""
+
+    mode = "rule"
+
+    def do_POST(self):  # noqa: N802
+        import random
+
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = req["messages"][-1]["content"]
+        rnd = random.Random(prompt)
+        if "What does the latent detect" in prompt:
+            content = {"explanation": "the token cat"}
+        elif "TOKENS: " in prompt:
+            toks = json.loads(prompt.split("TOKENS: ", 1)[1])
+            acts = [10 if t == "cat" else 0 for t in toks] if self.mode != "guess" else [rnd.random() for _ in toks]
+            if self.mode == "garble" and rnd.random() < 0.3:
+                acts = acts[:-1]  # one activation short: malformed
+            content = {"activations": acts}
+        else:
+            toks = json.loads(prompt.split("CONTEXT: ", 1)[1])
+            fires = "cat" in toks if self.mode != "guess" else rnd.random() < 0.5
+            content = {"fires": fires, "confidence": 0.9}
+        data = json.dumps({"choices": [{"message": {"content": json.dumps(content)}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["rule", "guess", "garble"])
+def test_explain_simulate_detect_scores_a_latent_whose_rule_is_known(tmp_path, mode):
+    import numpy as np
+
+    from progsae.interp.autointerp import score_latent
+
+    RuleJudge.mode = mode
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), RuleJudge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        chat = ChatClient(f"http://127.0.0.1:{srv.server_address[1]}/v1", model="m", cache_dir=tmp_path / mode)
+        g = np.random.default_rng(1)
+        ctx = [list(g.choice(["the", "cat", "sat", "on", "mat", "dog", "ran"], 10)) for _ in range(60)]
+        examples = [(c, [3.0 if t == "cat" else 0.0 for t in c]) for c in ctx]
+        r = score_latent(chat, examples[:10], examples[10:])
+    finally:
+        srv.shutdown()
+    assert r["explanation"] == "the token cat" and r["error"] is None
+    if mode == "rule":
+        assert r["simulation"] == pytest.approx(1.0) and r["detection_bacc"] == 1.0 and r["malformed"] == 0
+    elif mode == "guess":
+        assert abs(r["simulation"]) < 0.15 and abs(r["detection_bacc"] - 0.5) < 0.2
+    else:  # some simulations malformed: counted, and the rest still scored
+        assert 0 < r["malformed"] < 50 and r["simulation"] == pytest.approx(1.0)
