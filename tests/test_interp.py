@@ -124,3 +124,16 @@ def test_explain_simulate_detect_scores_a_latent_whose_rule_is_known(tmp_path, m
         assert abs(r["simulation"]) < 0.15 and abs(r["detection_bacc"] - 0.5) < 0.2
     else:  # some simulations malformed: counted, and the rest still scored
         assert 0 < r["malformed"] < 50 and r["simulation"] == pytest.approx(1.0)
+
+
+def test_the_embedded_model_serves_as_a_local_judge_with_the_same_cache(tmp_path):
+    pytest.importorskip("gguf")
+    from progsae.interp import prompts
+    from progsae.interp.llm import LocalChat
+
+    judge = LocalChat("smollm2-135m", cache_dir=tmp_path, max_new_tokens=24)
+    conv = prompts.detect("the token cat", ["the", "cat", "sat"])
+    first = judge.chat(conv)
+    assert isinstance(first.text, str) and first.text.strip() and judge.calls == 1
+    again = judge.chat(conv)
+    assert again.cached and again.text == first.text and judge.calls == 1
