@@ -44,7 +44,7 @@ class RecordsPass:
         self.hist = torch.zeros(self.N, len(BINS) - 1, dtype=torch.long)
         self.count = torch.zeros(self.N, dtype=torch.float64)
         self.sum_sq = torch.zeros(self.N, dtype=torch.float64)
-        self.random_rows: list[tuple[float, int, torch.Tensor, torch.Tensor]] = []  # key, row, values, indices
+        self.rand = (empty_f, empty_i, torch.zeros(0, 0, dtype=torch.long))  # key, row, active latents (-1 pad)
         self.n = 0
         self.edges = torch.from_numpy(BINS).float()
 
@@ -67,9 +67,14 @@ class RecordsPass:
             torch.cat([rl, lat]), torch.cat([rk, key]), [torch.cat([rv, val]), torch.cat([rr, row])], self.N,
             self.n_sample,
         )  # fmt: skip
-        keys = torch.rand(len(x), generator=self.gen).tolist()
-        self.random_rows += [(k, self.n + i, values[i], indices[i]) for i, k in enumerate(keys)]
-        self.random_rows = sorted(self.random_rows, key=lambda t: -t[0])[: self.n_random]
+        rk, rr, ra = self.rand  # the rows with the largest random keys: a uniform sample of rows
+        active = torch.where(on, indices, -1)
+        w = max(ra.shape[1], active.shape[1])
+        pad = lambda a: torch.nn.functional.pad(a, (0, w - a.shape[1]), value=-1)  # noqa: E731
+        keys = torch.cat([rk, torch.rand(len(x), generator=self.gen)])
+        rows, codes = torch.cat([rr, rows[:, 0]]), torch.cat([pad(ra), pad(active)])
+        keep = torch.topk(keys, min(self.n_random, len(keys))).indices
+        self.rand = (keys[keep], rows[keep], codes[keep])
         self.n += len(x)
 
     def result(self) -> dict[str, torch.Tensor]:
@@ -88,7 +93,8 @@ class RecordsPass:
         order = torch.sort(rv, descending=True, stable=True).indices  # each latent's sample by value, high first
         order = order[torch.sort(rl[order], stable=True).indices]
         sample_v, sample_r = dense(rl[order], rv[order], rr[order], self.n_sample)
-        random = sorted(self.random_rows, key=lambda t: t[1])
+        _, rr, ra = self.rand
+        by_row = torch.argsort(rr)
         return {
             "top_values": top_v,
             "top_rows": top_r,
@@ -98,17 +104,10 @@ class RecordsPass:
             "hist_edges": torch.from_numpy(BINS),
             "freq": self.count / max(self.n, 1),
             "e_z2": self.sum_sq / max(self.n, 1),
-            "random_rows": torch.tensor([t[1] for t in random], dtype=torch.long),
+            "random_rows": rr[by_row],
+            "random_active": ra[by_row],  # each random row's active latents (-1 pad): its non-activating latents
             "n_tokens": torch.tensor(self.n),
-        } | self._random_codes(random)
-
-    def _random_codes(self, random) -> dict[str, torch.Tensor]:
-        """The random rows' codes as a CSR-like pair, so each latent's non-activating rows can be drawn."""
-        w = max((len(t[3]) for t in random), default=0)
-        idx = torch.full((len(random), w), -1, dtype=torch.long)
-        for i, t in enumerate(random):
-            idx[i, : len(t[3])] = torch.where(t[2] > 0, t[3], -1)
-        return {"random_active": idx}
+        }
 
 
 def latent_records(sae: SAE, batches: Iterable[torch.Tensor], **kw) -> dict[str, torch.Tensor]:
@@ -140,7 +139,9 @@ def load_records(path, sae: SAE | None = None) -> dict:
     if "top_rows" not in rec:
         raise ProgsaeError(f"{path}: not a latent-records file (no top_rows); write one with progsae's records pass")
     if sae is not None and meta.get("fingerprint") != sae.fingerprint():
-        raise ProgsaeError(f"{path} holds the records of another SAE (other weights or latent order); gather them again")
+        raise ProgsaeError(
+            f"{path} holds the records of another SAE (other weights or latent order); gather them again"
+        )
     rec["n_tokens"] = torch.tensor(int(meta.get("n_tokens", 0)))
     rec["acts"] = meta.get("acts", "")
     return rec
@@ -154,7 +155,9 @@ def row_contexts(acts, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for s in acts.shards:
         c, p = load_tensor(acts.path / s["file"], "context_ids"), load_tensor(acts.path / s["file"], "positions")
         if c is None or p is None:
-            raise ProgsaeError(f"{acts.path} stores no context_ids/positions; records need a directory from `progsae extract`")
+            raise ProgsaeError(
+                f"{acts.path} stores no context_ids/positions; records need a directory from `progsae extract`"
+            )
         ctx.append(c)
         pos.append(p)
     ctx, pos = torch.cat(ctx), torch.cat(pos)

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import ProgsaeError, save_json
+
 
 @dataclass
 class Reply:
@@ -37,8 +39,6 @@ class ChatClient:
         self.model = model or os.environ.get("PROGSAE_LLM_MODEL", "")
         self.api_key = api_key or os.environ.get("PROGSAE_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY", "")
         if not self.base_url or not self.model:
-            from ..files import ProgsaeError
-
             raise ProgsaeError("an LLM endpoint needs a base URL and a model (PROGSAE_LLM_BASE_URL, PROGSAE_LLM_MODEL)")
         self.cache = Path(cache_dir)
         self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
@@ -50,13 +50,9 @@ class ChatClient:
         return {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens}  # fmt: skip
 
-    def _key(self, req: dict) -> Path:
-        body = json.dumps({"base_url": self.base_url, **req}, sort_keys=True)
-        return self.cache / f"{hashlib.sha256(body.encode()).hexdigest()}.json"
-
     def chat(self, messages: list[dict]) -> Reply:
         req = self.request(messages)
-        path = self._key(req)
+        path = _cache_path(self.cache, {"base_url": self.base_url, **req})
         if path.is_file():
             return _text(json.loads(path.read_text())["reply"], cached=True)
         error = None
@@ -69,10 +65,7 @@ class ChatClient:
                 error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
                 time.sleep(min(2.0, 0.2 * 2**attempt))
                 continue
-            self.cache.mkdir(parents=True, exist_ok=True)  # any reply the server gave is kept, usable or not
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"request": req, "reply": body}))
-            tmp.replace(path)
+            save_json(path, {"request": req, "reply": body})  # any reply the server gave is kept, usable or not
             return _text(body)
         return Reply(None, error)  # not cached: a later run tries again
 
@@ -87,6 +80,11 @@ class ChatClient:
     def chat_many(self, conversations: list[list[dict]]) -> list[Reply]:
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(self.chat, conversations))
+
+
+def _cache_path(cache: Path, request: dict) -> Path:
+    """Where the answer to `request` (everything that shapes it: endpoint or model, messages, settings) is kept."""
+    return cache / f"{hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()}.json"
 
 
 def _text(body, cached: bool = False) -> Reply:
@@ -128,7 +126,7 @@ class LocalChat:
         import torch
 
         req = {"local": self.name, "messages": messages, "max_new_tokens": self.max_new_tokens}
-        path = self.cache / f"{hashlib.sha256(json.dumps(req, sort_keys=True).encode()).hexdigest()}.json"
+        path = _cache_path(self.cache, req)
         if path.is_file():
             return Reply(json.loads(path.read_text())["text"], cached=True)
         self.calls += 1
@@ -139,10 +137,7 @@ class LocalChat:
             out = self.lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
                                    do_sample=False, pad_token_id=self.tok.eos_token_id)  # fmt: skip
         text = self.tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        self.cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"request": req, "text": text}))
-        tmp.replace(path)
+        save_json(path, {"request": req, "text": text})
         return Reply(text)
 
     def chat_many(self, conversations: list[list[dict]]) -> list[Reply]:

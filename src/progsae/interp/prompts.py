@@ -28,17 +28,17 @@ def explain(examples: list[tuple[list[str], list[float]]]) -> list[dict]:
 
 def simulate(explanation: str, tokens: list[str]) -> list[dict]:
     """One context's tokens to a predicted activation (0-10) per token, from the explanation alone."""
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Explanation of the latent: {explanation}\nPredict its activation (0-10) on "
-         'each token. Reply {"activations": [one number per token]}.\nTOKENS: ' + json.dumps(tokens)},
-    ]  # fmt: skip
+    return _about(explanation, 'Predict its activation (0-10) on each token. Reply {"activations": [one number '
+                  'per token]}.', "TOKENS", tokens)  # fmt: skip
 
 
 def detect(explanation: str, tokens: list[str]) -> list[dict]:
     """Does the latent fire anywhere in this context? A yes/no with a confidence."""
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Explanation of the latent: {explanation}\nDoes it fire anywhere in this "
-         'context? Reply {"fires": true or false, "confidence": 0 to 1}.\nCONTEXT: ' + json.dumps(tokens)},
-    ]  # fmt: skip
+    return _about(explanation, 'Does it fire anywhere in this context? Reply {"fires": true or false, '
+                  '"confidence": 0 to 1}.', "CONTEXT", tokens)  # fmt: skip
+
+
+def _about(explanation: str, question: str, label: str, tokens: list[str]) -> list[dict]:
+    """A question about one context, asked from the explanation alone; the tokens last, as JSON."""
+    user = f"Explanation of the latent: {explanation}\n{question}\n{label}: {json.dumps(tokens)}"
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]

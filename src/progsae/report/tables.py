@@ -49,11 +49,6 @@ def seconds(v: float) -> str:
     return f"{v:,.0f} s"
 
 
-def metric(row: dict, key: str, mode: str):
-    v = row.get(f"{key}_{mode}")
-    return v["cosine"]["spearman"] if key == "rsa" and v is not None else v
-
-
 def result_rows(res: dict, with_ci: bool = True) -> list[dict]:
     """One row per family and G: every metric as mean [interval] (page), or mean, lo, hi columns (CSV)."""
     rows = []
