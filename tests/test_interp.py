@@ -104,7 +104,7 @@ class RuleJudge(BaseHTTPRequestHandler):
 def test_explain_simulate_detect_scores_a_latent_whose_rule_is_known(tmp_path, mode):
     import numpy as np
 
-    from progsae.interp.autointerp import score_latent
+    from progsae.interp.autointerp import ChatJudge, score_latent
 
     RuleJudge.mode = mode
     srv = ThreadingHTTPServer(("127.0.0.1", 0), RuleJudge)
@@ -114,7 +114,7 @@ def test_explain_simulate_detect_scores_a_latent_whose_rule_is_known(tmp_path, m
         g = np.random.default_rng(1)
         ctx = [list(g.choice(["the", "cat", "sat", "on", "mat", "dog", "ran"], 10)) for _ in range(60)]
         examples = [(c, [3.0 if t == "cat" else 0.0 for t in c]) for c in ctx]
-        r = score_latent(chat, examples[:10], examples[10:])
+        r = score_latent(ChatJudge(chat), examples[:10], examples[10:])
     finally:
         srv.shutdown()
     assert r["explanation"] == "the token cat" and r["error"] is None
@@ -126,14 +126,24 @@ def test_explain_simulate_detect_scores_a_latent_whose_rule_is_known(tmp_path, m
         assert 0 < r["malformed"] < 50 and r["simulation"] == pytest.approx(1.0)
 
 
-def test_the_embedded_model_serves_as_a_local_judge_with_the_same_cache(tmp_path):
+def test_the_embedded_model_judges_from_its_probabilities_well_formed_batched_and_cached(tmp_path):
     pytest.importorskip("gguf")
-    from progsae.interp import prompts
-    from progsae.interp.llm import LocalChat
+    from progsae.interp.autointerp import score_latent
+    from progsae.interp.local import LocalJudge
 
-    judge = LocalChat("smollm2-135m", cache_dir=tmp_path, max_new_tokens=24)
-    conv = prompts.detect("the token cat", ["the", "cat", "sat"])
-    first = judge.chat(conv)
-    assert isinstance(first.text, str) and first.text.strip() and judge.calls == 1
-    again = judge.chat(conv)
-    assert again.cached and again.text == first.text and judge.calls == 1
+    judge = LocalJudge("smollm2-135m", cache_dir=tmp_path, batch_size=2)
+    a, b, c = ["In", " the", " beginning"], [" And", " God", " said", " ,", " Let"], [" light", "\n"]
+    sims = judge.simulate("the word God", [a, b, c])
+    assert [len(s) for s in sims] == [3, 5, 2] and all(0 <= v <= 9 for s in sims for v in s)
+    # padding in a batch changes nothing: each context alone (a fresh judge, no cache) gives the same numbers
+    alone = LocalJudge("smollm2-135m", cache_dir=tmp_path / "other", batch_size=1)
+    assert alone.simulate("the word God", [b])[0] == pytest.approx(sims[1], abs=1e-4)
+    det = judge.detect("the word God", [a, b])
+    assert all(0 < p < 1 and said == (p > 0.5) for said, p in det)
+    assert alone.detect("the word God", [b])[0][1] == pytest.approx(det[1][1], abs=1e-5)
+    calls = judge.calls
+    assert judge.simulate("the word God", [c, a]) == [sims[2], sims[0]] and judge.calls == calls  # from the cache
+    examples = [(b, [0.0, 2.0, 0.0, 0.0, 0.0])]
+    r = score_latent(judge, examples, [(a, [0.0, 0.0, 0.0]), (b, [0.0, 1.5, 0.0, 0.0, 0.0])])
+    assert isinstance(r["explanation"], str) and r["explanation"] and r["malformed"] == 0
+    assert r["detection_auroc"] is not None and -1 <= r["simulation"] <= 1

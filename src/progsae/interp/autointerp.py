@@ -1,49 +1,85 @@
-"""One latent through explain -> simulate -> detect -> scores, with any chat backend (`chat_many`).
+"""One latent through explain -> simulate -> detect -> scores, with any judge.
 
-Every reply that cannot be used (no answer, bad JSON, a wrong number of activations) is counted in the
-result's `malformed`, and the latent is scored on the rest (or not at all, with the reason).
+A judge has `name`, `calls` and three methods, each answering for a batch of contexts:
+    explain(examples)              -> (explanation, None) or (None, why)
+    simulate(explanation, tokens)  -> per context: predicted activation per token, or None (malformed)
+    detect(explanation, tokens)    -> per context: (says it fires, belief it fires in [0, 1]), or None
+`ChatJudge` asks an OpenAI-compatible endpoint with the JSON prompts; `local.LocalJudge` reads a local
+model's next-token probabilities. Every reply that cannot be used is counted in the result's `malformed`,
+and the latent is scored on the rest (or not at all, with the reason).
 """
 
 from __future__ import annotations
 
 from . import prompts
-from .llm import parse_json
+from .llm import ChatClient, parse_json
 from .scoring import auroc, balanced_accuracy, simulation_score
 
 
-def score_latent(chat, explain_examples: list, held_out: list) -> dict:
+class ChatJudge:
+    def __init__(self, client: ChatClient):
+        self.client, self.name = client, f"{client.model} at {client.base_url}"
+
+    @property
+    def calls(self) -> int:
+        return self.client.calls
+
+    def explain(self, examples) -> tuple[str | None, str | None]:
+        reply = self.client.chat_many([prompts.explain(examples)])[0]
+        value, why = parse_json(reply.text)
+        if isinstance(value, dict) and isinstance(value.get("explanation"), str) and value["explanation"].strip():
+            return value["explanation"].strip(), None
+        return None, reply.error or why or "no explanation field"
+
+    def simulate(self, explanation: str, contexts: list[list[str]]) -> list[list[float] | None]:
+        out = []
+        for toks, r in zip(contexts, self.client.chat_many([prompts.simulate(explanation, t) for t in contexts]),
+                           strict=True):  # fmt: skip
+            v, _ = parse_json(r.text)
+            a = v.get("activations") if isinstance(v, dict) else None
+            ok = isinstance(a, list) and len(a) == len(toks) and all(isinstance(x, int | float) for x in a)
+            out.append([float(x) for x in a] if ok else None)
+        return out
+
+    def detect(self, explanation: str, contexts: list[list[str]]) -> list[tuple[bool, float] | None]:
+        out = []
+        for r in self.client.chat_many([prompts.detect(explanation, t) for t in contexts]):
+            v, _ = parse_json(r.text)
+            if not isinstance(v, dict) or not isinstance(v.get("fires"), bool):
+                out.append(None)
+                continue
+            c = v.get("confidence")
+            c = min(max(float(c), 0.0), 1.0) if isinstance(c, int | float) else 1.0
+            out.append((v["fires"], c if v["fires"] else 1 - c))  # the judge's belief that it fires
+        return out
+
+
+def score_latent(judge, explain_examples: list, held_out: list) -> dict:
     """explain_examples, held_out: [(tokens, activations)]; held_out mixes top and random contexts."""
     out = {"explanation": None, "simulation": None, "detection_bacc": None, "detection_auroc": None,
            "malformed": 0, "error": None}  # fmt: skip
-    reply = chat.chat_many([prompts.explain(explain_examples)])[0]
-    value, why = parse_json(reply.text)
-    if not isinstance(value, dict) or not isinstance(value.get("explanation"), str):
-        out["error"] = f"explainer: {reply.error or why or 'no explanation field'}"
+    explanation, why = judge.explain(explain_examples)
+    if explanation is None:
+        out["error"] = f"explainer: {why}"
         return out
-    explanation = out["explanation"] = value["explanation"]
-    sims = chat.chat_many([prompts.simulate(explanation, toks) for toks, _ in held_out])
+    out["explanation"] = explanation
+    contexts = [toks for toks, _ in held_out]
     pred, true = [], []
-    for (toks, acts), r in zip(held_out, sims, strict=True):
-        v, _ = parse_json(r.text)
-        a = v.get("activations") if isinstance(v, dict) else None
-        if not isinstance(a, list) or len(a) != len(toks) or not all(isinstance(x, int | float) for x in a):
+    for (_, acts), p in zip(held_out, judge.simulate(explanation, contexts), strict=True):
+        if p is None:
             out["malformed"] += 1
-            continue
-        pred.append(a)
-        true.append(acts)
+        else:
+            pred.append(p)
+            true.append(acts)
     out["simulation"] = simulation_score(pred, true) if pred else None
-    dets = chat.chat_many([prompts.detect(explanation, toks) for toks, _ in held_out])
-    said, conf, fires = [], [], []
-    for (_, acts), r in zip(held_out, dets, strict=True):
-        v, _ = parse_json(r.text)
-        if not isinstance(v, dict) or not isinstance(v.get("fires"), bool):
+    said, belief, fires = [], [], []
+    for (_, acts), d in zip(held_out, judge.detect(explanation, contexts), strict=True):
+        if d is None:
             out["malformed"] += 1
             continue
-        said.append(v["fires"])
-        c = v.get("confidence")
-        c = min(max(float(c), 0.0), 1.0) if isinstance(c, int | float) else 1.0
-        conf.append(c if v["fires"] else 1 - c)  # the judge's belief that it fires
+        said.append(d[0])
+        belief.append(d[1])
         fires.append(max(acts) > 0)
     if any(fires) and not all(fires):
-        out["detection_bacc"], out["detection_auroc"] = balanced_accuracy(said, fires), auroc(conf, fires)
+        out["detection_bacc"], out["detection_auroc"] = balanced_accuracy(said, fires), auroc(belief, fires)
     return out

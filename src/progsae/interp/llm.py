@@ -109,36 +109,3 @@ def parse_json(text: str | None) -> tuple[object | None, str | None]:
         return json.loads(s), None
     except json.JSONDecodeError as e:
         return None, f"bad JSON ({e.msg})"
-
-
-class LocalChat:
-    """The same interface (`chat`, `chat_many`, `calls`, the on-disk cache) over a local transformers chat model,
-    so auto-interp runs offline; the embedded `smollm2-135m` serves, as a weak judge. Greedy decoding."""
-
-    def __init__(self, model: str = "smollm2-135m", cache_dir: str | Path = ".progsae-llm-cache",
-                 max_new_tokens: int = 256):  # fmt: skip
-        from ..data.lm import load_lm
-
-        self.lm, self.tok, self.name = load_lm(model)
-        self.cache, self.max_new_tokens, self.calls = Path(cache_dir), max_new_tokens, 0
-
-    def chat(self, messages: list[dict]) -> Reply:
-        import torch
-
-        req = {"local": self.name, "messages": messages, "max_new_tokens": self.max_new_tokens}
-        path = _cache_path(self.cache, req)
-        if path.is_file():
-            return Reply(json.loads(path.read_text())["text"], cached=True)
-        self.calls += 1
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        if not isinstance(ids, torch.Tensor):  # newer tokenizers return a BatchEncoding
-            ids = ids["input_ids"]
-        with torch.no_grad():
-            out = self.lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                                   do_sample=False, pad_token_id=self.tok.eos_token_id)  # fmt: skip
-        text = self.tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        save_json(path, {"request": req, "text": text})
-        return Reply(text)
-
-    def chat_many(self, conversations: list[list[dict]]) -> list[Reply]:
-        return [self.chat(c) for c in conversations]
