@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,6 +320,9 @@ def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromiu
     import re
     import shutil
     import subprocess
+    import threading
+    import urllib.parse
+    import urllib.request
 
     from progsae.analysis import latent_stats
     from progsae.cli import main
@@ -339,6 +343,17 @@ def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromiu
     assert re.search(r"background:rgba\(255,120,0,(1\.00|0\.[1-9]\d)\)", latent)  # shaded tokens
     assert latent.count("<div class='lens'><span>") == 1 and "band: latents below" in latent
     assert len(list((site / "latents").glob("*.html"))) == 24 and "<style" not in latent  # shared CSS, small pages
+    assert "at quantiles of its activations" in latent and "where it does not fire" in latent
+    from progsae.browse import server
+
+    srv = server(site, 0)  # --serve: the same files over http on localhost
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.server_address[1]}/latents/{top}.html") as r:
+            assert r.read().decode() == latent
+    finally:
+        srv.shutdown()
+        srv.server_close()
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("chromium not installed (make test installs it where it can)")
@@ -353,8 +368,62 @@ def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromiu
         return r.stdout
 
     assert f"latents/{top}.html" in dom((site / "index.html").as_uri())
-    import urllib.parse
 
     found = dom((site / "index.html").as_uri() + "#q=" + urllib.parse.quote(token))
     assert "class=\"hit\"" in found  # the token search lists the latents that fire on it
     assert "logit lens" in dom((site / "latents" / f"{top}.html").as_uri())
+
+
+class WordJudge:
+    """A judge that reads explanations of the form 'the word "X"' and follows them exactly (or guesses)."""
+
+    name, calls = "word judge", 0
+
+    def __init__(self, guess=False):
+        self.guess, self.rng = guess, np.random.default_rng(0)
+
+    def explain(self, examples):
+        return None, "not asked"
+
+    def _word(self, explanation):
+        return explanation.split('"')[1]
+
+    def simulate(self, explanation, contexts):
+        w = self._word(explanation)
+        return [[self.rng.random() if self.guess else float(t.strip() == w) for t in c] for c in contexts]
+
+    def detect(self, explanation, contexts):
+        w = self._word(explanation)
+        out = [self.rng.random() if self.guess else float(any(t.strip() == w for t in c)) for c in contexts]
+        return [(p > 0.5, p) for p in out]
+
+
+def test_auto_interp_contexts_come_from_the_records_and_the_judge_check_tells_a_judge_from_a_guesser(lm, tmp_path):
+    from progsae.analysis.records import TextRows, latent_records
+    from progsae.interp.study import WINDOW, contexts_of, judge_check
+    from reference import dense_code
+
+    model, tok, corpus, model_dir = lm
+    cfg = ExtractConfig(model=model_dir, layer=1, tokens=420, corpus=corpus, ctx_len=16, batch_size=4)
+    acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False))
+    sae = SAE(SAEConfig(acts.d_in, 24, 3)).init_tied()
+    rows = TextRows(acts, 10_000, sae, tok)
+    rec = latent_records(sae, rows.x.split(100), n_top=10, n_sample=10, n_random_rows=200)
+    dense = dense_code(rows.x, sae.W_enc, sae.b_enc, sae.b_dec, 3)  # the latents' activations, independently
+    clean = load_tensors(acts.path / "contexts.safetensors")["contexts"]
+    latent = int(torch.argmax(rec["freq"] * (rec["freq"] < 0.5)))  # fires often, but not everywhere
+    explain, held = contexts_of(rows, rec, latent)
+    top = [int(r) for r in rec["top_rows"][latent] if r >= 0]
+    assert len(held) == 5 + 5 and len(explain) >= 5
+    for i, (tokens, activations) in enumerate(held[:5]):  # held-out top contexts: the odd-ranked top records
+        r = top[2 * i + 1]
+        w = rows.window(r, *WINDOW)
+        assert activations == pytest.approx(dense[w, latent].tolist(), abs=1e-5)
+        assert tokens == [tok.decode([int(t)]) for t in clean[rows.ctx[w], rows.pos[w]]]
+        assert max(activations) == pytest.approx(float(rec["top_values"][latent, 2 * i + 1]), abs=1e-5)
+    random_rows = [int(r) for r in rec["random_rows"] if dense[int(r), latent] == 0][:5]
+    for r, (_, activations) in zip(random_rows, held[5:], strict=True):  # random contexts: not firing at their row
+        assert activations[rows.window(r, *WINDOW).index(r)] == 0
+    good, guess = judge_check(WordJudge(), rows), judge_check(WordJudge(guess=True), rows)
+    assert good["simulation"] == pytest.approx(1.0) and good["detection_auroc"] == pytest.approx(1.0)
+    assert abs(guess["simulation"]) < 0.3 and len(good["latents"]) == 3

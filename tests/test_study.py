@@ -241,3 +241,41 @@ def test_simulation_and_detection_scores_on_a_latent_whose_rule_is_known():
     assert auroc([c.count("cat") for c in contexts], fires) == 1.0
     assert abs(auroc(g.random(200), fires) - 0.5) < 0.1
     assert simulation_score([np.zeros(12)] * 200, true) is None  # a constant prediction has no correlation
+
+
+def test_stratified_latents_take_live_latents_evenly_from_each_rank_band():
+    from progsae.interp.study import stratified_latents
+
+    order = list(range(40))[::-1]  # latent 39 has rank 1
+    alive = [i % 3 != 0 for i in range(40)]
+    picks = stratified_latents(order, alive, [10, 40], 3)
+    band1 = [x for x in order[:10] if alive[x]]  # ranks 1-10: latents 39..30, the live ones
+    band2 = [x for x in order[10:] if alive[x]]
+    assert band1 == [38, 37, 35, 34, 32, 31] and len(band2) == 20
+    assert picks == [38, 35, 31, 29, 14, 1]  # first, middle (index 2 of 0..5; 10 of 0..19) and last of each band
+    assert all(alive[p] for p in picks)
+
+
+def test_interpretability_findings_follow_the_rule_and_a_weak_judge_decides_nothing():
+    from progsae.analysis.interpretability import bands, findings
+
+    N, rng = 64, np.random.default_rng(0)
+
+    def scores(level, slope):  # simulation falls with rank by `slope`
+        return [{"latent": i, "simulation": level - slope * i / N + rng.normal(0, 0.02), "detection_auroc": 0.8,
+                 "malformed": 0, "error": None} for i in range(0, N, 2)]  # fmt: skip
+
+    study = {"van": {"scores": scores(0.8, 0.0)}, "mat": {"scores": scores(0.6, 0.4)}}
+    good, weak = {"judge": "j", "simulation": 0.9}, {"judge": "j", "simulation": 0.1}
+    f = findings(study, "van", ["mat"], N, good, 500)
+    assert [x["verdict"] for x in f] == ["reproduced", "reproduced"]  # vanilla higher; inner above outer
+    assert all(x["verdict"].startswith("undecided (judge too weak") for x in findings(study, "van", ["mat"], N, weak, 500))
+    flat = {"van": {"scores": scores(0.6, 0.0)}, "mat": {"scores": scores(0.8, 0.0)}}  # the reverse, and no slope
+    assert [x["verdict"] for x in findings(flat, "van", ["mat"], N, good, 500)] == ["not reproduced", "not reproduced"]
+    proxies = {"live": [True] * N, "token_entropy": np.arange(N, dtype=float), "lens_agreement": np.full(N, 0.5)}
+    b = bands(study["mat"]["scores"], proxies, [16, 32, 64], 500)
+    inside = [s["simulation"] for s in study["mat"]["scores"] if 16 <= s["latent"] < 32]
+    assert b[1]["simulation"]["mean"] == pytest.approx(np.mean(inside)) and b[1]["simulation"]["n"] == 8
+    assert b[1]["token_entropy"] == pytest.approx(np.arange(16, 32).mean()) and b[2]["band"] == "33-64"
+    lo, hi = b[1]["simulation"]["ci"]
+    assert lo < np.mean(inside) < hi

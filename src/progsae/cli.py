@@ -188,7 +188,7 @@ def inspect_sae(path: str, stats_path: str | None = None) -> dict:
 
 
 def cmd_browse(a) -> None:
-    from .browse import browse
+    from .browse import browse, server
     from .data import ActivationDir
     from .data.lm import load_lm
     from .sae import SAE
@@ -199,6 +199,10 @@ def cmd_browse(a) -> None:
     model, tok, _ = load_lm(a.model or acts.manifest.get("source", {}).get("model", ""))
     browse(sae, acts, out, model, tok, max_tokens=a.tokens)
     print(f"browser of {sae.d_sae} latents written to {out}/index.html (opens from disk)")
+    if a.serve is not None:
+        with server(out, a.serve) as srv:
+            print(f"serving it at http://127.0.0.1:{srv.server_address[1]}/ (Ctrl-C stops)", flush=True)
+            srv.serve_forever()
 
 
 def cmd_inspect(a) -> None:
@@ -459,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="directory to write (index.html opens from disk)")
     s.add_argument("--tokens", type=int, default=50_000, help="rows of ACTS to read (default 50,000)")
     s.add_argument("--model", help="model for the logit lens and the tokens (default: the one ACTS was extracted from)")
+    s.add_argument("--serve", type=int, nargs="?", const=8000, metavar="PORT",
+                   help="then serve it on http://127.0.0.1:PORT (default 8000) until Ctrl-C")  # fmt: skip
     s.set_defaults(fn=cmd_browse)
 
     s = sub.add_parser("inspect", help="what an SAE file is: format, architecture, sizes, hook, order")

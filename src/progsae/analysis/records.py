@@ -165,3 +165,51 @@ def row_contexts(acts, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out_c, out_p = torch.full_like(rows, -1), torch.full_like(rows, -1)
     out_c[valid], out_p[valid] = ctx[rows[valid]], pos[rows[valid]]
     return out_c, out_p
+
+
+def quantile_rows(records: dict, latent: int, n: int) -> list[int]:
+    """n rows of the latent's reservoir sample at evenly spaced quantiles of its activations (high to low)."""
+    rows = [int(r) for r in records["sample_rows"][latent] if r >= 0]
+    if len(rows) <= n:
+        return rows
+    return [rows[round(i)] for i in np.linspace(0, len(rows) - 1, n)]
+
+
+class TextRows:
+    """The first n rows of an extracted activation directory in memory with the tokens they were computed at,
+    and an SAE's code of every row: windows of context around a row, as (tokens, the latent's activations)."""
+
+    def __init__(self, acts, n: int, sae: SAE, tokenizer=None, chunk: int = 4096):
+        from ..files import ProgsaeError, load_tensor
+
+        if acts.manifest.get("source", {}).get("kind") != "lm":
+            raise ProgsaeError(f"{acts.path} holds no extracted LM activations; this needs `progsae extract` output")
+        self.n = min(n, acts.n_tokens)
+        self.x = torch.cat(list(acts.iter_rows(chunk, self.n)))
+        self.ctx, self.pos = row_contexts(acts, torch.arange(self.n))
+        self.contexts = load_tensor(acts.path / "contexts.safetensors", "contexts")
+        self.token_ids = self.contexts[self.ctx, self.pos]
+        self.tok, self._text = tokenizer, {}
+        with torch.no_grad():
+            codes = [sae.encode(x.to(sae.W_dec.device)) for x in self.x.split(chunk)]
+        self.values = torch.cat([v.cpu() for v, _ in codes])
+        self.indices = torch.cat([i.cpu() for _, i in codes])
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self._text:
+            self._text[token_id] = self.tok.decode([token_id]) if self.tok is not None else f"<{token_id}>"
+        return self._text[token_id]
+
+    def window(self, row: int, before: int, after: int) -> list[int]:
+        """The rows around `row` that belong to its context, in order."""
+        c, p = int(self.ctx[row]), int(self.pos[row])
+        lo, hi = max(0, row - before), min(self.n, row + after + 1)
+        return [r for r in range(lo, hi) if int(self.ctx[r]) == c and int(self.pos[r]) - p == r - row]
+
+    def activations(self, rows: list[int], latent: int) -> list[float]:
+        v, i = self.values[rows], self.indices[rows]
+        return (v * (i == latent)).sum(1).tolist()
+
+    def example(self, row: int, latent: int, before: int, after: int) -> tuple[list[str], list[float]]:
+        w = self.window(row, before, after)
+        return [self.text(int(self.token_ids[r])) for r in w], self.activations(w, latent)

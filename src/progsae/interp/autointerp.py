@@ -54,11 +54,14 @@ class ChatJudge:
         return out
 
 
-def score_latent(judge, explain_examples: list, held_out: list) -> dict:
-    """explain_examples, held_out: [(tokens, activations)]; held_out mixes top and random contexts."""
+def score_latent(judge, explain_examples: list, held_out: list, explanation: str | None = None) -> dict:
+    """explain_examples, held_out: [(tokens, activations)]; held_out mixes top and random contexts. With
+    `explanation` given, the explainer is not asked (the judge check: a known rule)."""
     out = {"explanation": None, "simulation": None, "detection_bacc": None, "detection_auroc": None,
            "malformed": 0, "error": None}  # fmt: skip
-    explanation, why = judge.explain(explain_examples)
+    why = None
+    if explanation is None:
+        explanation, why = judge.explain(explain_examples)
     if explanation is None:
         out["error"] = f"explainer: {why}"
         return out

@@ -1,0 +1,130 @@
+"""Interpretability against importance rank and granularity band, and the paper's two findings on it.
+
+Input per SAE: the auto-interp scores of its sampled latents (interp/study.py) and the LLM-free proxies of
+every latent (proxies.py). The studied SAEs hold their latents in rank order (a vanilla SAE permuted by
+E[z²], a Matryoshka SAE by construction), so latent i has rank i + 1 and its band is the granularity band
+[G_{j-1}, G_j) it falls in. Means carry a 95% bootstrap interval over the sampled latents.
+
+Findings (paper: permuted vanilla SAEs score higher than Matryoshka SAEs; in Matryoshka SAEs the innermost
+latents score higher than the outermost): differences of mean simulation scores with their intervals,
+decided by the rule of findings.py; and "undecided" whatever the intervals when the judge fails its own
+check (simulation below JUDGE_MIN on latents that fire on one known word, explanation given).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .intervals import interval
+
+JUDGE_MIN = 0.5  # a judge that cannot simulate a one-word rule this well cannot rank explanations
+
+
+def _mean_ci(values, n_boot: int, seed: int) -> dict:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return {"mean": None, "ci": None, "n": 0}
+    ci = interval(v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(1)) if len(v) > 1 else None
+    return {"mean": float(v.mean()), "ci": ci, "n": int(len(v))}
+
+
+def bands(scores: list[dict], proxies: dict, edges: list[int], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Per band of ranks [lo, hi): mean simulation and detection AUROC of the sampled latents, mean proxies of
+    every live latent."""
+    out, lo = [], 0
+    live = np.asarray(proxies["live"], bool)
+    for hi in edges:
+        inside = [s for s in scores if lo <= s["latent"] < hi]
+        sl = slice(lo, hi)
+        ent, agr = np.asarray(proxies["token_entropy"][sl], float), np.asarray(proxies["lens_agreement"][sl], float)
+        m = live[sl]
+        out.append(
+            {
+                "band": f"{lo + 1}-{hi}",
+                "lo": lo,
+                "hi": hi,
+                "simulation": _mean_ci([s["simulation"] for s in inside], n_boot, seed),
+                "detection_auroc": _mean_ci([s["detection_auroc"] for s in inside], n_boot, seed),
+                "malformed": int(sum(s["malformed"] for s in inside)),
+                "errors": int(sum(s["error"] is not None for s in inside)),
+                "live": int(m.sum()),
+                "token_entropy": float(ent[m].mean()) if m.any() else None,
+                "lens_agreement": float(np.nanmean(agr[m])) if m.any() and not np.isnan(agr[m]).all() else None,
+            }
+        )
+        lo = hi
+    return out
+
+
+def difference(a: list, b: list, higher_better: bool = True, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """Mean of a minus mean of b (independent samples of latents, each resampled), its interval, and whether
+    a is better for certain (the interval excludes the reverse)."""
+    a = np.asarray([x for x in a if x is not None], np.float64)
+    b = np.asarray([x for x in b if x is not None], np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    reps = a[rng.integers(0, len(a), (n_boot, len(a)))].mean(1) - b[rng.integers(0, len(b), (n_boot, len(b)))].mean(1)
+    ci = interval(reps)
+    return {
+        "a": float(a.mean()),
+        "b": float(b.mean()),
+        "diff": float(a.mean() - b.mean()),
+        "ci": ci,
+        "n": [int(len(a)), int(len(b))],
+        "certain": ci[0] > 0 if higher_better else ci[1] < 0,
+        "worse_certain": ci[1] < 0 if higher_better else ci[0] > 0,
+    }
+
+
+def _sims(scores: list[dict], lo: int = 0, hi: int | None = None) -> list:
+    return [s["simulation"] for s in scores if lo <= s["latent"] and (hi is None or s["latent"] < hi)]
+
+
+def findings(study: dict, vanilla: str, matryoshkas: list[str], N: int, check: dict, n_boot: int = 1000,
+             seed: int = 0) -> list[dict]:  # fmt: skip
+    """The paper's two interpretability findings with verdicts; study: name -> {"scores": [...]}."""
+    from .findings import _verdict
+
+    judge = check.get("judge", "?")
+    weak = check.get("simulation") is None or check["simulation"] < JUDGE_MIN
+    gate = (
+        f"undecided (judge too weak: simulation {check['simulation']:.2f} on known-rule latents, below {JUDGE_MIN})"
+        if weak and check.get("simulation") is not None
+        else "undecided (the judge could not be checked)"
+    )
+
+    def fmt(name, c):
+        return f"{name}: {c['a']:.3f} vs {c['b']:.3f} (Δ {c['diff']:+.3f}, 95% [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], " \
+               f"{c['n'][0]} and {c['n'][1]} latents)"  # fmt: skip
+
+    out = []
+    cmps = {m: difference(_sims(study[vanilla]["scores"]), _sims(study[m]["scores"]), True, n_boot, seed)
+            for m in matryoshkas if m in study and vanilla in study}  # fmt: skip
+    cmps = {m: c for m, c in cmps.items() if c}
+    if cmps:
+        out.append(
+            {
+                "paper": "Permuted vanilla SAEs score higher on simulation than Matryoshka SAEs (Matryoshka 0.57-0.74)",
+                "ours": f"mean simulation score, {vanilla} vs each Matryoshka SAE, latents sampled in the same "
+                f"rank bands, judge {judge}: " + "; ".join(fmt(m, c) for m, c in cmps.items()),
+                "verdict": gate if weak else _verdict(list(cmps.values())),
+                "rule": f"the interval of the difference excludes the reverse for every Matryoshka SAE; undecided "
+                f"when the judge scores below {JUDGE_MIN} on known-rule latents",
+            }
+        )
+    inner = {m: difference(_sims(study[m]["scores"], 0, N // 4), _sims(study[m]["scores"], N // 2), True, n_boot, seed)
+             for m in matryoshkas if m in study}  # fmt: skip
+    inner = {m: c for m, c in inner.items() if c}
+    if inner:
+        out.append(
+            {
+                "paper": "In Matryoshka SAEs the innermost latents are more interpretable than the outermost",
+                "ours": f"mean simulation score of latents ranked 1-{N // 4} vs {N // 2 + 1}-{N}, judge {judge}: "
+                + "; ".join(fmt(m, c) for m, c in inner.items()),
+                "verdict": gate if weak else _verdict(list(inner.values())),
+                "rule": f"the interval of inner minus outer excludes the reverse for every Matryoshka SAE; "
+                f"undecided when the judge scores below {JUDGE_MIN} on known-rule latents",
+            }
+        )
+    return out
