@@ -34,3 +34,37 @@ def tiny_lm(path, n_layers=3, d=32, seed=0):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return model, tok
+
+
+def rule_judge_server() -> str:
+    """A loopback OpenAI-compatible judge that explains every latent as 'the word "the"' and then follows the
+    explanation it is given exactly (1 on that word, else 0); returns its base URL (a daemon thread serves it)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+            if "What does the latent detect" in prompt:
+                answer = {"explanation": 'the word "the"'}
+            else:
+                word = prompt.split('"')[1]
+                label = "TOKENS: " if "TOKENS: " in prompt else "CONTEXT: "
+                toks = [t.strip() for t in json.loads(prompt.split(label, 1)[1])]
+                if label == "TOKENS: ":
+                    answer = {"activations": [int(t == word) for t in toks]}
+                else:
+                    answer = {"fires": word in toks, "confidence": 1.0}
+            data = json.dumps({"choices": [{"message": {"content": json.dumps(answer)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{srv.server_address[1]}/v1"

@@ -406,6 +406,7 @@ def test_auto_interp_contexts_come_from_the_records_and_the_judge_check_tells_a_
     model, tok, corpus, model_dir = lm
     cfg = ExtractConfig(model=model_dir, layer=1, tokens=420, corpus=corpus, ctx_len=16, batch_size=4)
     acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False))
+    torch.manual_seed(0)
     sae = SAE(SAEConfig(acts.d_in, 24, 3)).init_tied()
     rows = TextRows(acts, 10_000, sae, tok)
     rec = latent_records(sae, rows.x.split(100), n_top=10, n_sample=10, n_random_rows=200)
@@ -420,7 +421,7 @@ def test_auto_interp_contexts_come_from_the_records_and_the_judge_check_tells_a_
         w = rows.window(r, *WINDOW)
         assert activations == pytest.approx(dense[w, latent].tolist(), abs=1e-5)
         assert tokens == [tok.decode([int(t)]) for t in clean[rows.ctx[w], rows.pos[w]]]
-        assert max(activations) == pytest.approx(float(rec["top_values"][latent, 2 * i + 1]), abs=1e-5)
+        assert activations[w.index(r)] == pytest.approx(float(rec["top_values"][latent, 2 * i + 1]), abs=1e-5)
     random_rows = [int(r) for r in rec["random_rows"] if dense[int(r), latent] == 0][:5]
     for r, (_, activations) in zip(random_rows, held[5:], strict=True):  # random contexts: not firing at their row
         assert activations[rows.window(r, *WINDOW).index(r)] == 0

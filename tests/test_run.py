@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from lm_fixtures import TEXT, tiny_lm
+from lm_fixtures import TEXT, rule_judge_server, tiny_lm
 from progsae import ProgsaeError
 from progsae.cli import main
 from progsae.report.tables import fmt_ci
@@ -40,6 +40,9 @@ def run(tmp_path_factory):
         "lm_tokens": 60,
         "seeds": 1,
         "minutes_estimate": None,
+        "judge": "rule-judge",
+        "judge_url": rule_judge_server(),  # the endpoint path; the local judge is tested in test_interp
+        "interp_tokens": 300,
     }
     (w / "cfg.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()))
     assert main(["run", "--config", str(w / "cfg.yaml"), "--out", str(w / "out")]) == 0
@@ -63,8 +66,8 @@ def test_run_writes_every_artifact(run):
     assert [f["G"] for f in res["feature_splitting"]] == [8, 16, 32]
     assert {"a", "b", "c", "r2", "G_min", "G_max", "method"} <= set(res["scaling"]["matryoshka"])
     assert res["scaling_over_N"]["N"] == [8, 16, 32, 64]
-    # power law, 3 metrics x 2 Matryoshka variants, feature splitting: each with its verdict and rule
-    assert len(res["findings"]) == 8
+    # power law, 3 metrics x 2 Matryoshka variants, feature splitting, 2 on interpretability: verdicts and rules
+    assert len(res["findings"]) == 10
     verdicts = ("reproduced", "partly reproduced", "not reproduced", "undecided (no interval)")
     assert all(f["verdict"].split(" in rescaled mode")[0] in verdicts and f["rule"] for f in res["findings"])
     # the power-law verdict, decided again from the fits by the stated rule
@@ -84,6 +87,18 @@ def test_run_writes_every_artifact(run):
     if not any(worse):
         assert res["findings"][-1]["verdict"] == "not reproduced"
     assert json.loads((out / "config.json").read_text())["d_sae"] == 64
+    # interpretability: the judge passes its check (it follows the explanation it is given), so its verdicts stand
+    it = res["interpretability"]
+    assert it["judge"].startswith("rule-judge at http://127.0.0.1") and it["check"]["simulation"] == pytest.approx(1)
+    assert set(it["saes"]) == {"topk-64-by-e_z2", "matryoshka", "matryoshka-sampled"}
+    for name, s in it["saes"].items():
+        live = [int(b["live"]) for b in s["bands"]]
+        assert [b["simulation"]["n"] + sum(x["simulation"] is None and x["latent"] in range(b["lo"], b["hi"])
+                for x in s["scores"]) for b in s["bands"]] == [min(3, n) for n in live]  # fmt: skip
+        assert (out / s["browser"]).is_file() and (out / "stats" / f"{name}.records.safetensors").is_file()
+        for x in s["scores"]:  # the judge's rule, scored independently: its predictions are 1 on "the"
+            assert x["explanation"] == 'the word "the"' and x["malformed"] == 0
+    assert [f["verdict"] in verdicts for f in res["findings"][-2:]] == [True, True]
     o = res["outliers"]
     assert o["handling"] == "keep" and o["n_outliers"] > 0 and 0 < o["variance_share"]["top_1%"] < 1
     for name in FIGURES:
@@ -101,14 +116,14 @@ def test_run_writes_every_artifact(run):
 
 
 FIGURES = ("fvu_vs_G", "recaptured_vs_G", "rsa_vs_G", "fvu_curve", "fvu_vs_l0", "activation_norms", "power_laws",
-           "feature_splitting", "training_curves")  # fmt: skip
+           "interpretability", "feature_splitting", "training_curves")  # fmt: skip
 
 
 def test_rerun_skips_finished_stages_and_a_changed_config_is_refused(run, capsys):
     assert main(["run", "--config", str(run / "cfg.yaml"), "--out", str(run / "out")]) == 0
     printed = capsys.readouterr().out
     stages = re.findall(r"^\[([^\]]+)\] (.*)$", printed, re.M)
-    assert len(stages) == 18 and all(msg.startswith("done already") for _, msg in stages)
+    assert len(stages) == 22 and all(msg.startswith("done already") for _, msg in stages)
     before = (run / "out" / "saes" / "topk-16" / "sae_weights.safetensors").stat().st_mtime_ns
     assert main(["run", "--config", str(run / "cfg.yaml"), "--out", str(run / "out"), "--force"]) == 0
     assert not re.findall(r"^\[[^\]]+\] done already", capsys.readouterr().out, re.M)  # --force redoes every stage
@@ -260,7 +275,7 @@ def test_seeds_make_families_whose_numbers_are_means_with_intervals(run, tmp_pat
         lo, hi = row["fvu_rescaled_ci"]
         assert lo <= row["fvu_rescaled"] <= hi
     assert res["families"]["topk-64-by-e_z2"]["seeds"] == ["topk-64-by-e_z2", "topk-64-seed1-by-e_z2"]
-    assert len(res["findings"]) == 8
+    assert len(res["findings"]) == 10
 
 
 def write_sparsify_run(root, layer: int, d: int = 32, n: int = 48, k: int = 6, seed: int = 0):
@@ -295,11 +310,13 @@ def test_run_studies_pretrained_saes_beside_and_instead_of_its_own(run, tmp_path
     assert main(["run", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 0
     stages = re.findall(r"^\[([^\]]+)\] (.*)$", capsys.readouterr().out, re.M)
     ran = [s for s, msg in stages if not msg.startswith("done already")]
-    assert ran == ["import mine", "permute mine", "evaluate mine", "evaluate mine-by-e_z2", "evaluate mine-by-freq"]
+    assert ran == ["import mine", "permute mine", "evaluate mine", "evaluate mine-by-e_z2", "evaluate mine-by-freq",
+                   "interp mine-by-e_z2"]  # fmt: skip
     res = json.loads((out / "results.json").read_text())
     assert res["pretrained"]["mine"]["format"] == "sparsify" and res["saes"]["mine"]["role"] == "pretrained"
     assert [r["G"] for r in res["saes"]["mine"]["table"]] == [3, 6, 12, 24, 48]  # its own N/16..N
-    assert "mine" in res["power_laws"] and len(res["findings"]) == 8
+    assert "mine" in res["power_laws"] and len(res["findings"]) == 10
+    assert [b["hi"] for b in res["interpretability"]["saes"]["mine-by-e_z2"]["bands"]] == [3, 6, 12, 24, 48]
     # the imported copy computes exactly what the sparsify file does; permuting leaves G = N unchanged
     x = torch.randn(50, 32)
     torch.testing.assert_close(SAE.load(out / "saes" / "mine")(x), SAE.load(sp)(x), rtol=0, atol=0)

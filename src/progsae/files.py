@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     """Atomically write tensors (made contiguous: safetensors stores memory as it lies) to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; ours follow the user's umask
     os.replace(tmp, path)
@@ -96,10 +97,15 @@ def tensors_metadata(path: str | Path) -> dict[str, str]:
     return _read_safetensors(path, read)
 
 
+def _tmp(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this process and thread (two writers of one file never share it)."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def save_json(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 

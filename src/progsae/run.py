@@ -27,19 +27,26 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import fit_power_law, latent_stats, load_stats, save_stats, sort_by_importance
+from .analysis import fit_power_law, interpretability, latent_stats, load_stats, save_stats, sort_by_importance
 from .analysis.aggregate import Aggregate
 from .analysis.compare import feature_splitting
 from .analysis.evaluate import evaluate
 from .analysis.findings import findings
 from .analysis.lm_eval import directory_contexts
 from .analysis.outliers import FLAG_SHARE, flagged_latents, norm_profile, robust_window
+from .analysis.proxies import proxies
+from .analysis.records import TextRows, latent_records, load_records, save_records
 from .analysis.scaling import fit_scaling
+from .browse import write_site
 from .data import ActivationDir, write_activations
 from .data.extract import ExtractConfig, extract
 from .data.lm import load_lm
 from .files import ProgsaeError, fresh_dir, load_json, replace_dir, save_json
 from .formats import load as load_sae
+from .interp.autointerp import ChatJudge
+from .interp.llm import ChatClient
+from .interp.local import LocalJudge
+from .interp.study import judge_check, score_latents, stratified_latents
 from .sae import SAE, check_device, rescaled_k
 from .train import TrainConfig, Trainer
 
@@ -68,6 +75,10 @@ class RunConfig:
     bootstrap: int = 1000  # bootstrap replicates for every interval
     device: str = "cpu"  # "cuda" puts the model, SAE training and evaluation on the GPU
     minutes_estimate: float | None = None  # printed up front
+    interp_tokens: int = 40_000  # held-out tokens of the latent records, the browsers and the auto-interp contexts
+    interp_latents: int = 3  # latents auto-interpreted per rank band of each studied SAE (0: records and proxies only)
+    judge: str = "smollm2-135m"  # the auto-interp judge: a local model, or the endpoint's model with judge_url
+    judge_url: str = ""  # an OpenAI-compatible endpoint (key from PROGSAE_LLM_API_KEY or OPENAI_API_KEY)
     saes: list[str] = field(default_factory=list)  # pretrained SAEs: PATH or NAME=PATH (any format progsae reads)
     train: bool = True  # train the study's own SAEs; false: study only the pretrained `saes`
 
@@ -83,6 +94,7 @@ class RunConfig:
             "rsa_tokens",
             "seeds",
             "bootstrap",
+            "interp_tokens",
         ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ProgsaeError(f"run config: {f} must be a positive integer, got {getattr(self, f)!r}")
@@ -90,6 +102,12 @@ class RunConfig:
             raise ProgsaeError(
                 f"run config: d_sae must be divisible by 8 (SAEs of N/8, N/4 and N/2 are trained), got {self.d_sae}"
             )
+        if not isinstance(self.interp_latents, int) or self.interp_latents < 0:
+            raise ProgsaeError(f"run config: interp_latents must be an integer >= 0, got {self.interp_latents!r}")
+        if not isinstance(self.judge, str) or not self.judge:
+            raise ProgsaeError(f"run config: judge must name a model, got {self.judge!r}")
+        if not isinstance(self.judge_url, str) or self.judge_url and not self.judge_url.startswith(("http://", "https://")):
+            raise ProgsaeError(f"run config: judge_url must be empty or an http(s) URL, got {self.judge_url!r}")
         if self.outliers not in ("keep", "exclude"):
             raise ProgsaeError(f"run config: outliers must be 'keep' or 'exclude', got {self.outliers!r}")
         if not 0.5 <= self.outlier_quantile < 1:
@@ -115,6 +133,15 @@ class RunConfig:
         if unknown:
             raise ProgsaeError(f"run config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**d).validate()
+
+
+INTERP_FIELDS = ("interp_tokens", "interp_latents", "judge", "judge_url")
+
+
+def interp_edges(cfg: RunConfig, n: int) -> list[int]:
+    """The rank bands of an n-latent SAE: the run's granularities up to n (a pretrained SAE: n/16 .. n)."""
+    grid = cfg.G if n == cfg.d_sae else [max(1, n // 2**i) for i in range(5)]
+    return sorted({g for g in grid if g <= n} | {n})
 
 
 PRESETS = {
@@ -201,7 +228,8 @@ class Run:
         if saved.is_file() and started and not force:
             old = load_json(saved)
             defaults = json.loads(json.dumps(asdict(RunConfig())))  # fields added since: their defaults
-            additive = ("minutes_estimate", "saes", "train")  # SAEs added or dropped: their own stages only
+            # SAEs added or dropped, another judge: their own stages only
+            additive = ("minutes_estimate", "saes", "train", *INTERP_FIELDS)
             diff = sorted(k for k in resolved if k not in additive and old.get(k, defaults[k]) != resolved[k])
             if diff:
                 raise ProgsaeError(
@@ -212,7 +240,7 @@ class Run:
         self.timings: dict[str, float] = (
             load_json(self.out / "timings.json") if (self.out / "timings.json").is_file() else {}
         )
-        self._lm = None
+        self._lm = self._judge = None
         self.stages: list[str] = []  # this config's stages, in order
 
     def say(self, msg: str) -> None:
@@ -280,6 +308,17 @@ class Run:
                 )
         for name in self.all_saes():
             self.stage(f"evaluate {name}", self.out / "eval" / f"{name}.json", lambda n=name: self._evaluate(n))
+        settings = {k: self.resolved[k] for k in INTERP_FIELDS}
+        for name in self.interp_saes():
+            done = self.out / "interp" / f"{name}.json"
+            if done.is_file() and load_json(done).get("settings") != settings:
+                done.unlink()  # other interp settings: redo this stage only (the LLM cache keeps every answer)
+            self.stage(f"interp {name}", done, lambda n=name: self._interp(n, settings))
+        if c.interp_latents and self.interp_saes():
+            done = self.out / "interp" / "judge-check.json"
+            if done.is_file() and load_json(done).get("settings") != settings:
+                done.unlink()
+            self.stage("judge check", done, lambda: self._judge_check(settings))
         t_analyse = time.perf_counter()
         results = self.analyse()
         self.timings["analyse"] = round(time.perf_counter() - t_analyse, 1)
@@ -320,6 +359,47 @@ class Run:
             if r in ("vanilla", "pretrained")
             for m in ("e_z2", "freq")
         ]
+
+    def interp_saes(self) -> list[str]:
+        """The SAEs whose latents are recorded, browsed and auto-interpreted (first seed): latents in rank order."""
+        N = self.cfg.d_sae
+        trained = [f"topk-{N}-by-e_z2", "matryoshka", "matryoshka-sampled"] if self.cfg.train else []
+        return trained + [f"{n}-by-e_z2" for n, r in sae_names(self.cfg).items() if r == "pretrained"]
+
+    def judge(self):
+        if self._judge is None:
+            c, cache = self.cfg, self.out / "llm-cache"
+            if c.judge_url:
+                self._judge = ChatJudge(ChatClient(c.judge_url, c.judge, cache_dir=cache))
+            else:
+                self._judge = LocalJudge(c.judge, cache_dir=cache)
+        return self._judge
+
+    def _interp(self, name: str, settings: dict) -> None:
+        """Latent records and proxies (stats/NAME.records.safetensors), auto-interp scores of latents sampled
+        from every rank band (interp/NAME.json) and the feature browser (browse/NAME/)."""
+        c = self.cfg
+        sae = SAE.load(self.out / "saes" / name).to(c.device)
+        acts = ActivationDir(self.out / "acts-test")
+        model, tok, _ = self.lm()
+        rows = TextRows(acts, c.interp_tokens, sae, tok)
+        rec = latent_records(sae, rows.x.split(4096))
+        prox = proxies(sae, rec, acts, rows.contexts, model.get_output_embeddings().weight.detach().cpu())
+        save_records(self.out / "stats" / f"{name}.records.safetensors", {**rec, **prox}, sae, str(acts.path))
+        edges = interp_edges(c, sae.d_sae)
+        latents = stratified_latents(list(range(sae.d_sae)), rec["freq"] > 0, edges, c.interp_latents)
+        judge = self.judge() if latents else None
+        scores = score_latents(judge, rows, rec, latents, self.progress) if judge else []
+        out = {"sae": name, "judge": judge.name if judge else None, "settings": settings, "edges": edges,
+               "tokens": rows.n, "scores": scores}  # fmt: skip
+        write_site(sae, rows, rec, prox, self.out / "browse" / name, f"{rows.n:,} held-out tokens of this run", out)
+        save_json(self.out / "interp" / f"{name}.json", out)
+
+    def _judge_check(self, settings: dict) -> None:
+        name = self.interp_saes()[0]
+        sae = SAE.load(self.out / "saes" / name)
+        rows = TextRows(ActivationDir(self.out / "acts-test"), self.cfg.interp_tokens, sae, self.lm()[1])
+        save_json(self.out / "interp" / "judge-check.json", {**judge_check(self.judge(), rows), "settings": settings})
 
     def _check_pretrained(self) -> dict[str, SAE]:
         """Load every pretrained SAE and check it reads this run's hook: d_in, and the hook name where it says."""
@@ -493,6 +573,7 @@ class Run:
                 G = np.arange(1, len(curves[fam]["fvu_prefix"]) + 1)
                 if len(G) > 32:
                     res["scaling"][fam] = fit_scaling(G, curves[fam]["fvu_prefix"], lo=16)
+        res["interpretability"] = self._interpretability()
         if not c.train:
             res["findings"] = []
             return res
@@ -507,8 +588,33 @@ class Run:
         res["scaling_over_N"] = {"N": sizes, "fvu": fvus, **fit_scaling(sizes, fvus)}
         res["_curves"] = curves
         res["findings"] = findings(agg, res, N)
+        study, check = res["interpretability"]["saes"], res["interpretability"]["check"]
+        if check:
+            res["findings"] += interpretability.findings(
+                study, f"topk-{N}-by-e_z2", ["matryoshka", "matryoshka-sampled"], N, check, c.bootstrap, c.seed
+            )
         del res["_curves"]
         return res
+
+    def _interpretability(self) -> dict:
+        """Per studied SAE: scores and proxies by rank band, the browser's path; the judge and its check."""
+        c = self.cfg
+        out: dict = {"judge": None, "check": None, "saes": {}}
+        if (self.out / "interp" / "judge-check.json").is_file():
+            out["check"] = load_json(self.out / "interp" / "judge-check.json")
+            out["judge"] = out["check"]["judge"]
+        for name in self.interp_saes():
+            it = load_json(self.out / "interp" / f"{name}.json")
+            rec = load_records(self.out / "stats" / f"{name}.records.safetensors")
+            prox = {"live": (rec["freq"] > 0).numpy(), "token_entropy": rec["token_entropy"].numpy(),
+                    "lens_agreement": rec["lens_agreement"].numpy()}  # fmt: skip
+            out["saes"][name] = {
+                "scores": it["scores"],
+                "bands": interpretability.bands(it["scores"], prox, it["edges"], c.bootstrap, c.seed),
+                "browser": f"browse/{name}/index.html",
+                "tokens": it["tokens"],
+            }
+        return out
 
 
 def power_laws(stats: dict, n: int) -> dict:

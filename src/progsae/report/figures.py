@@ -259,4 +259,32 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
         ax.grid(alpha=0.3, which="both")
         fig.tight_layout()
         figs["training"] = _save(fig, out / "training_curves.png")
+
+    study = res.get("interpretability", {}).get("saes", {})
+    if study:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, it in study.items():
+            s = st.get(res["saes"].get(name, {}).get("family", name), {"color": "0.3", "ls": "-"})
+            ls = s["ls"] if s["ls"] != "none" else "-"
+            pts = [(x["latent"] + 1, x["simulation"]) for x in it["scores"] if x["simulation"] is not None]
+            if pts:
+                axes[0].scatter(*zip(*pts, strict=True), color=s["color"], s=12, alpha=0.6)
+            b = [x for x in it["bands"] if x["simulation"]["mean"] is not None]
+            if b:
+                axes[0].plot([x["hi"] for x in b], [x["simulation"]["mean"] for x in b], color=s["color"], ls=ls,
+                             marker="o", ms=4, label=name)  # fmt: skip
+            b = [x for x in it["bands"] if x["lens_agreement"] is not None]
+            axes[1].plot([x["hi"] for x in b], [x["lens_agreement"] for x in b], color=s["color"], ls=ls, marker="o",
+                         ms=4, label=name)  # fmt: skip
+        axes[0].set_ylabel(f"simulation score ({res['interpretability'].get('judge') or 'no judge'})")
+        axes[0].set_title("auto-interp: dots per latent, lines: band means", fontsize=9)
+        axes[1].set_ylabel("lens agreement (mean over the band's live latents)")
+        axes[1].set_title("LLM-free proxy, every latent", fontsize=9)
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("importance rank (band means at the band's last rank)")
+            ax.grid(alpha=0.3)
+        _legend(axes[1], 7)
+        fig.tight_layout()
+        figs["interp"] = _save(fig, out / "interpretability.png")
     return figs

@@ -14,7 +14,7 @@ import numpy as np
 from ..analysis import load_stats
 from ..files import load_json
 from .figures import figures
-from .tables import RECONSTRUCTION, RESULT_COLUMNS, fmt, html_table, result_rows, seconds, write_csv
+from .tables import RECONSTRUCTION, RESULT_COLUMNS, fmt, fmt_ci, html_table, result_rows, seconds, write_csv
 
 
 def _img(path: Path, alt: str) -> str:
@@ -59,6 +59,8 @@ def write_report(run_dir: str | Path) -> Path:
     tr_rows = [{"sae": n, **v} for n, v in res.get("training", {}).items()]
     if tr_rows:
         write_csv(run_dir / "tables" / "training.csv", tr_rows)
+    if _interp_rows(res):
+        write_csv(run_dir / "tables" / "interpretability.csv", _interp_rows(res))
     figs = figures(res, run_dir)
 
     rows = result_rows(res)
@@ -107,6 +109,7 @@ def write_report(run_dir: str | Path) -> Path:
         _img(figs["l0"], "FVU against L0: how much each SAE reconstructs for a given number of active latents"),
         _img(figs["recaptured"], "Recaptured LM loss against granularity G"),
         _img(figs["rsa"], "RSA against granularity G"),
+        *_interp_section(res, figs),
         "<h2>Power laws of latent importance</h2>",
         "<p>Least-squares line in log-log over two rank windows: full (ranks 1..N/2) and robust (from the rank after "
         "the last outlier latent among the top N/8 ranks, to N/2). Outlier latents: more than "
@@ -155,6 +158,47 @@ def write_report(run_dir: str | Path) -> Path:
     tmp.write_text(page)
     tmp.replace(path)
     return path
+
+
+def _interp_rows(res: dict) -> list[dict]:
+    rows = []
+    for name, s in (res.get("interpretability") or {}).get("saes", {}).items():
+        for b in s["bands"]:
+            rows.append({"sae": name, "ranks": b["band"], "scored": b["simulation"]["n"],
+                         "simulation": fmt_ci(b["simulation"]["mean"], b["simulation"]["ci"]),
+                         "detection AUROC": fmt_ci(b["detection_auroc"]["mean"], b["detection_auroc"]["ci"]),
+                         "malformed replies": b["malformed"], "live latents": b["live"],
+                         "token entropy": fmt(b["token_entropy"]), "lens agreement": fmt(b["lens_agreement"])})  # fmt: skip
+    return rows
+
+
+def _interp_section(res: dict, figs: dict) -> list[str]:
+    it = res.get("interpretability") or {}
+    if not it.get("saes"):
+        return []
+    check, rows = it.get("check"), _interp_rows(res)
+    links = ", ".join(f"<a href='{html.escape(s['browser'])}'>{html.escape(n)}</a>" for n, s in it["saes"].items())
+    judge = html.escape(it.get("judge") or "none (interp_latents: 0)")
+    text = (
+        f"<p>Judge: <b>{judge}</b>. "
+        + (
+            f"Its check, on latents that fire exactly on one word of the held-out text with the explanation given "
+            f"(a competent judge scores near 1): simulation {fmt(check['simulation'])}, detection AUROC "
+            f"{fmt(check['detection_auroc'])} "
+            f"({', '.join(html.escape(x['word']) for x in check['latents'])}). "
+            if check
+            else ""
+        )
+        + "Latents are sampled evenly from each band of importance ranks (a permuted vanilla SAE's latents and a "
+        "Matryoshka SAE's are in rank order; first seed). The explainer sees a latent's even-ranked top contexts "
+        "and contexts at quantiles of its activations; simulation is the Pearson correlation of the simulator's "
+        "per-token predictions with the true activations over held-out top (odd-ranked) and random non-firing "
+        "contexts; detection asks whether each held-out context fires. Proxies (no LLM) cover every live latent: "
+        "token entropy of the top activations, and lens agreement (the share of top activations whose next token "
+        f"is among the latent's logit-lens tokens). Feature browsers: {links}.</p>"
+    )
+    return ["<h2>Interpretability by importance rank and granularity band</h2>", text,
+            html_table(rows, list(rows[0])), _img(figs["interp"], "Interpretability against importance rank")]  # fmt: skip
 
 
 def _training_text(res: dict) -> str:
