@@ -65,11 +65,11 @@ def browse(sae: SAE, acts: ActivationDir, out: str | Path, model=None, tokenizer
 
 def write_site(sae: SAE, rows: TextRows, rec: dict, prox: dict | None, out: str | Path, source: str,
                scores: dict | None = None, n_top: int = 12, n_quantile: int = 8, n_random: int = 3) -> Path:  # fmt: skip
-    """The site from a records pass (`rec`) and its proxies; `scores`: {"judge", "latents": [...]} from auto-interp."""
+    """The site from a records pass (`rec`) and its proxies; `scores`: {"judge", "scores": [...]} as in interp/NAME.json."""
     order = torch.sort(rec["e_z2"], descending=True, stable=True).indices.tolist()
     W = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1)
     bands = sae.cfg.progsae.get("granularities") or []
-    scored = {s["latent"]: s for s in (scores or {}).get("latents", [])}
+    scored = {s["latent"]: s for s in (scores or {}).get("scores", [])}
     judge = (scores or {}).get("judge", "")
     tmp = fresh_dir(Path(str(out) + ".tmp"))
     (tmp / "latents").mkdir()

@@ -7,7 +7,10 @@ Stages (each saves its output under RUN_DIR; a rerun skips finished stages, `for
     permute   stats/*.safetensors, saes/topk-*-by-{e_z2,freq}   vanilla SAEs sorted by importance
     evaluate  eval/*.json                          every SAE at the G grid, both modes: FVU curve, L0,
                                                    dead fraction, RSA, recaptured LM loss and KL
-    analyse   results.json                         power laws, feature splitting, scaling fits
+    interp    stats/NAME.records.safetensors,      latent records and proxies, auto-interp scores by rank
+              interp/NAME.json, browse/NAME/       band, the feature browser (permuted vanilla, Matryoshka,
+              interp/judge-check.json              pretrained by E[z²]); the judge on known-word latents
+    analyse   results.json                         power laws, feature splitting, scaling fits, interpretability
 then report.py writes tables/, figures/ and report.html.
 
 Pretrained SAEs (`saes`: paths or hub ids in any format progsae reads, `NAME=PATH` to name one) join
@@ -145,8 +148,9 @@ def interp_edges(cfg: RunConfig, n: int) -> list[int]:
 
 
 PRESETS = {
-    # 2 CPU cores, ~32 minutes: the embedded SmolLM2-135M and the KJV corpus; two seeds (each adds ~13 minutes)
-    "demo": RunConfig(seeds=2, minutes_estimate=32),
+    # 2 CPU cores, ~36 minutes: the embedded SmolLM2-135M and the KJV corpus; two seeds (each adds ~13 minutes);
+    # interpretability (records, browsers, the local judge on 15 latents per SAE) ~4 minutes
+    "demo": RunConfig(seeds=2, minutes_estimate=36),
     # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; a GPU and tens of millions of tokens
     "paper": RunConfig(
         model="google/gemma-2-2b",

@@ -11,6 +11,7 @@ the detector's belief is P(Yes) / (P(Yes) + P(No)).
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 VERSION = 2
 
@@ -63,7 +64,10 @@ LOCAL_EXPLAIN_PREFIX = "It fires on"
 
 
 def local_explain(examples: list[tuple[list[str], list[float]]]) -> list[dict]:
+    """The contexts, and the tokens where the feature peaks in them (a small model needs the hint)."""
+    peaks = Counter(t.strip() for toks, acts in examples for t, a in zip(toks, acts, strict=True) if a > 0 and a == max(acts))
     user = ("Texts where the feature fires; [n] after a token is how strongly (0-10):\n" + "\n".join(_marked(examples))
+            + f"\nThe tokens where it fires most: {', '.join(w for w, _ in peaks.most_common(5))}."
             + "\nWhat does the feature detect? Answer in a few words.")  # fmt: skip
     return [{"role": "system", "content": LOCAL_SYSTEM}, {"role": "user", "content": user}]
 
