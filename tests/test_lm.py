@@ -316,7 +316,7 @@ def test_cli_extracts_trains_and_measures_recaptured_loss_end_to_end(lm, tmp_pat
     assert "layer 7 does not exist" in capsys.readouterr().err and not (tmp_path / "bad.partial").exists()
 
 
-def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromium(lm, tmp_path, capsys):
+def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromium(lm, tmp_path, capsys, monkeypatch):
     import re
     import shutil
     import subprocess
@@ -334,8 +334,8 @@ def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromiu
     sae.save(tmp_path / "sae")
     assert main(["browse", str(tmp_path / "sae"), str(acts.path), "--out", str(tmp_path / "site")]) == 0
     site = tmp_path / "site"
-    page = (site / "index.html").read_text()
-    listed = [int(i) for i in re.findall(r"<a href='latents/(\d+)\.html'>", page)]
+    listing = json.loads((site / "latents.js").read_text().removeprefix("window.LATENTS=").removesuffix(";"))
+    listed = [row[0] for row in listing]
     e_z2 = latent_stats(sae, acts.iter_rows(100))["e_z2"]
     assert listed == torch.sort(e_z2, descending=True, stable=True).indices.tolist()  # importance order
     top = listed[0]
@@ -367,7 +367,13 @@ def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromiu
         assert r.returncode == 0 and "CONSOLE" not in r.stderr, r.stderr[-2000:]
         return r.stdout
 
-    assert f"latents/{top}.html" in dom((site / "index.html").as_uri())
+    shown = [int(i) for i in re.findall(r'<a href="latents/(\d+)\.html">', dom((site / "index.html").as_uri()))]
+    assert shown == listed  # the page renders the list in importance order
+    monkeypatch.setattr("progsae.browse.PAGE", 10)  # a long list is shown a page at a time
+    assert main(["browse", str(tmp_path / "sae"), str(acts.path), "--out", str(tmp_path / "paged")]) == 0
+    paged = dom((tmp_path / "paged" / "index.html").as_uri())
+    assert re.findall(r'<a href="latents/(\d+)\.html">', paged) == [str(i) for i in listed[:10]]
+    assert "ranks 1-10 of 24" in paged
 
     found = dom((site / "index.html").as_uri() + "#q=" + urllib.parse.quote(token))
     assert "class=\"hit\"" in found  # the token search lists the latents that fire on it

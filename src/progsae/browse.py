@@ -7,7 +7,8 @@ DIR/latents/I.html one page per latent: its explanation and scores (with the jud
                    contexts, contexts at quantiles of its activations and random contexts where it does not
                    fire, tokens shaded by the latent's activation; its logit-lens tokens, its nearest latents
                    by decoder cosine, its Matryoshka band
-DIR/style.css, DIR/search.js, DIR/tokens.js   shared by every page (pages carry no copy)
+DIR/latents.js     the list's data (rank order; histograms as one digit per bin), rendered PAGE rows at a time
+DIR/style.css, DIR/index.js, DIR/tokens.js   shared by every page (pages carry no copy)
 """
 
 from __future__ import annotations
@@ -29,24 +30,33 @@ WINDOW = (12, 3)  # tokens shown before and after the activating one
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
 td.t{text-align:left}.ctx{font-family:monospace;font-size:13px;margin:3px 0;white-space:pre-wrap}
-.tok{border-radius:2px}.hi{outline:1px solid #c00}.lens span{display:inline-block;margin:2px;padding:1px 5px;
+.hi{outline:1px solid #c00}.lens span{display:inline-block;margin:2px;padding:1px 5px;
 background:#eef;border-radius:3px;font-family:monospace}.expl{background:#f6f6f0;padding:6px 10px}"""
 
-SEARCH_JS = """function go(){const q=document.getElementById('q').value.trim();const out=document.getElementById('hits');
+PAGE = 500  # index rows shown at a time: a 65K-latent list stays light
+
+INDEX_JS = """function go(){const q=document.getElementById('q').value.trim();const out=document.getElementById('hits');
 out.innerHTML='';if(!q)return;if(/^\\d+$/.test(q)){location.href='latents/'+q+'.html';return;}
 const ids=(window.TOKENS||{})[q]||(window.TOKENS||{})[' '+q]||[];
 for(const i of ids){const a=document.createElement('a');a.href='latents/'+i+'.html';a.textContent='latent '+i;
 a.className='hit';out.appendChild(a);out.appendChild(document.createTextNode(' '));}
 if(!ids.length)out.textContent='no latent has '+JSON.stringify(q)+' among its top tokens';}
-window.addEventListener('load',()=>{const m=location.hash.match(/^#q=(.*)/);
+let start=0;const NS='http://www.w3.org/2000/svg';
+function num(v,d){return v===null?'–':(d?v.toPrecision(4):v.toFixed(2));}
+function spark(h){const s=document.createElementNS(NS,'svg');s.setAttribute('width',2*h.length);s.setAttribute('height',16);
+s.setAttribute('fill','#48c');for(let i=0;i<h.length;i++){const v=(+h[i])*16/9;if(!v)continue;
+const r=document.createElementNS(NS,'rect');r.setAttribute('x',2*i);r.setAttribute('y',16-v);r.setAttribute('width',2);
+r.setAttribute('height',v);s.appendChild(r);}return s;}
+function show(){const L=window.LATENTS,body=document.getElementById('rows');body.innerHTML='';
+const end=Math.min(L.length,start+PAGE);for(let r=start;r<end;r++){const [id,f,e,sc,en,ag,h]=L[r];
+const tr=document.createElement('tr');const a=document.createElement('a');a.href='latents/'+id+'.html';a.textContent=id;
+const cells=[r+1,a,f.toFixed(4),num(e,1),num(sc),num(en),num(ag)];
+for(const c of cells){const td=document.createElement('td');if(c instanceof Node)td.appendChild(c);else td.textContent=c;tr.appendChild(td);}
+const td=document.createElement('td');td.appendChild(spark(h));tr.appendChild(td);body.appendChild(tr);}
+document.getElementById('span').textContent='ranks '+(start+1)+'-'+end+' of '+L.length;}
+function page(d){const n=window.LATENTS.length;start=Math.max(0,Math.min(start+d*PAGE,(Math.ceil(n/PAGE)-1)*PAGE));show();}
+window.addEventListener('load',()=>{show();const m=location.hash.match(/^#q=(.*)/);
 if(m){document.getElementById('q').value=decodeURIComponent(m[1]);go();}});"""
-
-
-def _spark(hist: torch.Tensor) -> str:
-    h = hist.double()
-    h = (h / h.max()).tolist() if h.max() > 0 else h.tolist()
-    bars = "".join(f"<rect x='{i * 2}' y='{16 - 16 * v:.1f}' width='2' height='{16 * v:.1f}'/>" for i, v in enumerate(h))
-    return f"<svg width='{2 * len(h)}' height='16' fill='#48c'>{bars}</svg>"
 
 
 def _num(v, f: str = ".2f") -> str:
@@ -74,17 +84,17 @@ def write_site(sae: SAE, rows: TextRows, rec: dict, prox: dict | None, out: str 
     tmp = fresh_dir(Path(str(out) + ".tmp"))
     (tmp / "latents").mkdir()
     (tmp / "style.css").write_text(CSS)
-    (tmp / "search.js").write_text(SEARCH_JS)
+    (tmp / "index.js").write_text(f"const PAGE={PAGE};\n" + INDEX_JS)
 
     def context_html(row: int, latent: int, top: float) -> str:
         tokens, acts = rows.example(row, latent, *WINDOW)
         first = row - rows.window(row, *WINDOW).index(row)
         spans = []
-        for j, (t, a) in enumerate(zip(tokens, acts, strict=True)):
+        for j, (t, a) in enumerate(zip(tokens, acts, strict=True)):  # tokens that do not fire carry no markup
+            hi = " class=hi" if first + j == row else ""
             alpha = 0 if top <= 0 else min(1.0, a / top)
-            cls = "tok hi" if first + j == row else "tok"
-            spans.append(f"<span class='{cls}' title='{a:.3f}' style='background:rgba(255,120,0,{alpha:.2f})'>"
-                         f"{html.escape(t)}</span>")  # fmt: skip
+            shade = f" title={a:.3f} style=background:rgba(255,120,0,{alpha:.2f})" if a > 0 else ""
+            spans.append(f"<span{hi}{shade}>{html.escape(t)}</span>" if hi or shade else html.escape(t))
         return f"<div class='ctx'>{''.join(spans)}</div>"
 
     tokens_index: dict[str, list[int]] = {}
@@ -123,24 +133,30 @@ def write_site(sae: SAE, rows: TextRows, rec: dict, prox: dict | None, out: str 
             + " ".join(f"<a href='{j}.html'>{j}</a> ({float(W[j] @ W[latent]):.2f})" for j in near) + "</p>",
         ]  # fmt: skip
         _page(tmp / "latents" / f"{latent}.html", f"latent {latent}", "".join(body), "../")
-    table = []
-    for r, latent in enumerate(order, 1):
-        ent = prox["token_entropy"][latent] if prox else None
-        agr = prox["lens_agreement"][latent] if prox else None
-        sim = scored[latent]["simulation"] if latent in scored else None
-        table.append(f"<tr><td>{r}</td><td><a href='latents/{latent}.html'>{latent}</a></td>"
-                     f"<td>{float(rec['freq'][latent]):.4f}</td><td>{float(rec['e_z2'][latent]):.4g}</td>"
-                     f"<td>{_num(sim)}</td><td>{_num(ent)}</td><td>{_num(agr)}</td>"
-                     f"<td>{_spark(rec['hist'][latent])}</td></tr>")  # fmt: skip
+    def r4(v):
+        return None if v is None or v != v else float(f"{float(v):.4g}")
+
+    listing = []
+    for latent in order:
+        h = rec["hist"][latent].double()
+        h = (9 * h / h.max()).round().int().tolist() if h.max() > 0 else [0] * len(h)
+        listing.append([latent, r4(rec["freq"][latent]), r4(rec["e_z2"][latent]),
+                        r4(scored[latent]["simulation"]) if latent in scored else None,
+                        r4(prox["token_entropy"][latent]) if prox else None,
+                        r4(prox["lens_agreement"][latent]) if prox else None, "".join(map(str, h))])  # fmt: skip
+    (tmp / "latents.js").write_text("window.LATENTS=" + json.dumps(listing, separators=(",", ":")) + ";")
     (tmp / "tokens.js").write_text("window.TOKENS=" + json.dumps(tokens_index) + ";")
     judged = f" Scores: simulation correlation by {html.escape(judge)}, {len(scored)} latents." if scored else ""
     index = (
         f"<h1>{sae.d_sae} latents, by importance</h1><p>Over {html.escape(source)}.{judged} "
         "Search a latent id or a token: <input id='q' onkeydown=\"if(event.key==='Enter')go()\"> "
         "<button onclick='go()'>find</button> <span id='hits'></span></p>"
+        "<p><button onclick='page(-1)'>previous</button> <span id='span'></span> "
+        "<button onclick='page(1)'>next</button></p>"
         "<table id='latents'><thead><tr><th>rank</th><th>latent</th><th>frequency</th><th>E[z²]</th>"
-        "<th>score</th><th>token entropy</th><th>lens agreement</th><th>activations</th></tr></thead><tbody>"
-        + "".join(table) + "</tbody></table><script src='tokens.js'></script><script src='search.js'></script>"
+        "<th>score</th><th>token entropy</th><th>lens agreement</th><th>activations</th></tr></thead>"
+        "<tbody id='rows'></tbody></table>"
+        "<script src='latents.js'></script><script src='tokens.js'></script><script src='index.js'></script>"
     )
     _page(tmp / "index.html", "progsae browser", index, "")
     replace_dir(tmp, Path(out))
