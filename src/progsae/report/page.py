@@ -161,10 +161,10 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def _interp_rows(res: dict) -> list[dict]:
-    rows = []
-    for name, s in (res.get("interpretability") or {}).get("saes", {}).items():
+    rows, it = [], res.get("interpretability") or {}
+    for name, s in it.get("saes", {}).items():
         for b in s["bands"]:
-            rows.append({"sae": name, "ranks": b["band"], "scored": b["simulation"]["n"],
+            rows.append({"sae": name, "ranks": b["band"], "judge": it.get("judge") or "none", "scored": b["simulation"]["n"],
                          "simulation": fmt_ci(b["simulation"]["mean"], b["simulation"]["ci"]),
                          "detection AUROC": fmt_ci(b["detection_auroc"]["mean"], b["detection_auroc"]["ci"]),
                          "malformed replies": b["malformed"], "live latents": b["live"],
