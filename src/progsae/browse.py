@@ -109,7 +109,7 @@ def write_site(sae: SAE, rows: TextRows, rec: dict, prox: dict | None, out: str 
         lens = "".join(f"<span>{html.escape(rows.text(int(t)))}</span>" for t in prox["logit_lens"][latent]) if prox else "–"
         body = [
             f"<p><a href='../index.html'>all latents</a></p><h1>latent {latent}</h1>",
-            f"<p>importance rank {rank_of[latent]} (E[z²] {float(rec['e_z2'][latent]):.4g}), frequency "
+            f"<p>rank {rank_of[latent]} of {sae.d_sae} by E[z²] over these tokens ({float(rec['e_z2'][latent]):.4g}), frequency "
             f"{float(rec['freq'][latent]):.4g}, max {top:.3f}"
             + (f", Matryoshka band: latents below {band}" if band else "") + "</p>",
         ]  # fmt: skip

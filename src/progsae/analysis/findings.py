@@ -46,7 +46,7 @@ def power_law_finding(power_laws: dict) -> dict:
     in_range = all(lo <= f["exponent"] <= hi for f in robust)
     fits_well = min(f["r2"] for f in robust) >= 0.9
     starts = sorted({f["lo"] for f in robust})
-    starts = f"from rank {starts[0]}" if len(starts) == 1 else f"from rank {starts[0]} to {starts[-1]} by SAE"
+    starts = f"from rank {starts[0]}" if len(starts) == 1 else f"starting at rank {starts[0]} to {starts[-1]}, by SAE,"
     return {
         "paper": "E[z²] of vanilla SAE latents follows a power law in rank: exponents -0.54 to -1.27, R² 0.916-0.922",
         "ours": f"robust window ({starts} up to N/2, after the outlier latents): exponents "

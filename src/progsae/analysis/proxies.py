@@ -22,7 +22,7 @@ def token_entropy(token_ids: torch.Tensor) -> torch.Tensor:
         row = row[row >= 0]
         if len(row):
             p = torch.unique(row, return_counts=True)[1].double() / len(row)
-            out[i] = (-(p * p.log()).sum()).clamp_min(0)  # one token: exactly 0, not -0
+            out[i] = max(0.0, float(-(p * p.log()).sum())) + 0.0  # one token: exactly 0, not -0
     return out
 
 

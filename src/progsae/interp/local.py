@@ -12,6 +12,7 @@ Answers are cached on disk by their full request, like the endpoint client's.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ class LocalJudge:
             return answers
 
         text = self._cached([{"method": "explain", "messages": prompts.local_explain(examples)}], compute)[0]
-        text = text.split("\n")[0].strip().rstrip(".").strip()
+        text = re.sub(r"\[\d+\]", "", text.split("\n")[0]).strip().rstrip(".").strip()  # no copied [n] marks
         return (text, None) if text else (None, "empty explanation")
 
     def simulate(self, explanation: str, contexts: list[list[str]]) -> list[list[float] | None]:

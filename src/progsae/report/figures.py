@@ -282,7 +282,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
         axes[1].set_title("LLM-free proxy, every latent", fontsize=9)
         for ax in axes:
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("importance rank (band means at the band's last rank)")
+            ax.set_xlabel("latent, in the SAE's order: E[z²] (permuted) or nesting (Matryoshka); band means at the band's end", fontsize=8)
             ax.grid(alpha=0.3)
         _legend(axes[1], 7)
         fig.tight_layout()

@@ -164,7 +164,7 @@ def _interp_rows(res: dict) -> list[dict]:
     rows, it = [], res.get("interpretability") or {}
     for name, s in it.get("saes", {}).items():
         for b in s["bands"]:
-            rows.append({"sae": name, "ranks": b["band"], "judge": it.get("judge") or "none", "scored": b["simulation"]["n"],
+            rows.append({"sae": name, "latents": b["band"], "judge": it.get("judge") or "none", "scored": b["simulation"]["n"],
                          "simulation": fmt_ci(b["simulation"]["mean"], b["simulation"]["ci"]),
                          "detection AUROC": fmt_ci(b["detection_auroc"]["mean"], b["detection_auroc"]["ci"]),
                          "malformed replies": b["malformed"], "live latents": b["live"],
@@ -189,8 +189,10 @@ def _interp_section(res: dict, figs: dict) -> list[str]:
             if check
             else ""
         )
-        + "Latents are sampled evenly from each band of importance ranks (a permuted vanilla SAE's latents and a "
-        "Matryoshka SAE's are in rank order; first seed). The explainer sees a latent's even-ranked top contexts "
+        + "Latents are sampled evenly from each band of latents, the bands being the granularities: latents "
+        "1-256 are the first 256 of the SAE's own order, which for the vanilla SAE permuted by E[z²] is its "
+        "importance order on the training tokens and for a Matryoshka SAE its nesting order (first seed; a "
+        "browser instead lists latents by E[z²] over the held-out tokens, and names each one's band). The explainer sees a latent's even-ranked top contexts "
         "and contexts at quantiles of its activations; simulation is the Pearson correlation of the simulator's "
         "per-token predictions with the true activations over held-out top (odd-ranked) and random non-firing "
         "contexts; detection asks whether each held-out context fires. Proxies (no LLM) cover every live latent: "
