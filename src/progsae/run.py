@@ -148,9 +148,9 @@ def interp_edges(cfg: RunConfig, n: int) -> list[int]:
 
 
 PRESETS = {
-    # 2 CPU cores, ~36 minutes: the embedded SmolLM2-135M and the KJV corpus; two seeds (each adds ~13 minutes);
+    # 2 CPU cores, ~37 minutes: the embedded SmolLM2-135M and the KJV corpus; two seeds (each adds ~13 minutes);
     # interpretability (records, browsers, the local judge on 15 latents per SAE) ~4 minutes
-    "demo": RunConfig(seeds=2, minutes_estimate=36),
+    "demo": RunConfig(seeds=2, minutes_estimate=37),
     # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; a GPU and tens of millions of tokens
     "paper": RunConfig(
         model="google/gemma-2-2b",
