@@ -83,6 +83,26 @@ def test_shard_with_wrong_width_is_reported(tmp_path):
         next(ActivationDir(tmp_path / "a").iter_rows(10))
 
 
+def test_nan_or_inf_activations_stop_training_naming_the_shard_and_row(tmp_path, capsys):
+    from progsae.cli import main
+    from progsae.files import load_tensors, save_tensors
+
+    write_rows(tmp_path / "a")
+    shard = tmp_path / "a" / "shard-00002.safetensors"
+    t = load_tensors(shard)
+    t["activations"][37, 3] = float("nan")
+    t["activations"][90, 0] = float("inf")
+    save_tensors(shard, t)
+    with pytest.raises(ProgsaeError, match=r"shard-00002.safetensors: row 37 holds NaN or Inf activations \(2 such"):
+        list(ActivationDir(tmp_path / "a").iter_rows(100))
+    args = ["train", str(tmp_path / "a"), "--out", str(tmp_path / "sae"), "--d-sae", "16", "--k", "2",
+            "--tokens", "2000", "--batch-size", "100"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "row 37 holds NaN or Inf" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sae" / "cfg.json").exists()  # no SAE trained on NaN
+
+
 def test_synthetic_stream_is_seeded_and_has_the_promised_statistics():
     src = SyntheticSource(SyntheticConfig(d_in=16, n_features=100, alpha=1.0, mean_active=5, noise=0.0, seed=1))
     assert src.probs.sum().item() == pytest.approx(5, rel=1e-3)

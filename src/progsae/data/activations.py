@@ -137,6 +137,13 @@ class ActivationDir:
                 f"{f}: activations have shape {shape}, the manifest says [{self.shards[i]['n_tokens']}, {self.d_in}]; "
                 "re-create the directory"
             )
+        bad = ~torch.isfinite(t).all(1)
+        if bad.any():  # never train or measure on NaN/Inf: name the first bad row
+            rows = bad.nonzero().flatten()
+            raise ProgsaeError(
+                f"{f}: row {int(rows[0])} holds NaN or Inf activations ({len(rows)} such rows in this shard); "
+                "re-extract the directory (check the model's dtype and inputs)"
+            )
         return t.float()
 
     def iter_rows(self, batch_size: int, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
