@@ -36,6 +36,18 @@ def tiny_lm(path, n_layers=3, d=32, seed=0):
     return model, tok
 
 
+def send_json(handler, body) -> None:
+    """Answer an HTTP request with `body` as JSON (the loopback chat servers of the tests)."""
+    import json
+
+    data = json.dumps(body).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def rule_judge_server() -> str:
     """A loopback OpenAI-compatible judge that explains every latent as 'the word "the"' and then follows the
     explanation it is given exactly (1 on that word, else 0); returns its base URL (a daemon thread serves it)."""
@@ -56,11 +68,7 @@ def rule_judge_server() -> str:
                     answer = {"activations": [int(t == word) for t in toks]}
                 else:
                     answer = {"fires": word in toks, "confidence": 1.0}
-            data = json.dumps({"choices": [{"message": {"content": json.dumps(answer)}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, {"choices": [{"message": {"content": json.dumps(answer)}}]})
 
         def log_message(self, *a):
             pass

@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from lm_fixtures import send_json
 from progsae.interp.llm import ChatClient, parse_json
 
 
@@ -26,12 +27,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             content = json.dumps({"explanation": f"fires on {prompt.split()[-1]}", "model": req["model"]})
             body = {"choices": [{"message": {"role": "assistant", "content": content}}]}
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, body)
 
     def log_message(self, *a):
         pass
@@ -90,11 +86,7 @@ class RuleJudge(BaseHTTPRequestHandler):
             toks = json.loads(prompt.split("CONTEXT: ", 1)[1])
             fires = "cat" in toks if self.mode != "guess" else rnd.random() < 0.5
             content = {"fires": fires, "confidence": 0.9}
-        data = json.dumps({"choices": [{"message": {"content": json.dumps(content)}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, {"choices": [{"message": {"content": json.dumps(content)}}]})
 
     def log_message(self, *a):
         pass

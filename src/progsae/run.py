@@ -400,9 +400,7 @@ class Run:
         save_json(self.out / "interp" / f"{name}.json", out)
 
     def _judge_check(self, settings: dict) -> None:
-        name = self.interp_saes()[0]
-        sae = SAE.load(self.out / "saes" / name)
-        rows = TextRows(ActivationDir(self.out / "acts-test"), self.cfg.interp_tokens, sae, self.lm()[1])
+        rows = TextRows(ActivationDir(self.out / "acts-test"), self.cfg.interp_tokens, None, self.lm()[1])
         save_json(self.out / "interp" / "judge-check.json", {**judge_check(self.judge(), rows), "settings": settings})
 
     def _check_pretrained(self) -> dict[str, SAE]:

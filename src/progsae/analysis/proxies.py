@@ -29,9 +29,9 @@ def token_entropy(token_ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def logit_lens(sae: SAE, unembedding: torch.Tensor, k: int = 10, chunk: int = 1024) -> torch.Tensor:
     """[N, k] token ids each decoder direction promotes most (unembedding [vocab, d_in])."""
-    W = unembedding.float()
+    W = unembedding.to(sae.W_dec.device).float()
     out = [torch.topk(sae.W_dec[s : s + chunk].float() @ W.t(), k, dim=1).indices for s in range(0, sae.d_sae, chunk)]
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def lens_agreement(next_ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:

@@ -177,9 +177,10 @@ def quantile_rows(records: dict, latent: int, n: int) -> list[int]:
 
 class TextRows:
     """The first n rows of an extracted activation directory in memory with the tokens they were computed at,
-    and an SAE's code of every row: windows of context around a row, as (tokens, the latent's activations)."""
+    and an SAE's code of every row (none without an SAE): windows of context around a row, as (tokens, the
+    latent's activations)."""
 
-    def __init__(self, acts, n: int, sae: SAE, tokenizer=None, chunk: int = 4096):
+    def __init__(self, acts, n: int, sae: SAE | None, tokenizer=None, chunk: int = 4096):
         from ..files import ProgsaeError, load_tensor
 
         if acts.manifest.get("source", {}).get("kind") != "lm":
@@ -190,6 +191,8 @@ class TextRows:
         self.contexts = load_tensor(acts.path / "contexts.safetensors", "contexts")
         self.token_ids = self.contexts[self.ctx, self.pos]
         self.tok, self._text = tokenizer, {}
+        if sae is None:
+            return
         with torch.no_grad():
             codes = [sae.encode(x.to(sae.W_dec.device)) for x in self.x.split(chunk)]
         self.values = torch.cat([v.cpu() for v, _ in codes])

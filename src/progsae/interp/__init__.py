@@ -1,6 +1,7 @@
-"""Auto-interpretation (issue 10, part 3): an explainer writes what a latent does, a simulator predicts its
-activations from that explanation (the paper's score), a judge detects which contexts activate it.
+"""Auto-interpretation: an explainer writes what a latent does, a simulator predicts its activations from that
+explanation (the paper's score), a judge detects which contexts activate it.
 
-`llm.py` talks to any OpenAI-compatible chat endpoint with an on-disk cache; `scoring.py` turns predictions
-into scores.
+`autointerp.py` holds the judge interface and `score_latent`; `llm.py` talks to any OpenAI-compatible chat
+endpoint with an on-disk cache; `local.py` is the offline judge; `scoring.py` turns predictions into scores;
+`study.py` samples latents by rank band, builds their contexts from the latent records and checks the judge.
 """
