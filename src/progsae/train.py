@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .config import from_dict, opt
 from .files import ProgsaeError, fresh_dir, load_json, load_tensors, replace_dir, save_json, save_tensors
 from .kernels import nested_sse, topk_encode
 from .sae import SAE, SAEConfig, check_device
@@ -32,31 +33,32 @@ SAMPLERS = ("uniform", "pareto")
 
 @dataclass
 class TrainConfig:
-    d_sae: int = 4096
-    k: int = 32
-    tokens: int = 2_000_000
-    batch_size: int = 4096
-    lr: float | None = None  # default: 2e-4 / sqrt(d_sae / 2^14)
-    warmup_steps: int = 1000  # capped at a tenth of the run
-    matryoshka: list[int] | None = None  # fixed granularities m1 < ... < d_sae
-    matryoshka_weights: list[float] | None = None  # c_m, default uniform
-    matryoshka_sampled: int = 0  # > 0: draw this many granularities per step (d_sae always added)
-    matryoshka_sampler: str = "uniform"  # uniform on 1..N, or pareto: P(m) ~ m^-pareto_a
-    pareto_a: float = 1.0
-    k_aux: int | None = None  # default d_in // 2
-    aux_coef: float = 1 / 32
-    dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
-    seed: int = 0
-    device: str = "cpu"  # or "cuda": SAE, optimiser and batches live there
-    log_every: int = 50
-    checkpoint_every: int = 500  # steps
-    metadata: dict = field(default_factory=dict)  # passed into the SAE's cfg (model_name, hook_name, ...)
+    d_sae: int = opt(4096, "dictionary size N")
+    k: int = opt(32, "active latents per token")
+    tokens: int = opt(2_000_000, "training tokens")
+    batch_size: int = opt(4096, "tokens per step (the global batch under torchrun)")
+    lr: float | None = opt(None, "learning rate (default 2e-4 / sqrt(N / 2^14))")
+    warmup_steps: int = opt(1000, "linear learning-rate warmup, capped at a tenth of the run")
+    matryoshka: list[int] | None = opt(None, "fixed nested granularities m1 < ... < N")
+    matryoshka_weights: list[float] | None = opt(None, "weight c_m of each fixed granularity (default uniform)")
+    matryoshka_sampled: int = opt(0, "draw this many granularities per step (N always added); 0: none")
+    matryoshka_sampler: str = opt("uniform", "uniform on 1..N, or pareto: P(m) ~ m^-pareto_a")
+    pareto_a: float = opt(1.0, "exponent of the pareto sampler (1: log-uniform)")
+    k_aux: int | None = opt(None, "dead latents in the AuxK loss (default d_in / 2)")
+    aux_coef: float = opt(1 / 32, "weight of the AuxK loss")
+    dead_tokens: int = opt(1_000_000, "tokens without firing before a latent counts as dead")
+    seed: int = opt(0, "seeds the initialisation, the batch order and the sampler")
+    device: str = opt("cpu", "where the SAE trains: cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    log_every: int = opt(50, "steps between history entries")
+    checkpoint_every: int = opt(500, "steps between checkpoints")
+    keep_checkpoints: int = opt(2, "checkpoints kept (the newest K)")
+    metadata: dict = opt({}, "passed into the SAE's cfg (model_name, hook_name, ...)")
 
     def validate(self) -> TrainConfig:
         def bad(msg):
             raise ProgsaeError(f"train config: {msg}")
 
-        for name in ("d_sae", "k", "tokens", "batch_size", "log_every", "checkpoint_every", "dead_tokens"):
+        for name in ("d_sae", "k", "tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "dead_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.k > self.d_sae:
@@ -96,13 +98,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ProgsaeError(
-                f"train config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**d).validate()
+        return from_dict(cls, d, "train config")
 
 
 # -- losses --------------------------------------------------------------------------------------------

