@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import dist
 from .config import numbers
 from .files import ProgsaeError, check_output_dir, check_output_file, save_json
 
@@ -77,21 +78,25 @@ def cmd_train(a) -> None:
     )
     cfg = TrainConfig.from_dict(base)
     out = check_output_dir(a.out)
-    if a.force and out.exists():
+    dist.init(cfg.device)  # under torchrun: join the ranks before touching --out
+    if a.force and out.exists() and dist.is_main():
         import shutil
 
         shutil.rmtree(out)
+    dist.barrier()
     trainer = Trainer(cfg, acts, out)
+    say = print if dist.is_main() else lambda *_: None
     if trainer.step >= cfg.steps and (out / "cfg.json").is_file():
-        print(f"{out} is already trained to {trainer.step} steps with these settings; nothing to do (--force retrains)")
+        say(f"{out} is already trained to {trainer.step} steps with these settings; nothing to do (--force retrains)")
         return
     if trainer.step:
-        print(f"resuming from step {trainer.step} of {cfg.steps}")
+        say(f"resuming from step {trainer.step} of {cfg.steps}")
     sae = trainer.run()
     t = sae.cfg.progsae["training"]
-    print(
+    say(
         f"trained {sae.d_sae}-latent SAE (k={sae.k}, matryoshka={cfg.mode}) on {t['tokens']} tokens in "
         f"{t['seconds']:.0f}s: FVU {t['final_fvu']:.4f}, L0 {t['final_l0']:.1f}, dead {t['dead_frac']:.3f}; saved to {out}"
+        + (f" ({dist.world()} ranks)" if dist.world() > 1 else "")
     )
 
 
@@ -362,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--out",
         required=True,
-        help="SAE directory to write (SAELens layout), with history.json and checkpoint/ (a rerun resumes from it)",
+        help="SAE directory to write (SAELens layout), with history.json and checkpoints/ (a rerun resumes from the newest)",
     )
     s.add_argument("--config", help="JSON or YAML file of TrainConfig fields; flags override it")
     s.add_argument("--force", action="store_true", help="discard an existing run directory instead of resuming")
@@ -468,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        dist.close()
     return 0
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,14 +22,50 @@ class ProgsaeError(Exception):
     """A problem with the user's input: the message says what is wrong and how to fix it."""
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Atomically write tensors (made contiguous: safetensors stores memory as it lies) to `path`."""
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, durable: bool = False
+) -> None:
+    """Atomically write tensors (made contiguous: safetensors stores memory as it lies) to `path`.
+
+    durable: fsync the file before the rename (checkpoints, shards), so a crash leaves the old or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; ours follow the user's umask
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; ours follow the user's umask
+        if durable:
+            fsync(tmp)
+        os.replace(tmp, path)
+
+
+@contextmanager
+def _writing(path: Path, tmp: Path):
+    """Around a write of `path` through `tmp`: on failure the temporary file goes, and a full disk or a
+    permission problem becomes one line naming the file (what was there before is untouched)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, SafetensorError) and "No space" not in str(e):
+            raise
+        why = getattr(e, "strerror", None) or str(e)
+        raise ProgsaeError(
+            f"{path}: cannot be written ({why}); free space or choose another path, then rerun "
+            "(earlier outputs are intact and the same command resumes)"
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -102,12 +139,15 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
 
 
-def save_json(path: str | Path, obj) -> None:
+def save_json(path: str | Path, obj, durable: bool = False) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        if durable:
+            fsync(tmp)
+        os.replace(tmp, path)
 
 
 def load_json(path: str | Path) -> dict:

@@ -8,14 +8,17 @@ Loss (all reconstruction terms normalised as FVU over the batch):
 Optimiser: Adam, lr = base_lr / sqrt(N / 2^14) with linear warmup; decoder rows kept at unit norm (the
 gradient's component along each row removed before the step, rows renormalised after).
 
-Checkpoint (OUT/checkpoint/): sae_weights.safetensors, state.safetensors (Adam moments, dead-latent
-counters, sampler RNG), state.json (config, step, history). `train(..., out=OUT)` resumes from it.
+Checkpoints (OUT/checkpoints/step-NNNNNNNN/, the newest `keep_checkpoints` kept, each written whole
+and fsynced): sae_weights.safetensors, state.safetensors (Adam moments, dead-latent counters, sampler
+RNG), state.json (config, step, history). `train(..., out=OUT)` resumes from the newest.
+Data-parallel under torchrun (see `dist.py`): identical state on every rank, gradients summed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +26,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import dist
 from .config import from_dict, opt
-from .files import ProgsaeError, fresh_dir, load_json, load_tensors, replace_dir, save_json, save_tensors
+from .files import ProgsaeError, fresh_dir, fsync, load_json, load_tensors, replace_dir, save_json, save_tensors
 from .kernels import nested_sse, topk_encode
 from .sae import SAE, SAEConfig, check_device
 
@@ -141,11 +145,15 @@ def sae_loss(
     dead: torch.Tensor | None = None,
     k_aux: int = 0,
     aux_coef: float = 1 / 32,
+    total_var: torch.Tensor | None = None,
 ):
     """Training loss for one batch x [B, d_in].
 
     Returns (loss, fvu at full size, aux FVU or None, values [B, k], indices [B, k]).
     bounds/weights: the Matryoshka granularities and their c_m (None: plain TopK).
+    Data-parallel: x is this rank's share of the global batch and total_var the global batch's
+    sum ||x - mean||^2; every returned number is this rank's share, summing over the ranks to the
+    global one (so do the gradients).
     """
     n_dead = int(dead.sum()) if dead is not None else 0
     k_aux = min(k_aux, n_dead)
@@ -154,14 +162,17 @@ def sae_loss(
     )
     b = None if bounds is None or bounds == [sae.d_sae] else torch.tensor(bounds, device=x.device)
     sse, residual = nested_sse(values, indices, sae.W_dec, x - sae.b_dec, b)  # [g], [B, d]
-    total_var = (x - x.mean(0)).pow(2).sum()
+    if total_var is None:
+        total_var = (x - x.mean(0)).pow(2).sum()
     w = torch.ones(1, device=x.device) if weights is None else weights.to(x.device)
     loss = (w * sse).sum() / total_var
     full_fvu = sse[-1].detach() / total_var
     aux = None
     if k_aux:  # AuxK: dead latents reconstruct the (detached) residual, without b_dec
         aux_sse, _ = nested_sse(aux_values, aux_indices, sae.W_dec, residual)
-        aux = aux_sse[0] / (residual - residual.mean(0)).pow(2).sum()
+        n = dist.all_sum(torch.tensor(float(residual.shape[0]), device=x.device))
+        mean = dist.all_sum(residual.sum(0)) / n
+        aux = aux_sse[0] / dist.all_sum((residual - mean).pow(2).sum())
         loss = loss + aux_coef * aux
     return loss, full_fvu, aux, values.detach(), indices
 
@@ -194,7 +205,12 @@ def _normalize_decoder(sae: SAE) -> None:
 
 
 class Trainer:
-    """Holds everything a run needs to continue: SAE, Adam, dead-latent counters, sampler RNG, step."""
+    """Holds everything a run needs to continue: SAE, Adam, dead-latent counters, sampler RNG, step.
+
+    Under torchrun every rank holds the same state: it reads each global batch, trains on its
+    contiguous share of the rows, and sums gradients, losses and fired latents over the ranks; only
+    rank 0 writes checkpoints, history and the SAE (`out` must be a path every rank sees, to resume).
+    """
 
     def __init__(self, cfg: TrainConfig, source, out: str | Path | None = None):
         self.cfg = cfg.validate()
@@ -206,7 +222,13 @@ class Trainer:
             "granularities": cfg.matryoshka or None,
             "matryoshka_sampled": cfg.matryoshka_sampled or None,
         }
-        self.device = check_device(cfg.device)
+        self.device = check_device(dist.init(cfg.device))
+        self.rank, self.world = dist.rank(), dist.world()
+        if cfg.batch_size % self.world:
+            raise ProgsaeError(
+                f"batch_size {cfg.batch_size} does not split evenly over {self.world} ranks; "
+                f"use a multiple of {self.world}"
+            )
         self.sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.k, dict(cfg.metadata), progsae)).to(self.device)
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else d_in // 2
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.base_lr(), betas=(0.9, 0.999), fused=True)
@@ -215,10 +237,13 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.elapsed = 0.0
-        if self.out is not None and (self.out / "checkpoint" / "state.json").is_file():
-            self._load_checkpoint()
+        ck = latest_checkpoint(self.out) if self.out is not None else None
+        if ck is not None:
+            self._load_checkpoint(ck)
         else:
             self._init_weights()
+        for p in self.sae.parameters():  # every rank starts from rank 0's weights
+            dist.broadcast(p.data)
 
     def _init_weights(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -230,38 +255,59 @@ class Trainer:
         return self.cfg.base_lr() * min(1.0, (step + 1) / warm) if warm else self.cfg.base_lr()
 
     def train_step(self, x: torch.Tensor) -> dict:
+        """One step on the global batch x [batch_size, d_in] (each rank trains on its share of it)."""
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, non_blocking=True)
+        total_var = (x - x.mean(0)).pow(2).sum()
+        share = x.shape[0] // self.world
+        x = x[self.rank * share : (self.rank + 1) * share]
         bounds = sample_granularities(cfg, self.gen)
         dead = self.since_fired >= cfg.dead_tokens
         loss, full_fvu, aux, values, indices = sae_loss(
-            sae, x, bounds, granularity_weights(cfg, bounds), dead, self.k_aux, cfg.aux_coef
+            sae, x, bounds, granularity_weights(cfg, bounds), dead, self.k_aux, cfg.aux_coef, total_var
         )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        fired = indices[values > 0]
+        if self.world > 1:
+            for p in sae.parameters():
+                dist.all_sum(p.grad)
+            mask = torch.zeros(cfg.d_sae, device=self.device)
+            mask[fired] = 1
+            fired = dist.all_sum(mask).nonzero().flatten()
         _project_decoder_grad(sae)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.opt.step()
         _normalize_decoder(sae)
-        self.since_fired += x.shape[0]
-        self.since_fired[indices[values > 0]] = 0
+        self.since_fired += cfg.batch_size
+        self.since_fired[fired] = 0
         self.step += 1
+        zero = torch.zeros((), device=self.device)
+        numbers = torch.stack(
+            [loss.detach(), full_fvu, zero if aux is None else aux.detach(), (values > 0).sum().float()]
+        )
+        loss_, fvu_, aux_, active = dist.all_sum(numbers).tolist()
         return {
             "step": self.step,
-            "loss": float(loss.detach()),
-            "fvu": float(full_fvu),
-            "aux_fvu": None if aux is None else float(aux.detach()),
-            "l0": float((values > 0).sum(1).float().mean()),
+            "loss": loss_,
+            "fvu": fvu_,
+            "aux_fvu": None if aux is None else aux_,
+            "l0": active / cfg.batch_size,
             "dead_frac": float(dead.float().mean()),
             "lr": self.lr_at(self.step - 1),
         }
 
     def run(self, progress: bool = True) -> SAE:
-        cfg = self.cfg
+        cfg, main = self.cfg, dist.is_main()
         batches = self.source.batches(cfg.batch_size, cfg.seed, self.step)
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not progress, unit="step", desc="train", dynamic_ncols=True
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (progress and main),
+            unit="step",
+            desc="train" if self.world == 1 else f"train ({self.world} ranks)",
+            dynamic_ncols=True,
         )
         t0 = time.perf_counter()
         while self.step < cfg.steps:
@@ -274,7 +320,8 @@ class Trainer:
             if self.out is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                self.save_checkpoint()
+                if main:
+                    self.save_checkpoint()
         bar.close()
         self.elapsed += time.perf_counter() - t0
         last = self.history[-1] if self.history else {}
@@ -286,35 +333,45 @@ class Trainer:
             "dead_frac": float((self.since_fired >= cfg.dead_tokens).float().mean()),
             "seconds": round(self.elapsed, 2),
             "config": _jsonable(cfg),
+            **({"ranks": self.world} if self.world > 1 else {}),
         }
-        if self.out is not None:
+        if self.out is not None and main:
             self.sae.save(self.out)
             save_json(self.out / "history.json", self.history)
+        dist.barrier()  # the SAE is on disk before any rank returns
         return self.sae
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        final = self.out / "checkpoint"
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = fresh_dir(self.out / "checkpoint.tmp")
-        save_tensors(tmp / "sae_weights.safetensors", dict(self.sae.named_parameters()))
-        state = {"since_fired": self.since_fired, "rng": self.gen.get_state()}
-        for i, s in self.opt.state_dict()["state"].items():
-            for name, t in s.items():
-                state[f"adam.{i}.{name}"] = t
-        save_tensors(tmp / "state.safetensors", state)
-        save_json(
-            tmp / "state.json",
-            {"config": _jsonable(self.cfg), "step": self.step, "elapsed": self.elapsed, "history": self.history},
-        )
+        """OUT/checkpoints/step-NNNNNNNN/, written as .tmp with every file fsynced, renamed whole; the
+        newest `keep_checkpoints` are kept. A failed write (a full disk) leaves the earlier ones intact."""
+        root = self.out / "checkpoints"
+        final = root / f"step-{self.step:08d}"
+        tmp = fresh_dir(root / f"step-{self.step:08d}.tmp")
+        try:
+            save_tensors(tmp / "sae_weights.safetensors", dict(self.sae.named_parameters()), durable=True)
+            state = {"since_fired": self.since_fired, "rng": self.gen.get_state()}
+            for i, st in self.opt.state_dict()["state"].items():
+                for name, t in st.items():
+                    state[f"adam.{i}.{name}"] = t
+            save_tensors(tmp / "state.safetensors", state, durable=True)
+            meta = {"config": _jsonable(self.cfg), "step": self.step, "elapsed": self.elapsed, "history": self.history}
+            save_json(tmp / "state.json", meta, durable=True)
+            fsync(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         replace_dir(tmp, final)
+        fsync(root)
+        for old in _checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old)
 
-    def _load_checkpoint(self) -> None:
-        ck = self.out / "checkpoint"
+    def _load_checkpoint(self, ck: Path) -> None:
         meta = load_json(ck / "state.json")
-        if meta["config"] != _jsonable(self.cfg):
-            diff = sorted(k for k in meta["config"] if meta["config"][k] != _jsonable(self.cfg).get(k))
+        ours, theirs = _jsonable(self.cfg), {**_jsonable(TrainConfig()), **meta["config"]}
+        diff = sorted(k for k in ours if k not in RESUMABLE and theirs[k] != ours[k])
+        if diff:
             raise ProgsaeError(
                 f"{self.out} holds a checkpoint of a different run (differs in {', '.join(diff)}); "
                 "use another --out, or --force to start over"
@@ -341,6 +398,21 @@ class Trainer:
         self.since_fired = state["since_fired"].to(self.device)
         self.gen.set_state(state["rng"])
         self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta["history"]
+
+
+# settings a run may change between a checkpoint and its resumption
+RESUMABLE = ("device", "log_every", "checkpoint_every", "keep_checkpoints")
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """OUT's complete checkpoints, oldest first (a `.tmp` one was never finished)."""
+    root = out / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if root.is_dir() else []
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = _checkpoints(out)
+    return found[-1] if found else None
 
 
 def _jsonable(cfg: TrainConfig) -> dict:

@@ -1,0 +1,72 @@
+"""Data parallelism on PyTorch's own engine: a command launched by torchrun trains on every rank.
+
+    torchrun --standalone --nproc-per-node N -m progsae train ACTS --out SAE ...
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; `init` joins the process group (gloo on CPU, nccl on
+GPU, each rank on cuda:LOCAL_RANK). Without torchrun every function here is the single-process no-op,
+so the training code has one path. Rank 0 alone writes files and prints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as tdist
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str) -> str:
+    """Join torchrun's process group once (if launched by it); returns this rank's device."""
+    if not launched():
+        return device
+    if device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if not tdist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        tdist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return tdist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over the ranks, in place; returns it."""
+    if active():
+        tdist.all_reduce(t)
+    return t
+
+
+def broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `t` on every rank, in place."""
+    if active():
+        tdist.broadcast(t, 0)
+    return t
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+def close() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -1,0 +1,92 @@
+"""Data-parallel training under torchrun (2 CPU processes, gloo) against one process on the same batches."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from progsae.cli import main
+from progsae.files import load_json
+
+# N large for the data so latents die and AuxK runs; Matryoshka so the nested loss is split too
+TRAIN = ["--d-sae", "1024", "--k", "4", "--batch-size", "512", "--matryoshka", "256,1024", "--dead-tokens", "2048"]
+
+
+def torchrun(*args, **kw):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "progsae",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory):
+    w = tmp_path_factory.mktemp("dist")
+    assert main(["synth", "--out", str(w / "acts"), "--tokens", "30000", "--d-in", "32", "--features", "96"]) == 0
+    return w / "acts"
+
+
+def test_two_gloo_ranks_train_what_one_process_trains_on_the_same_global_batches(acts, tmp_path):
+    steps = ["--tokens", str(512 * 30), "--log-every", "1"]
+    assert main(["train", str(acts), "--out", str(tmp_path / "one"), *TRAIN, *steps]) == 0
+    p = torchrun("train", str(acts), "--out", str(tmp_path / "two"), *TRAIN, *steps)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert out.count("trained 1024-latent SAE") == 1 and "(2 ranks)" in out  # rank 0 alone speaks
+
+    one, two = (
+        load_file(tmp_path / "one" / "sae_weights.safetensors"),
+        load_file(tmp_path / "two" / "sae_weights.safetensors"),
+    )
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    h1, h2 = load_json(tmp_path / "one" / "history.json"), load_json(tmp_path / "two" / "history.json")
+    assert [m["step"] for m in h1] == [m["step"] for m in h2]
+    for a, b in zip(h1, h2, strict=True):  # losses, FVU, L0 and dead latents are reduced over the ranks
+        for key in ("loss", "fvu", "l0", "dead_frac"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert any(m["dead_frac"] > 0 and m["aux_fvu"] is not None for m in h1)  # AuxK ran, on global statistics
+    assert load_json(tmp_path / "two" / "cfg.json")["metadata"]["progsae"]["training"]["ranks"] == 2
+
+
+def test_a_killed_torchrun_training_resumes_from_its_checkpoint_to_the_same_weights(acts, tmp_path):
+    steps = ["--tokens", str(512 * 400), "--checkpoint-every", "20", "--keep-checkpoints", "2"]
+    whole = torchrun("train", str(acts), "--out", str(tmp_path / "whole"), *TRAIN, *steps)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-2000:]
+
+    p = torchrun("train", str(acts), "--out", str(tmp_path / "cut"), *TRAIN, *steps, start_new_session=True)
+    ck, t0 = tmp_path / "cut" / "checkpoints", time.monotonic()
+    while not (ck.is_dir() and any(c.name.startswith("step-") and c.name[-4:] != ".tmp" for c in ck.iterdir())):
+        assert p.poll() is None and time.monotonic() - t0 < 300, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
+    p.wait()
+    assert not (tmp_path / "cut" / "sae_weights.safetensors").exists()
+
+    again = torchrun("train", str(acts), "--out", str(tmp_path / "cut"), *TRAIN, *steps)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    at = re.search(r"resuming from step (\d+) of 400", out)
+    assert at and 0 < int(at[1]) < 400, out  # resumed, not retrained from scratch
+    a, b = (
+        load_file(tmp_path / "whole" / "sae_weights.safetensors"),
+        load_file(tmp_path / "cut" / "sae_weights.safetensors"),
+    )
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [c.name for c in sorted(ck.iterdir())] == ["step-00000380", "step-00000400"]  # the newest K kept
