@@ -71,12 +71,10 @@ def cmd_train(a) -> None:
     from .data import ActivationDir
     from .train import TrainConfig, Trainer
 
-    acts = ActivationDir(a.acts)
-    base = {**(load_file(a.config) if a.config else {}), **given(TrainConfig, a)}
-    base.setdefault("metadata", {}).update(
-        {k: v for k, v in acts.manifest.get("source", {}).items() if k in ("model_name", "hook_name")}
-    )
-    cfg = TrainConfig.from_dict(base)
+    cfg = TrainConfig.from_dict({**(load_file(a.config) if a.config else {}), **given(TrainConfig, a)})
+    acts = ActivationDir(a.acts, cfg.skip_nonfinite)
+    source = acts.manifest.get("source", {})
+    cfg.metadata.update({k: v for k, v in source.items() if k in ("model_name", "hook_name")})
     out = check_output_dir(a.out)
     dist.init(cfg.device)  # under torchrun: join the ranks before touching --out
     if a.force and out.exists() and dist.is_main():

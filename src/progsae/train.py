@@ -56,6 +56,7 @@ class TrainConfig:
     log_every: int = opt(50, "steps between history entries")
     checkpoint_every: int = opt(500, "steps between checkpoints")
     keep_checkpoints: int = opt(2, "checkpoints kept (the newest K)")
+    skip_nonfinite: bool = opt(False, "leave activation rows holding NaN or Inf out, with a warning (default: stop, naming them)")
     metadata: dict = opt({}, "passed into the SAE's cfg (model_name, hook_name, ...)")
 
     def validate(self) -> TrainConfig:
@@ -310,19 +311,19 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0 = time.perf_counter()
-        while self.step < cfg.steps:
-            m = self.train_step(next(batches))
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                m["tokens"] = self.step * cfg.batch_size
-                self.history.append(m)
-                bar.set_postfix(fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.3f}")
-            bar.update(1)
-            if self.out is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                self.elapsed += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                if main:
-                    self.save_checkpoint()
-        bar.close()
+        with bar:  # closed before an error is printed
+            while self.step < cfg.steps:
+                m = self.train_step(next(batches))
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    m["tokens"] = self.step * cfg.batch_size
+                    self.history.append(m)
+                    bar.set_postfix(fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.3f}")
+                bar.update(1)
+                if self.out is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                    self.elapsed += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    if main:
+                        self.save_checkpoint()
         self.elapsed += time.perf_counter() - t0
         last = self.history[-1] if self.history else {}
         self.sae.cfg.progsae["training"] = {

@@ -13,6 +13,7 @@ not grow with the directory.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -107,9 +108,13 @@ def write_activations(
 
 
 class ActivationDir:
-    """A finished activation directory, read lazily. Implements the training `Source` protocol."""
+    """A finished activation directory, read lazily. Implements the training `Source` protocol.
 
-    def __init__(self, path: str | Path):
+    Rows holding NaN or Inf stop every reader with one line naming the shard and row; with
+    `skip_nonfinite` they are counted once up front (a read of every shard), left out of every
+    stream, and reported in one warning line."""
+
+    def __init__(self, path: str | Path, skip_nonfinite: bool = False):
         self.path = Path(path)
         if not self.path.is_dir():
             raise ProgsaeError(
@@ -127,22 +132,51 @@ class ActivationDir:
                 raise ProgsaeError(
                     f"{self.path / s['file']}: shard listed in the manifest is missing; re-create the directory"
                 )
+        self.skip_nonfinite = False
+        if skip_nonfinite:
+            self._count_finite()
 
-    def load_shard(self, i: int) -> torch.Tensor:
-        f = self.path / self.shards[i]["file"]
+    def _count_finite(self) -> None:
+        good, first = [], None
+        for i, s in enumerate(self.shards):
+            bad = ~torch.isfinite(self._read(i)).all(1)
+            good.append(s["n_tokens"] - int(bad.sum()))
+            if first is None and bad.any():
+                first = f"{s['file']} row {int(bad.nonzero()[0])}"
+        n_bad = self.n_tokens - sum(good)
+        if n_bad:
+            print(
+                f"progsae: warning: {self.path}: skipping {n_bad} of {self.n_tokens} rows holding NaN or Inf "
+                f"(first: {first})",
+                file=sys.stderr,
+            )
+        self.shards = [{**s, "n_tokens": n} for s, n in zip(self.shards, good, strict=True)]
+        self.n_tokens -= n_bad
+        self.skip_nonfinite = True
+
+    def _read(self, i: int) -> torch.Tensor:
+        listed = self.manifest["shards"][i]
+        f = self.path / listed["file"]
         t = load_tensor(f, "activations")
-        if t is None or t.ndim != 2 or t.shape[1] != self.d_in or t.shape[0] != self.shards[i]["n_tokens"]:
+        if t is None or t.ndim != 2 or t.shape[1] != self.d_in or t.shape[0] != listed["n_tokens"]:
             shape = None if t is None else tuple(t.shape)
             raise ProgsaeError(
-                f"{f}: activations have shape {shape}, the manifest says [{self.shards[i]['n_tokens']}, {self.d_in}]; "
+                f"{f}: activations have shape {shape}, the manifest says [{listed['n_tokens']}, {self.d_in}]; "
                 "re-create the directory"
             )
+        return t
+
+    def load_shard(self, i: int) -> torch.Tensor:
+        t = self._read(i)
         bad = ~torch.isfinite(t).all(1)
+        if bad.any() and self.skip_nonfinite:
+            return t[~bad].float()
         if bad.any():  # never train or measure on NaN/Inf: name the first bad row
             rows = bad.nonzero().flatten()
             raise ProgsaeError(
-                f"{f}: row {int(rows[0])} holds NaN or Inf activations ({len(rows)} such rows in this shard); "
-                "re-extract the directory (check the model's dtype and inputs)"
+                f"{self.path / self.shards[i]['file']}: row {int(rows[0])} holds NaN or Inf activations "
+                f"({len(rows)} such rows in this shard); re-extract the directory (check the model's dtype and "
+                "inputs), or pass --skip-nonfinite to leave such rows out"
             )
         return t.float()
 

@@ -1,0 +1,160 @@
+"""Faults: a full disk mid-write, NaN rows skipped on request, and kills at random moments.
+
+Each ends in one line and exit code 2 with earlier outputs intact, or, rerun, in exactly what an
+uninterrupted run writes; every resume test checks that the rerun resumed rather than started over.
+"""
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import progsae.files
+from progsae.cli import main
+from progsae.data import ActivationDir, ActivationWriter, SyntheticConfig, SyntheticSource, write_activations
+from progsae.files import ProgsaeError, load_tensors, save_tensors
+
+TRAIN = ["--d-sae", "256", "--k", "4", "--batch-size", "256", "--matryoshka", "64,256", "--dead-tokens", "1024"]
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory):
+    w = tmp_path_factory.mktemp("faults")
+    assert main(["synth", "--out", str(w / "acts"), "--tokens", "20000", "--d-in", "16", "--features", "64"]) == 0
+    return w / "acts"
+
+
+def full_disk_after(monkeypatch, n_ok: int, name: str):
+    """Let `n_ok` safetensors writes of files called `name` through; the next one writes half and fails."""
+    real, seen = progsae.files.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        if os.path.basename(path).startswith(name):
+            seen.append(path)
+            if len(seen) > n_ok:
+                with open(path, "wb") as f:
+                    f.write(b"\x00" * 100)  # what got written before the disk filled
+                raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(progsae.files, "save_file", save_file)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_resumes(
+    acts, tmp_path, monkeypatch, capsys
+):
+    args = [*TRAIN, "--tokens", str(256 * 30), "--checkpoint-every", "10"]
+    assert main(["train", str(acts), "--out", str(tmp_path / "whole"), *args]) == 0
+    capsys.readouterr()
+
+    full_disk_after(monkeypatch, 1, "state.safetensors")  # checkpoint 10 is written, checkpoint 20 fails
+    assert main(["train", str(acts), "--out", str(tmp_path / "cut"), *args]) == 2
+    err = capsys.readouterr().err.strip()  # the progress bar, closed, then one line
+    assert err.count("progsae: error") == 1 and err.splitlines()[-1].startswith("progsae: error"), err
+    assert "No space left on device" in err and "step-00000020.tmp/state.safetensors" in err, err
+    ck = tmp_path / "cut" / "checkpoints"
+    assert [p.name for p in ck.iterdir()] == ["step-00000010"]  # no half-written checkpoint, no .tmp
+    assert not (tmp_path / "cut" / "sae_weights.safetensors").exists()
+
+    monkeypatch.undo()
+    assert main(["train", str(acts), "--out", str(tmp_path / "cut"), *args]) == 0
+    assert "resuming from step 10 of 30" in capsys.readouterr().out
+    a, b = (
+        load_file(tmp_path / "whole" / "sae_weights.safetensors"),
+        load_file(tmp_path / "cut" / "sae_weights.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_during_a_shard_write_keeps_the_shards_before_it_and_the_writer_resumes(tmp_path, monkeypatch):
+    rows = torch.randn(1000, 8)
+    source = {"kind": "test"}
+
+    def write(resume_from_state: bool):
+        w = ActivationWriter(tmp_path / "a", 8, source, shard_tokens=200, resume=True)
+        done = w.state.get("chunks_done", 0) if resume_from_state else 0
+        for i in range(done, 10):
+            w.state = {"chunks_done": i + 1}
+            w.add(rows[i * 100 : (i + 1) * 100])
+        return w.close()
+
+    full_disk_after(monkeypatch, 2, "shard-")
+    with pytest.raises(ProgsaeError, match=r"shard-00002.safetensors: cannot be written \(No space left on device\)"):
+        write(True)
+    part = tmp_path / "a.partial"
+    assert sorted(p.name for p in part.iterdir()) == [
+        "progress.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    monkeypatch.undo()
+    write(True)
+    assert [s["n_tokens"] for s in ActivationDir(tmp_path / "a").shards] == [200] * 5
+    torch.testing.assert_close(torch.cat(list(ActivationDir(tmp_path / "a").iter_rows(1000))), rows, rtol=0, atol=0)
+
+
+def test_nan_rows_are_skipped_with_a_warning_when_asked_and_the_rest_trains_as_if_they_were_never_there(
+    tmp_path, capsys
+):
+    src = SyntheticSource(SyntheticConfig(d_in=8, n_features=32, seed=3))
+    rows = src.sample(3000, 0)
+    bad = [5, 700, 701, 2999]
+    keep = torch.ones(3000, dtype=torch.bool)
+    keep[bad] = False
+    write_activations(tmp_path / "dirty", rows.split(500), 8, {"kind": "test"}, 1000)
+    clean_chunks = [c[k] for c, k in zip(rows.split(500), keep.split(500), strict=True)]
+    write_activations(tmp_path / "clean", clean_chunks, 8, {"kind": "test"}, 996)  # the same shards, less the bad rows
+    for i, r in enumerate(bad):
+        shard = tmp_path / "dirty" / f"shard-{r // 1000:05d}.safetensors"
+        t = load_tensors(shard)
+        t["activations"][r % 1000, i % 8] = float("nan") if i % 2 else float("-inf")
+        save_tensors(shard, t)
+    assert [s["n_tokens"] for s in ActivationDir(tmp_path / "clean").shards] == [997, 1000, 999]
+
+    args = ["--d-sae", "32", "--k", "2", "--tokens", "3000", "--batch-size", "100"]
+    assert main(["train", str(tmp_path / "dirty"), "--out", str(tmp_path / "s1"), *args]) == 2
+    assert "row 5 holds NaN or Inf" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "dirty"), "--out", str(tmp_path / "s1"), *args, "--skip-nonfinite"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert (
+        len(warning) == 1
+        and "skipping 4 of 3000 rows holding NaN or Inf (first: shard-00000.safetensors row 5)" in warning[0]
+    )
+    assert main(["train", str(tmp_path / "clean"), "--out", str(tmp_path / "s2"), *args]) == 0
+    a, b = (
+        load_file(tmp_path / "s1" / "sae_weights.safetensors"),
+        load_file(tmp_path / "s2" / "sae_weights.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrupted_bytes(acts, tmp_path):
+    args = [*TRAIN, "--tokens", str(256 * 2000), "--checkpoint-every", "50"]
+    cmd = [sys.executable, "-m", "progsae", "train", str(acts), *args, "--out"]
+    assert subprocess.run([*cmd, str(tmp_path / "whole")], capture_output=True).returncode == 0
+    rng, resumed_at = random.Random(), []
+    for _ in range(2):  # two kills at random moments once a checkpoint exists
+        p = subprocess.Popen(
+            [*cmd, str(tmp_path / "cut")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        ck, t0 = tmp_path / "cut" / "checkpoints", time.monotonic()
+        while not (ck.is_dir() and any(not c.name.endswith(".tmp") for c in ck.iterdir())):
+            assert p.poll() is None and time.monotonic() - t0 < 120, "no checkpoint appeared"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        p.send_signal(signal.SIGKILL)
+        out = p.communicate()[0]
+        resumed_at += [int(s) for s in re.findall(r"resuming from step (\d+)", out)]
+    r = subprocess.run([*cmd, str(tmp_path / "cut")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed_at += [int(s) for s in re.findall(r"resuming from step (\d+)", r.stdout)]
+    assert resumed_at and all(0 < s < 2000 for s in resumed_at), r.stdout  # it resumed every time it could
+    for f in ("sae_weights.safetensors", "history.json"):
+        assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
