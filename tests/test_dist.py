@@ -2,7 +2,6 @@
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from progsae.files import load_json
 TRAIN = ["--d-sae", "1024", "--k", "4", "--batch-size", "512", "--matryoshka", "256,1024", "--dead-tokens", "2048"]
 
 
-def torchrun(*args, **kw):
+def torchrun(*args, stderr=subprocess.PIPE, **kw):
     cmd = [
         sys.executable,
         "-m",
@@ -31,7 +30,13 @@ def torchrun(*args, **kw):
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, **kw)
+
+
+def rank_errors(logs) -> str:
+    return "\n".join(
+        f"{f}: {f.read_text()[-1500:]}" for f in sorted(logs.rglob("stderr.log")) if "Error" in f.read_text()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,7 @@ def test_two_gloo_ranks_train_what_one_process_trains_on_the_same_global_batches
     assert main(["train", str(acts), "--out", str(tmp_path / "one"), *TRAIN, *steps]) == 0
     p = torchrun("train", str(acts), "--out", str(tmp_path / "two"), *TRAIN, *steps)
     out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-2000:]
+    assert p.returncode == 0, rank_errors(tmp_path / "two.logs") or err[-2000:]
     assert out.count("trained 1024-latent SAE") == 1 and "(2 ranks)" in out  # rank 0 alone speaks
 
     one, two = (
@@ -67,15 +72,26 @@ def test_two_gloo_ranks_train_what_one_process_trains_on_the_same_global_batches
 def test_a_killed_torchrun_training_resumes_from_its_checkpoint_to_the_same_weights(acts, tmp_path):
     steps = ["--tokens", str(512 * 400), "--checkpoint-every", "20", "--keep-checkpoints", "2"]
     whole = torchrun("train", str(acts), "--out", str(tmp_path / "whole"), *TRAIN, *steps)
-    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-2000:]
+    err = whole.communicate(timeout=600)[1]
+    assert whole.returncode == 0, err[-2000:]
 
-    p = torchrun("train", str(acts), "--out", str(tmp_path / "cut"), *TRAIN, *steps, start_new_session=True)
+    p = torchrun(
+        "train",
+        str(acts),
+        "--out",
+        str(tmp_path / "cut"),
+        *TRAIN,
+        *steps,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ck, t0 = tmp_path / "cut" / "checkpoints", time.monotonic()
     while not (ck.is_dir() and any(c.name.startswith("step-") and c.name[-4:] != ".tmp" for c in ck.iterdir())):
         assert p.poll() is None and time.monotonic() - t0 < 300, "no checkpoint appeared"
         time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks, mid-run
-    p.wait()
+    # torchrun and both ranks (each in a session of its own), mid-run
+    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "cut")])
+    p.communicate()
     assert not (tmp_path / "cut" / "sae_weights.safetensors").exists()
 
     again = torchrun("train", str(acts), "--out", str(tmp_path / "cut"), *TRAIN, *steps)

@@ -67,13 +67,21 @@ def cmd_extract(a) -> None:
 
 
 def cmd_train(a) -> None:
-    from .config import given, load_file
+    from .config import from_dict, given, load_file
     from .data import ActivationDir
+    from .data.stream import LMSource, StreamConfig
     from .train import TrainConfig, Trainer
 
     cfg = TrainConfig.from_dict({**(load_file(a.config) if a.config else {}), **given(TrainConfig, a)})
-    acts = ActivationDir(a.acts, cfg.skip_nonfinite)
-    source = acts.manifest.get("source", {})
+    stream = given(StreamConfig, a)
+    if a.acts and stream:
+        raise ProgsaeError(f"give ACTS or --{next(iter(stream)).replace('_', '-')} (training from the model), not both")
+    if a.acts:
+        acts = ActivationDir(a.acts, cfg.skip_nonfinite)
+        source = acts.manifest.get("source", {})
+    else:  # straight from the model: no activations on disk
+        acts = LMSource(from_dict(StreamConfig, stream, "stream"), dist.init(cfg.device))
+        source = acts.describe()
     cfg.metadata.update({k: v for k, v in source.items() if k in ("model_name", "hook_name")})
     out = check_output_dir(a.out)
     dist.init(cfg.device)  # under torchrun: join the ranks before touching --out
@@ -318,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis import METRICS
     from .config import add_flags
     from .data.extract import ExtractConfig
+    from .data.stream import StreamConfig
     from .run import PRESETS, RunConfig
     from .train import TrainConfig
 
@@ -360,8 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(s, ExtractConfig)
     s.set_defaults(fn=cmd_extract)
 
-    s = sub.add_parser("train", help="train a TopK or Matryoshka SAE on an activation directory")
-    s.add_argument("acts", help="activation directory")
+    s = sub.add_parser(
+        "train",
+        help="train a TopK or Matryoshka SAE on an activation directory, or straight from the model (no ACTS)",
+    )
+    s.add_argument(
+        "acts", nargs="?", help="activation directory; without it the model runs on the fly (StreamConfig flags)"
+    )
     s.add_argument(
         "--out",
         required=True,
@@ -370,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="JSON or YAML file of TrainConfig fields; flags override it")
     s.add_argument("--force", action="store_true", help="discard an existing run directory instead of resuming")
     add_flags(s, TrainConfig)
+    add_flags(s, StreamConfig)
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("stats", help="importance statistics of every latent (E[z^2], frequency, E[z], max)")
@@ -456,8 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # `kill` ends a command as Ctrl-C does: with a word on how to resume
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    ok = False
     try:
         args.fn(args)
+        ok = True
     except ProgsaeError as e:
         print(f"progsae: error: {e}", file=sys.stderr)
         return 2
@@ -471,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-        dist.close()
+        dist.close(ok)
     return 0
 
 

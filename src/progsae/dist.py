@@ -67,6 +67,10 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def close() -> None:
+def close(ok: bool = True) -> None:
+    """Leave the process group; after success, only once every rank is done (no rank tears down a
+    connection another is still reading)."""
     if tdist.is_available() and tdist.is_initialized():
+        if ok:
+            tdist.barrier()
         tdist.destroy_process_group()

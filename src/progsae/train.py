@@ -259,9 +259,13 @@ class Trainer:
         """One step on the global batch x [batch_size, d_in] (each rank trains on its share of it)."""
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, non_blocking=True)
-        total_var = (x - x.mean(0)).pow(2).sum()
-        share = x.shape[0] // self.world
-        x = x[self.rank * share : (self.rank + 1) * share]
+        if getattr(self.source, "sharded", False):  # x is already this rank's share (an LM stream)
+            mean = dist.all_sum(x.sum(0)) / cfg.batch_size
+            total_var = dist.all_sum((x - mean).pow(2).sum())
+        else:
+            total_var = (x - x.mean(0)).pow(2).sum()
+            share = x.shape[0] // self.world
+            x = x[self.rank * share : (self.rank + 1) * share]
         bounds = sample_granularities(cfg, self.gen)
         dead = self.since_fired >= cfg.dead_tokens
         loss, full_fvu, aux, values, indices = sae_loss(
@@ -300,31 +304,20 @@ class Trainer:
         }
 
     def run(self, progress: bool = True) -> SAE:
-        cfg, main = self.cfg, dist.is_main()
-        batches = self.source.batches(cfg.batch_size, cfg.seed, self.step)
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            disable=not (progress and main),
-            unit="step",
-            desc="train" if self.world == 1 else f"train ({self.world} ranks)",
-            dynamic_ncols=True,
-        )
-        t0 = time.perf_counter()
-        with bar:  # closed before an error is printed
-            while self.step < cfg.steps:
-                m = self.train_step(next(batches))
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    m["tokens"] = self.step * cfg.batch_size
-                    self.history.append(m)
-                    bar.set_postfix(fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.3f}")
-                bar.update(1)
-                if self.out is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                    self.elapsed += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    if main:
-                        self.save_checkpoint()
-        self.elapsed += time.perf_counter() - t0
+        return train_together([self], progress)[0]
+
+    def after_step(self, m: dict) -> None:
+        """Log every log_every steps, checkpoint every checkpoint_every (rank 0)."""
+        cfg = self.cfg
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            m["tokens"] = self.step * cfg.batch_size
+            self.history.append(m)
+        if self.out is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+            if dist.is_main():
+                self.save_checkpoint()
+
+    def finish(self) -> SAE:
+        cfg = self.cfg
         last = self.history[-1] if self.history else {}
         self.sae.cfg.progsae["training"] = {
             "tokens": self.step * cfg.batch_size,
@@ -336,7 +329,7 @@ class Trainer:
             "config": _jsonable(cfg),
             **({"ranks": self.world} if self.world > 1 else {}),
         }
-        if self.out is not None and main:
+        if self.out is not None and dist.is_main():
             self.sae.save(self.out)
             save_json(self.out / "history.json", self.history)
         dist.barrier()  # the SAE is on disk before any rank returns
@@ -358,6 +351,9 @@ class Trainer:
                     state[f"adam.{i}.{name}"] = t
             save_tensors(tmp / "state.safetensors", state, durable=True)
             meta = {"config": _jsonable(self.cfg), "step": self.step, "elapsed": self.elapsed, "history": self.history}
+            meta["source"] = _describe(self.source)
+            if hasattr(self.source, "position"):  # where in the corpus the next batch comes from
+                meta["source_position"] = self.source.position(self.cfg.batch_size, self.step)
             save_json(tmp / "state.json", meta, durable=True)
             fsync(tmp)
         except BaseException:
@@ -382,6 +378,11 @@ class Trainer:
             raise ProgsaeError(
                 f"{self.out} holds a checkpoint for d_in={weights['W_dec'].shape[1]}, but these activations have "
                 f"d_in={self.sae.cfg.d_in}; use another --out, or --force to start over"
+            )
+        if meta.get("source", _describe(self.source)) != _describe(self.source):
+            raise ProgsaeError(
+                f"{self.out} holds a checkpoint trained on other data (its source: {json.dumps(meta['source'])[:300]}); "
+                "train on the same data, or use another --out, or --force to start over"
             )
         state = load_tensors(ck / "state.safetensors")
         with torch.no_grad():
@@ -414,6 +415,51 @@ def _checkpoints(out: Path) -> list[Path]:
 def latest_checkpoint(out: Path) -> Path | None:
     found = _checkpoints(out)
     return found[-1] if found else None
+
+
+def _describe(source) -> dict | None:
+    """What a source's batches are made of (JSON), checked when a checkpoint resumes."""
+    d = source.describe() if hasattr(source, "describe") else None
+    return json.loads(json.dumps(d)) if d is not None else None
+
+
+def train_together(trainers: list[Trainer], progress: bool = True) -> list[SAE]:
+    """Train several SAEs on one stream of batches, so the source (an LM run on the fly) is paid once.
+
+    They share the source, batch size and seed; each takes every batch from its own step on (after a
+    kill they may have checkpointed at different steps) until its own last step."""
+    first = trainers[0]
+    cfg, main = first.cfg, dist.is_main()
+    if any((t.source, t.cfg.batch_size, t.cfg.seed) != (first.source, cfg.batch_size, cfg.seed) for t in trainers):
+        raise ValueError("SAEs trained together share one source, batch size and seed")
+    start, end = min(t.step for t in trainers), max(t.cfg.steps for t in trainers)
+    desc = "train" if len(trainers) == 1 else f"train {len(trainers)} SAEs"
+    bar = tqdm(
+        total=end,
+        initial=start,
+        disable=not (progress and main),
+        unit="step",
+        desc=desc if first.world == 1 else f"{desc} ({first.world} ranks)",
+        dynamic_ncols=True,
+    )
+    batches = first.source.batches(cfg.batch_size, cfg.seed, start) if start < end else iter(())
+    with bar:  # closed before an error is printed
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            x = next(batches)
+            stepping = [t for t in trainers if t.step == step < t.cfg.steps]
+            share = (time.perf_counter() - t0) / len(stepping)  # the source's time, split over its SAEs
+            for t in stepping:
+                t0 = time.perf_counter()
+                m = t.train_step(x)
+                t.elapsed += time.perf_counter() - t0 + share
+                t.after_step(m)
+            last = trainers[-1]
+            m = last.history[-1] if last.history and last.history[-1]["step"] == last.step else None
+            if m is not None:  # just logged
+                bar.set_postfix(fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.3f}")
+            bar.update(1)
+    return [t.finish() for t in trainers]
 
 
 def _jsonable(cfg: TrainConfig) -> dict:

@@ -136,6 +136,10 @@ class ActivationDir:
         if skip_nonfinite:
             self._count_finite()
 
+    def describe(self) -> dict:
+        """What the batches are made of (a resumed training checks it): the manifest's source and counts."""
+        return {"kind": "activations", "source": self.manifest.get("source"), "d_in": self.d_in, "n_tokens": self.n_tokens}
+
     def _count_finite(self) -> None:
         good, first = [], None
         for i, s in enumerate(self.shards):
