@@ -2,9 +2,11 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +33,16 @@ def torchrun(*args, stderr=subprocess.PIPE, **kw):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, **kw)
+
+
+def kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line mentions `marker` (as pkill -f, without needing procps)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def rank_errors(logs) -> str:
@@ -89,8 +101,7 @@ def test_a_killed_torchrun_training_resumes_from_its_checkpoint_to_the_same_weig
     while not (ck.is_dir() and any(c.name.startswith("step-") and c.name[-4:] != ".tmp" for c in ck.iterdir())):
         assert p.poll() is None and time.monotonic() - t0 < 300, "no checkpoint appeared"
         time.sleep(0.02)
-    # torchrun and both ranks (each in a session of its own), mid-run
-    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "cut")])
+    kill_all(str(tmp_path / "cut"))  # torchrun and both ranks (each in a session of its own), mid-run
     p.communicate()
     assert not (tmp_path / "cut" / "sae_weights.safetensors").exists()
 

@@ -158,3 +158,32 @@ def test_training_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrup
     assert resumed_at and all(0 < s < 2000 for s in resumed_at), r.stdout  # it resumed every time it could
     for f in ("sae_weights.safetensors", "history.json"):
         assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
+
+
+def test_extraction_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrupted_files(tmp_path):
+    from lm_fixtures import TEXT, tiny_lm
+
+    tiny_lm(tmp_path / "lm")
+    (tmp_path / "text.txt").write_text(TEXT * 150)
+    cmd = [sys.executable, "-m", "progsae", "extract", "--model", str(tmp_path / "lm"), "--layer", "1", "--corpus",
+           str(tmp_path / "text.txt"), "--ctx-len", "16", "--tokens", "15000", "--shard-tokens", "600",
+           "--batch-size", "2", "--out"]  # fmt: skip
+    assert subprocess.run([*cmd, str(tmp_path / "whole")], capture_output=True).returncode == 0
+    rng, resumed = random.Random(), []
+    for _ in range(2):
+        p = subprocess.Popen([*cmd, str(tmp_path / "cut")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        part, t0 = tmp_path / "cut.partial", time.monotonic()
+        while not (part.is_dir() and any(part.glob("shard-*.safetensors"))):
+            assert p.poll() is None and time.monotonic() - t0 < 120, "no shard appeared"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.2))
+        p.send_signal(signal.SIGKILL)
+        resumed += re.findall(r"resuming extraction at (\d+)", p.communicate()[0])
+    r = subprocess.run([*cmd, str(tmp_path / "cut")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed += re.findall(r"resuming extraction at (\d+)", r.stdout)
+    assert resumed and all(0 < int(n) < 15000 for n in resumed), r.stdout  # it resumed, not started over
+    files = sorted(f.name for f in (tmp_path / "whole").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "cut").iterdir()) and len(files) == 15000 // 600 + 2
+    for f in files:
+        assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f

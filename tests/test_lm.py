@@ -89,8 +89,8 @@ def test_default_corpus_is_english_prose():
 
 def test_extraction_writes_traceable_rows_without_bos(lm, tmp_path):
     model, tok, corpus, _ = lm
-    cfg = ExtractConfig(model="tiny", layer=1, tokens=300, corpus=corpus, ctx_len=16, batch_size=4)
-    path = extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False, shard_tokens=100)
+    cfg = ExtractConfig(model="tiny", layer=1, tokens=300, corpus=corpus, ctx_len=16, batch_size=4, shard_tokens=100)
+    path = extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False)
     acts = ActivationDir(path)
     m = json.loads((path / "manifest.json").read_text())
     assert acts.n_tokens == 300 and m["source"]["hook_name"] == "blocks.1.hook_resid_post"
@@ -109,8 +109,8 @@ def test_latent_records_point_at_the_tokens_that_made_them(lm, tmp_path):
     from progsae.analysis.records import latent_records, load_records, row_contexts, save_records
 
     model, tok, corpus, _ = lm
-    cfg = ExtractConfig(model="tiny", layer=1, tokens=300, corpus=corpus, ctx_len=16, batch_size=4)
-    acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False, shard_tokens=100))
+    cfg = ExtractConfig(model="tiny", layer=1, tokens=300, corpus=corpus, ctx_len=16, batch_size=4, shard_tokens=100)
+    acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False))
     sae = SAE(SAEConfig(acts.d_in, 40, 4)).init_tied()
     rec = latent_records(sae, acts.iter_rows(64), n_top=5)
     save_records(tmp_path / "records.safetensors", rec, sae, str(acts.path))
@@ -142,8 +142,8 @@ def test_latent_records_point_at_the_tokens_that_made_them(lm, tmp_path):
 
 def test_killed_extraction_resumes_with_no_lost_or_duplicated_tokens(lm, tmp_path, monkeypatch):
     model, tok, corpus, _ = lm
-    cfg = ExtractConfig(model="tiny", layer=1, tokens=250, corpus=corpus, ctx_len=16, batch_size=2)
-    whole = extract(cfg, tmp_path / "whole", model, tok, "tiny", progress=False, shard_tokens=40)
+    cfg = ExtractConfig(model="tiny", layer=1, tokens=250, corpus=corpus, ctx_len=16, batch_size=2, shard_tokens=40)
+    whole = extract(cfg, tmp_path / "whole", model, tok, "tiny", progress=False)
 
     import progsae.data.extract as ex
 
@@ -158,10 +158,10 @@ def test_killed_extraction_resumes_with_no_lost_or_duplicated_tokens(lm, tmp_pat
 
     monkeypatch.setattr(ex, "residual_stream", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
-        extract(cfg, tmp_path / "resumed", model, tok, "tiny", progress=False, shard_tokens=40)
+        extract(cfg, tmp_path / "resumed", model, tok, "tiny", progress=False)
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "progress.json").is_file()
     monkeypatch.setattr(ex, "residual_stream", real)
-    extract(cfg, tmp_path / "resumed", model, tok, "tiny", progress=False, shard_tokens=40)
+    extract(cfg, tmp_path / "resumed", model, tok, "tiny", progress=False)
     a, b = (torch.cat(list(ActivationDir(p).iter_rows(1000))) for p in (whole, tmp_path / "resumed"))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -242,7 +242,9 @@ class Trainer:
         if ck is not None:
             self._load_checkpoint(ck)
         else:
+            t0 = time.perf_counter()
             self._init_weights()
+            self.elapsed = time.perf_counter() - t0  # the first batch's cost (an LM stream's first buffer) counts
         for p in self.sae.parameters():  # every rank starts from rank 0's weights
             dist.broadcast(p.data)
 

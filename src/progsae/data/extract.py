@@ -35,8 +35,11 @@ class ExtractConfig:
     batch_size: int = opt(32, "contexts per forward pass")
     device: str = opt("cpu", "where the model runs: cpu or cuda")
     keep_bos: bool = opt(False, "keep BOS positions (huge-norm outliers; SAEs are trained without them)")
+    shard_tokens: int = opt(0, "rows per shard (0: about 150 MB shards whatever d is)")
 
     def validate(self) -> ExtractConfig:
+        if self.shard_tokens < 0:
+            raise ProgsaeError(f"extract: shard_tokens must be >= 0, got {self.shard_tokens}")
         for name in ("tokens", "ctx_len", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ProgsaeError(f"extract: {name} must be a positive integer, got {getattr(self, name)!r}")
@@ -69,7 +72,6 @@ def extract(
     tokenizer=None,
     model_name: str | None = None,
     progress: bool = True,
-    shard_tokens: int | None = None,
 ) -> Path:
     """Write the activation directory `out`; pass `model`/`tokenizer` to use an already loaded model."""
     cfg.validate()
@@ -85,9 +87,11 @@ def extract(
         **asdict(cfg),
         "n_contexts": len(chosen),
     }
-    shard_tokens = shard_tokens or max(1024, SHARD_TOKENS * 576 // d)  # ~150 MB shards whatever d is
+    shard_tokens = cfg.shard_tokens or max(1024, SHARD_TOKENS * 576 // d)  # ~150 MB shards
     writer = ActivationWriter(out, d, source, shard_tokens, resume=True)
     done = writer.state.get("contexts_done", 0)
+    if done and progress:
+        print(f"resuming extraction at {writer.n_tokens} of {cfg.tokens} tokens ({done} contexts done)", flush=True)
     start = 0 if cfg.keep_bos else 1
     bar = tqdm(
         total=cfg.tokens,
