@@ -171,8 +171,7 @@ def sae_loss(
     aux = None
     if k_aux:  # AuxK: dead latents reconstruct the (detached) residual, without b_dec
         aux_sse, _ = nested_sse(aux_values, aux_indices, sae.W_dec, residual)
-        n = dist.all_sum(torch.tensor(float(residual.shape[0]), device=x.device))
-        mean = dist.all_sum(residual.sum(0)) / n
+        mean = dist.all_sum(residual.sum(0)) / (residual.shape[0] * dist.world())  # every rank holds an equal share
         aux = aux_sse[0] / dist.all_sum((residual - mean).pow(2).sum())
         loss = loss + aux_coef * aux
     return loss, full_fvu, aux, values.detach(), indices
