@@ -117,3 +117,51 @@ def test_a_killed_torchrun_training_resumes_from_its_checkpoint_to_the_same_weig
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [c.name for c in sorted(ck.iterdir())] == ["step-00000380", "step-00000400"]  # the newest K kept
+
+
+def rank_pid(marker: str, rank: int) -> int | None:
+    """The pid of torchrun's worker `rank` whose command line mentions `marker`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                env = dict(e.split("=", 1) for e in (proc / "environ").read_bytes().decode().split("\0") if "=" in e)
+                if env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env:
+                    return int(proc.name)
+        except OSError:
+            pass
+    return None
+
+
+def test_two_ranks_extract_the_bytes_of_one_process_and_a_killed_rank_loses_nothing(tmp_path):
+    from lm_fixtures import TEXT, tiny_lm
+
+    tiny_lm(tmp_path / "lm")
+    (tmp_path / "text.txt").write_text(TEXT * 150)
+    cmd = ["extract", "--model", str(tmp_path / "lm"), "--layer", "1", "--corpus", str(tmp_path / "text.txt"),
+           "--ctx-len", "16", "--tokens", "15000", "--shard-tokens", "600", "--batch-size", "2", "--out"]  # fmt: skip
+    assert main([*cmd, str(tmp_path / "one")]) == 0
+    p = torchrun(*cmd, str(tmp_path / "two"))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    files = sorted(f.name for f in (tmp_path / "one").iterdir())
+    assert len(files) == 15000 // 600 + 2 and files == sorted(f.name for f in (tmp_path / "two").iterdir())
+    for f in files:  # the same shards, contexts and manifest, byte for byte
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+    cut = tmp_path / "cut"
+    p = torchrun(*cmd, str(cut), stderr=subprocess.DEVNULL, start_new_session=True)
+    part, t0 = tmp_path / "cut.partial", time.monotonic()
+    while not (part.is_dir() and len(list(part.glob("shard-*.safetensors"))) >= 3):
+        assert p.poll() is None and time.monotonic() - t0 < 120, "no shards appeared"
+        time.sleep(0.01)
+    os.kill(rank_pid(str(cut), 1), signal.SIGKILL)  # one rank dies; torchrun stops the other
+    p.communicate(timeout=120)
+    assert p.returncode != 0 and not cut.exists()
+    kill_all(str(cut))
+    again = torchrun(*cmd, str(cut))
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]
+    at = re.search(r"resuming extraction at (\d+) of 15000", out)
+    assert at and 0 < int(at[1]) < 15000, out  # the shards written before the kill were kept
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (cut / f).read_bytes(), f

@@ -166,6 +166,26 @@ def test_killed_extraction_resumes_with_no_lost_or_duplicated_tokens(lm, tmp_pat
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_bfloat16_activations_take_half_the_disk_and_read_back_as_the_float32_ones_rounded(lm, tmp_path):
+    model, tok, corpus, _ = lm
+    kw = dict(model="tiny", layer=1, tokens=250, corpus=corpus, ctx_len=16, batch_size=2, shard_tokens=100)
+    full = extract(ExtractConfig(**kw), tmp_path / "f32", model, tok, "tiny", progress=False)
+    half = extract(ExtractConfig(**kw, dtype="bfloat16"), tmp_path / "bf16", model, tok, "tiny", progress=False)
+    a, b = ActivationDir(full), ActivationDir(half)
+    assert b.manifest["dtype"] == "bfloat16" and [s["n_tokens"] for s in a.shards] == [s["n_tokens"] for s in b.shards]
+    x, y = torch.cat(list(a.iter_rows(1000))), torch.cat(list(b.iter_rows(1000)))
+    assert y.dtype == torch.float32 and torch.equal(y, x.to(torch.bfloat16).float())  # round to nearest even
+    assert not torch.equal(x, y)
+    raw = {f: load_tensors(p / "shard-00000.safetensors")["activations"] for f, p in (("f", full), ("h", half))}
+    assert raw["h"].dtype == torch.bfloat16 and raw["h"].nbytes * 2 == raw["f"].nbytes
+    m = json.loads((half / "manifest.json").read_text())
+    (half / "manifest.json").write_text(json.dumps({**m, "dtype": "float32"}))  # a manifest that lies about the dtype
+    with pytest.raises(ProgsaeError, match=r"shard-00000.safetensors: activations are bfloat16 but the manifest says float32"):
+        next(ActivationDir(half).iter_rows(10))
+    with pytest.raises(ProgsaeError, match="dtype must be 'float32' or 'bfloat16'"):
+        ExtractConfig(dtype="float16").validate()
+
+
 def identity_sae(d):
     """W_enc = [I, -I], W_dec = [I; -I], k = 2d: relu(x) - relu(-x) = x, a perfect reconstruction."""
     sae = SAE(SAEConfig(d, 2 * d, 2 * d))

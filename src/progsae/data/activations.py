@@ -6,7 +6,8 @@
 Shards of extracted LM activations also hold, per row, `token_ids [n]`, `context_ids [n]` (row of
 `contexts.safetensors`, which keeps every context's tokens `[n_contexts, ctx_len]`) and `positions [n]`.
 A directory is written shard by shard into `DIR.partial/` and renamed to `DIR` only when complete.
-Reading is lazy: only a shard's activations are read, a buffer of shards at a time, so memory does
+Activations are stored as the manifest's `dtype` (float32, or bfloat16 for half the disk) and always
+read back as float32. Reading is lazy: only a shard's activations are read, a buffer of shards at a time, so memory does
 not grow with the directory.
 """
 
@@ -23,6 +24,7 @@ from ..files import ProgsaeError, fresh_dir, load_json, load_tensor, replace_dir
 
 FORMAT = "progsae-activations"
 SHARD_TOKENS = 65536
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # on disk; always read as float32
 
 
 class ActivationWriter:
@@ -36,11 +38,17 @@ class ActivationWriter:
     """
 
     def __init__(
-        self, out: str | Path, d_in: int, source: dict, shard_tokens: int = SHARD_TOKENS, resume: bool = False
+        self,
+        out: str | Path,
+        d_in: int,
+        source: dict,
+        shard_tokens: int = SHARD_TOKENS,
+        resume: bool = False,
+        dtype: str = "float32",
     ):
         self.out = Path(out)
         self.tmp = self.out.with_name(self.out.name + ".partial")
-        self.d_in, self.source, self.shard_tokens = d_in, source, shard_tokens
+        self.d_in, self.source, self.shard_tokens, self.dtype = d_in, source, shard_tokens, dtype
         self.pending: list[dict[str, torch.Tensor]] = []
         self.n_pending = 0
         self.shards: list[dict] = []
@@ -56,7 +64,7 @@ class ActivationWriter:
     def add(self, rows: torch.Tensor, **extra: torch.Tensor) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.d_in:
             raise ProgsaeError(f"activation rows have shape {tuple(rows.shape)}, expected [n, {self.d_in}]")
-        self.pending.append({"activations": rows.detach().float(), **extra})
+        self.pending.append({"activations": rows.detach().to(getattr(torch, self.dtype)), **extra})
         self.n_pending += rows.shape[0]
         if self.n_pending >= self.shard_tokens:
             self.flush()
@@ -65,7 +73,7 @@ class ActivationWriter:
         if not self.pending:
             return
         shard = {k: torch.cat([p[k] for p in self.pending]) for k in self.pending[0]}
-        name = f"shard-{len(self.shards):05d}.safetensors"
+        name = shard_name(len(self.shards))
         save_tensors(self.tmp / name, shard)
         self.shards.append({"file": name, "n_tokens": int(shard["activations"].shape[0])})
         self.pending, self.n_pending = [], 0
@@ -83,25 +91,39 @@ class ActivationWriter:
         self.flush()
         for name, tensors in (files or {}).items():
             save_tensors(self.tmp / name, tensors)
-        manifest = {
-            "format": FORMAT,
-            "version": 1,
-            "d_in": self.d_in,
-            "dtype": "float32",
-            "n_tokens": sum(s["n_tokens"] for s in self.shards),
-            "source": self.source,
-            "shards": self.shards,
-        }
-        save_json(self.tmp / "manifest.json", manifest)
-        (self.tmp / "progress.json").unlink(missing_ok=True)
-        replace_dir(self.tmp, self.out)
-        return self.out
+        return finish(self.tmp, self.out, self.d_in, self.source, self.shards, self.dtype)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def finish(tmp: Path, out: str | Path, d_in: int, source: dict, shards: list[dict], dtype: str = "float32") -> Path:
+    """Write the manifest of the shards in `tmp` (a complete directory) and move it to `out`."""
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "d_in": d_in,
+        "dtype": dtype,
+        "n_tokens": sum(s["n_tokens"] for s in shards),
+        "source": source,
+        "shards": shards,
+    }
+    save_json(tmp / "manifest.json", manifest, durable=True)
+    (tmp / "progress.json").unlink(missing_ok=True)
+    replace_dir(tmp, Path(out))
+    return Path(out)
 
 
 def write_activations(
-    out: str | Path, batches: Iterable[torch.Tensor], d_in: int, source: dict, shard_tokens: int = SHARD_TOKENS
+    out: str | Path,
+    batches: Iterable[torch.Tensor],
+    d_in: int,
+    source: dict,
+    shard_tokens: int = SHARD_TOKENS,
+    dtype: str = "float32",
 ) -> Path:
-    writer = ActivationWriter(out, d_in, source, shard_tokens)
+    writer = ActivationWriter(out, d_in, source, shard_tokens, dtype=dtype)
     for rows in batches:
         writer.add(rows)
     return writer.close()
@@ -123,7 +145,10 @@ class ActivationDir:
         m = load_json(self.path / "manifest.json")
         if m.get("format") != FORMAT or "shards" not in m or "d_in" not in m:
             raise ProgsaeError(f"{self.path}/manifest.json: not a progsae activation manifest; re-create the directory")
+        if m.get("dtype", "float32") not in DTYPES:
+            raise ProgsaeError(f"{self.path}/manifest.json: dtype {m['dtype']!r} is not float32 or bfloat16; re-create the directory")
         self.manifest = m
+        self.dtype = DTYPES[m.get("dtype", "float32")]
         self.d_in: int = m["d_in"]
         self.shards: list[dict] = m["shards"]
         self.n_tokens: int = m["n_tokens"]
@@ -162,6 +187,11 @@ class ActivationDir:
         listed = self.manifest["shards"][i]
         f = self.path / listed["file"]
         t = load_tensor(f, "activations")
+        if t is not None and t.dtype != self.dtype:
+            raise ProgsaeError(
+                f"{f}: activations are {str(t.dtype).removeprefix('torch.')} but the manifest says "
+                f"{str(self.dtype).removeprefix('torch.')}; re-create the directory"
+            )
         if t is None or t.ndim != 2 or t.shape[1] != self.d_in or t.shape[0] != listed["n_tokens"]:
             shape = None if t is None else tuple(t.shape)
             raise ProgsaeError(

@@ -3,7 +3,7 @@
 corpus -> documents -> packed contexts [n, ctx_len] (BOS first) -> seeded train/test split -> batches of
 contexts -> the model run up to layer L (stopped there) -> rows (BOS positions dropped by default) ->
 shards with activations, token_ids, context_ids, positions; contexts.safetensors keeps every context.
-A killed extraction resumes from `OUT.partial/progress.json`.
+A killed extraction (any rank of it under torchrun) resumes from the shards in `OUT.partial/`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import dist
 from ..config import opt
-from ..files import ProgsaeError
-from .activations import SHARD_TOKENS, ActivationWriter
+from ..files import ProgsaeError, fresh_dir, load_json, save_json, save_tensors
+from .activations import SHARD_TOKENS, finish, shard_name
 from .corpus import DEFAULT_CORPUS, load_corpus, pack_contexts, split_indices
 from .lm import DEFAULT_MODEL, check_layer, hook_name, load_lm, residual_stream
 
@@ -36,6 +37,7 @@ class ExtractConfig:
     device: str = opt("cpu", "where the model runs: cpu or cuda")
     keep_bos: bool = opt(False, "keep BOS positions (huge-norm outliers; SAEs are trained without them)")
     shard_tokens: int = opt(0, "rows per shard (0: about 150 MB shards whatever d is)")
+    dtype: str = opt("float32", "activations on disk: float32, or bfloat16 (half the disk; read back as float32)")
 
     def validate(self) -> ExtractConfig:
         if self.shard_tokens < 0:
@@ -45,6 +47,8 @@ class ExtractConfig:
                 raise ProgsaeError(f"extract: {name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 < self.test_frac < 1:
             raise ProgsaeError(f"extract: test_frac must be in (0, 1), got {self.test_frac}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ProgsaeError(f"extract: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.split not in ("train", "test"):
             raise ProgsaeError(f"extract: split must be 'train' or 'test', got {self.split!r}")
         return self
@@ -73,10 +77,16 @@ def extract(
     model_name: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write the activation directory `out`; pass `model`/`tokenizer` to use an already loaded model."""
+    """Write the activation directory `out`; pass `model`/`tokenizer` to use an already loaded model.
+
+    Shard c holds the contexts of batches c·b .. (c+1)·b - 1 (b batches fill `shard_tokens` rows), so
+    shards are fixed by the config alone: under torchrun rank r writes shards r, r + world, ..., a shard
+    on disk is done (a rerun after a kill of any rank writes only the missing ones), and any number of
+    ranks writes the same bytes as one process. Rank 0 writes contexts and the manifest at the end."""
     cfg.validate()
+    device = dist.init(cfg.device)
     if model is None:
-        model, tokenizer, model_name = load_lm(cfg.model, cfg.device)
+        model, tokenizer, model_name = load_lm(cfg.model, device)
     check_layer(model, cfg.layer)
     contexts, chosen = select_contexts(cfg, tokenizer)
     d = model.config.hidden_size
@@ -87,42 +97,66 @@ def extract(
         **asdict(cfg),
         "n_contexts": len(chosen),
     }
-    shard_tokens = cfg.shard_tokens or max(1024, SHARD_TOKENS * 576 // d)  # ~150 MB shards
-    writer = ActivationWriter(out, d, source, shard_tokens, resume=True)
-    done = writer.state.get("contexts_done", 0)
-    if done and progress:
-        print(f"resuming extraction at {writer.n_tokens} of {cfg.tokens} tokens ({done} contexts done)", flush=True)
     start = 0 if cfg.keep_bos else 1
+    per_batch = cfg.batch_size * (cfg.ctx_len - start)  # rows of a full batch; only the last may be shorter
+    per_shard = -(-(cfg.shard_tokens or max(1024, SHARD_TOKENS * 576 // d)) // per_batch)  # ~150 MB shards
+    n_shards = -(-len(chosen) // (cfg.batch_size * per_shard))
+    sizes = [min(per_shard * per_batch, cfg.tokens - c * per_shard * per_batch) for c in range(n_shards)]
+    part, main = Path(out).with_name(Path(out).name + ".partial"), dist.is_main()
+    if main:
+        _prepare(part, {"source": source, "d_in": d})
+    dist.barrier()
+    done = [c for c in range(n_shards) if (part / shard_name(c)).is_file()]
+    if done and progress and main:
+        n = sum(sizes[c] for c in done)
+        print(f"resuming extraction at {n} of {cfg.tokens} tokens ({len(done)} of {n_shards} shards done)", flush=True)
+    mine = [c for c in range(dist.rank(), n_shards, dist.world()) if c not in done]
     bar = tqdm(
-        total=cfg.tokens,
-        initial=writer.n_tokens,
+        total=sum(sizes[c] for c in mine),
         unit="tok",
         unit_scale=True,
-        desc=f"extract {hook_name(cfg.layer)}",
-        disable=not progress,
+        desc=f"extract {hook_name(cfg.layer)}" + (f" (rank 0 of {dist.world()})" if dist.world() > 1 else ""),
+        disable=not (progress and main),
         dynamic_ncols=True,
     )
-    t0 = time.perf_counter()
-    for s in range(done, len(chosen), cfg.batch_size):
-        ids = contexts[s : s + cfg.batch_size]
-        h = residual_stream(model, ids.to(model.device), cfg.layer)[:, start:].float().cpu()  # [b, T', d]
-        b, T = h.shape[:2]
-        rows = {
-            "token_ids": ids[:, start:].reshape(-1),
-            "context_ids": torch.arange(s, s + b).repeat_interleave(T),
-            "positions": torch.arange(start, start + T).repeat(b),
-        }
-        acts = h.reshape(-1, d)
-        keep = min(acts.shape[0], cfg.tokens - writer.n_tokens)  # the last batch may end mid-context
-        writer.state = {"contexts_done": s + b}
-        writer.add(acts[:keep], **{k: v[:keep] for k, v in rows.items()})
-        bar.update(keep)
+    t0, dtype = time.perf_counter(), getattr(torch, cfg.dtype)
+    for c in mine:
+        parts, got = [], 0
+        for s in range(c * per_shard * cfg.batch_size, min((c + 1) * per_shard * cfg.batch_size, len(chosen)), cfg.batch_size):
+            ids = contexts[s : s + cfg.batch_size]
+            h = residual_stream(model, ids.to(model.device), cfg.layer)[:, start:].float().cpu()  # [b, T', d]
+            b, T = h.shape[:2]
+            parts.append({
+                "activations": h.reshape(-1, d).to(dtype),
+                "token_ids": ids[:, start:].reshape(-1),
+                "context_ids": torch.arange(s, s + b).repeat_interleave(T),
+                "positions": torch.arange(start, start + T).repeat(b),
+            })  # fmt: skip
+            bar.update(min(b * T, sizes[c] - got))
+            got += b * T
+        shard = {k: torch.cat([p[k] for p in parts])[: sizes[c]] for k in parts[0]}  # the last may end mid-context
+        save_tensors(part / shard_name(c), shard, durable=True)
     bar.close()
-    path = writer.close({"contexts.safetensors": {"contexts": contexts, "corpus_index": torch.tensor(chosen)}})
-    if progress:
+    dist.barrier()  # every rank's shards are on disk
+    if main:
+        save_tensors(part / "contexts.safetensors", {"contexts": contexts, "corpus_index": torch.tensor(chosen)})
+        shards = [{"file": shard_name(c), "n_tokens": n} for c, n in enumerate(sizes)]
+        finish(part, out, d, source, shards, cfg.dtype)
+    dist.barrier()
+    if progress and main:
         dt = time.perf_counter() - t0
         print(
-            f"extracted {cfg.tokens} activations of {source['model_name']} at {hook_name(cfg.layer)} to {path}"
-            + (f" ({cfg.tokens / dt:,.0f} tokens/s)" if done == 0 and dt > 0 else "")
+            f"extracted {cfg.tokens} activations of {source['model_name']} at {hook_name(cfg.layer)} to {out}"
+            + (f" ({cfg.tokens / dt:,.0f} tokens/s)" if not done and dt > 0 else "")
         )
-    return path
+    return Path(out)
+
+
+def _prepare(part: Path, progress: dict) -> None:
+    """Keep `part` (an interrupted extraction of the same source: its shards are done) or start it afresh."""
+    if (part / "progress.json").is_file() and load_json(part / "progress.json") == progress:
+        for f in part.glob("*.tmp"):  # a write cut short by a kill
+            f.unlink()
+        return
+    fresh_dir(part)
+    save_json(part / "progress.json", progress)
