@@ -361,3 +361,114 @@ def test_the_stages_defaults_agree_with_the_run():
     assert (ex.layer, ex.model, ex.corpus, ex.ctx_len) == (run.layer, run.model, run.corpus, run.ctx_len)
     args = build_parser().parse_args(["extract", "--out", "x"])
     assert args.layer is None  # unset flags fall through to ExtractConfig's defaults
+
+
+def test_source_lm_trains_every_sae_of_a_seed_from_one_pass_of_the_model(run, tmp_path, monkeypatch):
+    import progsae.data.stream as stream
+    from progsae.data.stream import LMSource, StreamConfig
+    from progsae.files import load_tensors
+    from progsae.train import TrainConfig, Trainer
+
+    passes = {"n": 0}
+    real = stream.residual_stream
+
+    def counted(*args):
+        passes["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(stream, "residual_stream", counted)
+    args = ["run", "--config", str(run / "cfg.yaml"), "--out", str(tmp_path / "out"), "--source", "lm"]
+    assert main([*args, "--buffer-tokens", "2000", "--lm-tokens", "0", "--interp-latents", "0"]) == 0
+    in_run, passes["n"] = passes["n"], 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["stream"]["kind"] == "lm" and res["stream"]["buffer_tokens"] == 2000
+    assert res["training"]["matryoshka"]["tokens"] == 31 * 256
+
+    # independently: one SAE trained alone on the same stream is the run's, bit for bit
+    sc = StreamConfig(model=str(run / "lm"), layer=1, corpus=str(run / "text.txt"), ctx_len=16, buffer_tokens=2000)
+    tc = TrainConfig(d_sae=32, k=4, tokens=8000, batch_size=256, seed=0, log_every=1)
+    sae = Trainer(tc, LMSource(sc)).run(progress=False)
+    assert 3 <= passes["n"] == in_run  # six SAEs cost the model's forwards of one
+    ours = load_tensors(tmp_path / "out" / "saes" / "topk-32" / "sae_weights.safetensors")
+    assert all(torch.equal(ours[k], getattr(sae, k)) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+
+
+def test_source_lm_with_outliers_excluded_is_refused_in_one_line(tmp_path, capsys):
+    args = ["run", "--out", str(tmp_path / "r"), "--source", "lm", "--outliers", "exclude"]
+    assert main(args) == 2
+    assert "outliers 'exclude' needs source 'cached'" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_run_under_torchrun_with_two_ranks_matches_one_process(run, tmp_path):
+    from test_dist import torchrun
+
+    p = torchrun("run", "--config", str(run / "cfg.yaml"), "--out", str(tmp_path / "two"))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    assert out.count("report: ") == 1 and out.count("[evaluate topk-64] ...") == 1  # rank 0 alone speaks
+    one, two = (json.loads((d / "results.json").read_text()) for d in (run / "out", tmp_path / "two"))
+    assert set(one["saes"]) == set(two["saes"])
+    for name in one["saes"]:  # data-parallel training, statistics split over the ranks: the same SAEs
+        for a, b in zip(one["saes"][name]["table"], two["saes"][name]["table"], strict=True):
+            assert b["fvu_prefix"] == pytest.approx(a["fvu_prefix"], rel=1e-3, abs=1e-5), name
+    from progsae.analysis import load_stats
+
+    s1, s2 = (load_stats(d / "stats" / "topk-64.safetensors") for d in (run / "out", tmp_path / "two"))
+    assert int(s1["n_tokens"]) == int(s2["n_tokens"]) == 2000  # each rank half of every batch, summed
+    torch.testing.assert_close(s2["e_z2"], s1["e_z2"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(s2["freq"], s1["freq"], rtol=0, atol=2 / 2000)  # a token or two may flip
+    torch.testing.assert_close(s2["max"], s1["max"], rtol=1e-3, atol=1e-6)
+    assert (tmp_path / "two" / "report.html").is_file()
+
+
+def comparable(out) -> dict:
+    """Every file of a run directory as something to compare: tensors, JSON without times, other bytes;
+    the run's own path made relative (statistics and records name their SAE's path)."""
+    from safetensors.torch import load_file
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if "seconds" not in k and k != "elapsed"}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v.replace(str(out), "OUT") if isinstance(v, str) else v
+
+    files = {}
+    for f in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = str(f.relative_to(out))
+        if rel in ("timings.json", "report.html") or rel.startswith("figures/"):
+            continue  # run times; the page and figures show them (the numbers are in results.json and tables/)
+        if f.suffix == ".safetensors":
+            files[rel] = {k: v.numpy().tobytes() for k, v in load_file(f).items()}
+        elif f.suffix == ".json":
+            files[rel] = clean(json.loads(f.read_text()))
+        else:
+            files[rel] = f.read_bytes().replace(str(out).encode(), b"OUT")
+    return files
+
+
+def test_a_whole_run_killed_at_random_moments_reruns_to_what_an_uninterrupted_run_writes(run, tmp_path):
+    import random
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "progsae", "run", "--config", str(run / "cfg.yaml"), "--out"]
+    whole = subprocess.run([*cmd, str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut, rng, killed = tmp_path / "cut", random.Random(), 0
+    for _ in range(3):
+        p = subprocess.Popen([*cmd, str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.monotonic()
+        while not (cut / "timings.json").is_file() and p.poll() is None:  # past Python's start and the imports
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 4 + time.monotonic() - t0))
+        killed += p.poll() is None
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    r = subprocess.run([*cmd, str(cut)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert killed and "done already" in r.stdout  # it was killed mid-run, and resumed
+    a, b = comparable(tmp_path / "whole"), comparable(cut)
+    assert sorted(a) == sorted(b)
+    for f in a:
+        assert a[f] == b[f], f

@@ -297,6 +297,8 @@ def cmd_run(a) -> None:
     base = {**asdict(PRESETS[a.preset]), **(load_file(a.config) if a.config else {}), **given(RunConfig, a)}
     cfg = RunConfig.from_dict(base)
     results = Run(cfg, a.out, force=a.force).run()
+    if not dist.is_main():  # under torchrun rank 0 alone writes the report
+        return
     report = write_report(a.out)
     print(f"\nreport: {report}  ({results['seconds'] / 60:.1f} minutes)")
     for f in results["findings"]:

@@ -10,6 +10,7 @@ so the training code has one path. Rank 0 alone writes files and prints.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -28,7 +29,8 @@ def init(device: str) -> str:
     if not tdist.is_initialized():
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        tdist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # a long timeout: in `progsae run` the other ranks wait while rank 0 alone evaluates and reports
+        tdist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=24))
     return device
 
 
@@ -48,18 +50,37 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _collective(t: torch.Tensor, op) -> torch.Tensor:
+    """Apply the collective `op` to `t` in place (nccl reduces CUDA tensors only: a CPU one goes through the GPU)."""
+    if not active():
+        return t
+    if tdist.get_backend() == "nccl" and t.device.type != "cuda":
+        on_gpu = t.to(f"cuda:{torch.cuda.current_device()}")
+        op(on_gpu)
+        t.copy_(on_gpu.cpu())
+    else:
+        op(t)
+    return t
+
+
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over the ranks, in place; returns it."""
-    if active():
-        tdist.all_reduce(t)
-    return t
+    return _collective(t, tdist.all_reduce)
+
+
+def all_max(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of `t` over the ranks, in place; returns it."""
+    return _collective(t, lambda u: tdist.all_reduce(u, tdist.ReduceOp.MAX))
 
 
 def broadcast(t: torch.Tensor) -> torch.Tensor:
     """Rank 0's `t` on every rank, in place."""
-    if active():
-        tdist.broadcast(t, 0)
-    return t
+    return _collective(t, lambda u: tdist.broadcast(u, 0))
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank (one decision, e.g. whether a stage is done, taken by rank 0)."""
+    return bool(broadcast(torch.tensor([int(flag)])).item())
 
 
 def barrier() -> None:

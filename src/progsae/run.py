@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import dist
 from .analysis import fit_power_law, interpretability, latent_stats, load_stats, save_stats, sort_by_importance
 from .analysis.aggregate import Aggregate
 from .analysis.compare import feature_splitting
@@ -45,6 +46,7 @@ from .config import from_dict, opt
 from .data import ActivationDir, write_activations
 from .data.extract import ExtractConfig, extract
 from .data.lm import load_lm
+from .data.stream import LMSource, StreamConfig
 from .files import ProgsaeError, fresh_dir, load_json, replace_dir, save_json
 from .formats import load as load_sae
 from .interp.autointerp import ChatJudge
@@ -52,7 +54,7 @@ from .interp.llm import ChatClient
 from .interp.local import LocalJudge
 from .interp.study import judge_check, score_latents, stratified_latents
 from .sae import SAE, check_device, rescaled_k
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, train_together
 
 
 @dataclass
@@ -61,7 +63,10 @@ class RunConfig:
     layer: int = opt(6, "decoder layer L whose residual stream the SAEs read")
     corpus: str = opt("kjv", "kjv, a .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]:SPLIT")
     ctx_len: int = opt(128, "tokens per context, BOS first")
-    train_tokens: int = opt(800_000, "activations extracted for training")
+    source: str = opt("cached", "the SAEs train on: cached (train_tokens extracted to acts/ first) or lm (the model run on the fly, once per seed for all SAEs; acts/ then feeds the statistics only)")
+    buffer_tokens: int = opt(262_144, "with source lm: activations shuffled together (memory: x d_in x 4 bytes, on the device)")
+    train_tokens: int = opt(800_000, "activations extracted from the training split (source cached: what the SAEs train on)")
+    acts_dtype: str = opt("float32", "extracted activations on disk: float32, or bfloat16 (half the disk; read as float32)")
     test_tokens: int = opt(40_000, "held-out activations for evaluation")
     d_sae: int = opt(4096, "N, the largest dictionary")
     k: int = opt(32, "k of the N-latent SAEs; smaller native SAEs use k G / N")
@@ -100,6 +105,7 @@ class RunConfig:
             "bootstrap",
             "interp_tokens",
             "matryoshka_sampled",
+            "buffer_tokens",
         ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ProgsaeError(f"run config: {f} must be a positive integer, got {getattr(self, f)!r}")
@@ -122,6 +128,15 @@ class RunConfig:
             raise ProgsaeError(f"run config: judge_url must be empty or an http(s) URL, got {self.judge_url!r}")
         if self.outliers not in ("keep", "exclude"):
             raise ProgsaeError(f"run config: outliers must be 'keep' or 'exclude', got {self.outliers!r}")
+        if self.source not in ("cached", "lm"):
+            raise ProgsaeError(f"run config: source must be 'cached' or 'lm', got {self.source!r}")
+        if self.source == "lm" and self.outliers == "exclude":
+            raise ProgsaeError(
+                "run config: outliers 'exclude' needs source 'cached' (SAEs trained from the model see every token); "
+                "set one of them"
+            )
+        if self.acts_dtype not in ("float32", "bfloat16"):
+            raise ProgsaeError(f"run config: acts_dtype must be 'float32' or 'bfloat16', got {self.acts_dtype!r}")
         if not 0.5 <= self.outlier_quantile < 1:
             raise ProgsaeError(f"run config: outlier_quantile must be in [0.5, 1), got {self.outlier_quantile!r}")
         if any(not 1 <= g <= self.d_sae for g in self.grid):
@@ -156,13 +171,18 @@ PRESETS = {
     # 2 CPU cores, ~37 minutes: the embedded SmolLM2-135M and the KJV corpus; two seeds (each adds ~13 minutes);
     # interpretability (records, browsers, the local judge on 15 latents per SAE) ~4 minutes
     "demo": RunConfig(seeds=2, minutes_estimate=37),
-    # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; a GPU and tens of millions of tokens
+    # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; GPUs and tens of millions of tokens. The SAEs
+    # train straight from the model (50M tokens of float32 at d = 2304 would be 460 GB of shards); 2M tokens
+    # are extracted, in bfloat16 (9 GB), for the outlier profile and the importance statistics
     "paper": RunConfig(
         model="google/gemma-2-2b",
         layer=2,
         corpus="hf:monology/pile-uncopyrighted:train",
         ctx_len=1024,
-        train_tokens=50_000_000,
+        source="lm",
+        buffer_tokens=1_048_576,
+        acts_dtype="bfloat16",
+        train_tokens=2_000_000,
         test_tokens=500_000,
         d_sae=65536,
         k=256,
@@ -250,26 +270,33 @@ class Run:
             load_json(self.out / "timings.json") if (self.out / "timings.json").is_file() else {}
         )
         self._lm = self._judge = None
+        self.device = cfg.device
         self.stages: list[str] = []  # this config's stages, in order
 
     def say(self, msg: str) -> None:
-        if self.progress:
+        if self.progress and dist.is_main():
             print(msg, flush=True)
 
-    def stage(self, name: str, done: Path, fn) -> None:
+    def stage(self, name: str, done: Path, fn, everyone: bool = False) -> None:
+        """Run `fn` unless `done` exists. Under torchrun rank 0 decides; a stage split over the ranks
+        (`everyone`: extraction, training, statistics) runs on every rank, the others on rank 0 alone
+        while the rest wait."""
         self.stages.append(name)
-        if done.exists() and not self.force:
+        if dist.agree(done.exists() and not self.force):
             self.say(f"[{name}] done already ({done.relative_to(self.out)})")
             return
         self.say(f"[{name}] ...")
         t = time.perf_counter()
-        fn()
+        if everyone or dist.is_main():
+            fn()
+        dist.barrier()
         self.timings[name] = round(time.perf_counter() - t, 1)
-        save_json(self.out / "timings.json", self.timings)
+        if dist.is_main():
+            save_json(self.out / "timings.json", self.timings)
 
     def lm(self):
         if self._lm is None:
-            self._lm = load_lm(self.cfg.model, self.cfg.device)
+            self._lm = load_lm(self.cfg.model, self.device)
         return self._lm
 
     # -- stages ------------------------------------------------------------------------------------------
@@ -284,14 +311,16 @@ class Run:
             f"progsae run: {c.model} layer {c.layer}, {c.train_tokens:,} training activations, "
             f"N = {c.d_sae}, k = {c.k}, {len(self.all_saes())} SAEs -> {self.out}{est}"
         )
-        check_device(c.device)
+        self.device = check_device(dist.init(c.device))  # under torchrun: cuda:LOCAL_RANK
         pretrained = self._check_pretrained()  # before anything is written
-        save_json(self.out / "config.json", self.resolved)
+        if dist.is_main():
+            save_json(self.out / "config.json", self.resolved)
         for split, tokens, name in (("train", c.train_tokens, "acts"), ("test", c.test_tokens, "acts-test")):
             self.stage(
                 f"extract {split}",
                 self.out / name / "manifest.json",
                 lambda s=split, t=tokens, n=name: self._extract(s, t, n),
+                everyone=True,
             )
         self.stage("outliers", self.out / "outliers.json", self._outliers)
         if c.outliers == "exclude":  # SAEs train and are measured on the tokens at or below the threshold
@@ -306,14 +335,25 @@ class Run:
                 self.stage(
                     f"import {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._import(n, pretrained)
                 )
-            else:
-                self.stage(f"train {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._train(n))
+            elif c.source == "cached":
+                self.stage(
+                    f"train {name}", self.out / "saes" / name / "cfg.json", lambda n=name: self._train([n]), everyone=True
+                )
+        for s in range(c.seeds if c.source == "lm" and c.train else 0):  # one pass of the model per seed
+            names = [n for n in trained_names(c) if family(n)[1] == s]
+            self.stage(
+                f"train seed {c.seed + s} from the model",
+                self.out / "saes" / names[-1] / "cfg.json",
+                lambda ns=names: self._train(ns),
+                everyone=True,
+            )
         for name, role in sae_names(c).items():
             if role in ("vanilla", "pretrained"):
                 self.stage(
                     f"permute {name}",
                     self.out / "saes" / f"{name}-by-freq" / "cfg.json",
                     lambda n=name: self._permute(n),
+                    everyone=True,
                 )
         for name in self.all_saes():
             self.stage(f"evaluate {name}", self.out / "eval" / f"{name}.json", lambda n=name: self._evaluate(n))
@@ -328,6 +368,8 @@ class Run:
             if done.is_file() and load_json(done).get("settings") != settings:
                 done.unlink()
             self.stage("judge check", done, lambda: self._judge_check(settings))
+        if not dist.is_main():
+            return {}
         t_analyse = time.perf_counter()
         results = self.analyse()
         self.timings["analyse"] = round(time.perf_counter() - t_analyse, 1)
@@ -358,7 +400,7 @@ class Run:
         src, thr = ActivationDir(self.out / split), self.threshold()
         rows = (x[x.norm(dim=1) <= thr] for x in src.iter_rows(8192))
         source = {**src.manifest["source"], "excluded": {"norm_above": thr, "quantile": self.cfg.outlier_quantile}}
-        write_activations(self.out / f"{split}-typical", rows, src.d_in, source)
+        write_activations(self.out / f"{split}-typical", rows, src.d_in, source, dtype=src.manifest.get("dtype", "float32"))
 
     def all_saes(self) -> list[str]:
         names = list(sae_names(self.cfg))
@@ -388,7 +430,7 @@ class Run:
         """Latent records and proxies (stats/NAME.records.safetensors), auto-interp scores of latents sampled
         from every rank band (interp/NAME.json) and the feature browser (browse/NAME/)."""
         c = self.cfg
-        sae = SAE.load(self.out / "saes" / name).to(c.device)
+        sae = SAE.load(self.out / "saes" / name).to(self.device)
         acts = ActivationDir(self.out / "acts-test")
         model, tok, _ = self.lm()
         rows = TextRows(acts, c.interp_tokens, sae, tok)
@@ -455,52 +497,73 @@ class Run:
             split=split,
             seed=c.seed,
             device=c.device,
+            dtype=c.acts_dtype,
         )
         extract(ec, self.out / name, model, tok, model_name, progress=self.progress)
 
-    def _train(self, name: str) -> None:
+    def _train(self, names: list[str]) -> None:
+        """Train the SAEs `names` of one seed: from acts/ (source cached, one at a time), or together from
+        one pass of the model (source lm), data-parallel under torchrun either way."""
         c, N = self.cfg, self.cfg.d_sae
-        acts = self.acts()
-        fam, s = family(name)
-        kw: dict = {}
-        if fam == "matryoshka":
-            kw["matryoshka"] = [N // 4, N // 2, N]
-        elif fam == "matryoshka-sampled":
-            kw["matryoshka_sampled"] = c.matryoshka_sampled
-        n = N if fam.startswith("matryoshka") else int(fam.split("-")[1])
-        meta = {k: v for k, v in acts.manifest["source"].items() if k in ("model_name", "hook_name")}
-        tc = TrainConfig(
-            d_sae=n,
-            k=rescaled_k(c.k, n, N),
-            tokens=c.sae_tokens,
-            device=c.device,
-            batch_size=c.batch_size,
-            seed=c.seed + s,
-            log_every=max(1, c.sae_tokens // c.batch_size // 40),  # ~40 points: enough for the convergence slope
-            metadata=meta,
-            **kw,
-        )
-        if self.force:  # else the trainer would resume from the old run's checkpoint
-            shutil.rmtree(self.out / "saes" / name, ignore_errors=True)
-        Trainer(tc, acts, self.out / "saes" / name).run(self.progress)
+        source = self.acts() if c.source == "cached" else self.stream()
+        info = source.manifest["source"] if c.source == "cached" else source.describe()
+        meta = {k: v for k, v in info.items() if k in ("model_name", "hook_name")}
+        trainers = []
+        for name in names:
+            fam, s = family(name)
+            kw: dict = {}
+            if fam == "matryoshka":
+                kw["matryoshka"] = [N // 4, N // 2, N]
+            elif fam == "matryoshka-sampled":
+                kw["matryoshka_sampled"] = c.matryoshka_sampled
+            n = N if fam.startswith("matryoshka") else int(fam.split("-")[1])
+            tc = TrainConfig(
+                d_sae=n,
+                k=rescaled_k(c.k, n, N),
+                tokens=c.sae_tokens,
+                device=c.device,
+                batch_size=c.batch_size,
+                seed=c.seed + s,
+                log_every=max(1, c.sae_tokens // c.batch_size // 40),  # ~40 points: enough for the convergence slope
+                metadata=meta,
+                **kw,
+            )
+            if self.force and dist.is_main():  # else the trainer would resume from the old run's checkpoint
+                shutil.rmtree(self.out / "saes" / name, ignore_errors=True)
+            dist.barrier()
+            trainers.append(Trainer(tc, source, self.out / "saes" / name))
+        train_together(trainers, self.progress)
+
+    def stream(self):
+        """The model run on the fly over the training split (source lm); its description in stream.json."""
+        c = self.cfg
+        sc = StreamConfig(c.model, c.layer, c.corpus, c.ctx_len, split_seed=c.seed, buffer_tokens=c.buffer_tokens)
+        src = LMSource(sc, self.device, *self.lm())
+        if dist.is_main():
+            save_json(self.out / "stream.json", {**src.describe(), "epoch_tokens": src.epoch_tokens()})
+        return src
 
     def _permute(self, name: str) -> None:
-        sae = SAE.load(self.out / "saes" / name).to(self.cfg.device)
-        stats = self._stats(sae)
-        save_stats(self.out / "stats" / f"{name}.safetensors", stats, str(self.out / "saes" / name))
-        for metric in ("e_z2", "freq"):
-            sort_by_importance(sae, stats, metric).save(self.out / "saes" / f"{name}-by-{metric}")
+        sae = SAE.load(self.out / "saes" / name).to(self.device)
+        stats = self._stats(sae, split=True)
+        if dist.is_main():
+            save_stats(self.out / "stats" / f"{name}.safetensors", stats, str(self.out / "saes" / name))
+            for metric in ("e_z2", "freq"):
+                sort_by_importance(sae, stats, metric).save(self.out / "saes" / f"{name}-by-{metric}")
 
-    def _stats(self, sae: SAE) -> dict:
-        """Importance statistics on the training activations (with each latent's E[z²] on outlier tokens)."""
+    def _stats(self, sae: SAE, split: bool = False) -> dict:
+        """Importance statistics on the training activations (with each latent's E[z²] on outlier tokens);
+        `split`: every rank takes its share of the batches and the sums are reduced over the ranks."""
         rows = ActivationDir(self.out / "acts").iter_rows(4096, self.cfg.stats_tokens)
+        if split:
+            rows = (x[dist.rank() :: dist.world()] for x in rows)
         if self.cfg.outliers == "exclude":
             rows = (x[x.norm(dim=1) <= self.threshold()] for x in rows)
-        return latent_stats(sae, rows, outlier_norm=self.threshold())
+        return latent_stats(sae, rows, outlier_norm=self.threshold(), reduce=split)
 
     def _evaluate(self, name: str) -> None:
         c = self.cfg
-        sae = SAE.load(self.out / "saes" / name).to(c.device)
+        sae = SAE.load(self.out / "saes" / name).to(self.device)
         acts = self.acts("acts-test")
         contexts = directory_contexts(ActivationDir(self.out / "acts-test"), c.lm_tokens) if c.lm_tokens else None
         lm = (self.lm()[0], c.layer, contexts) if c.lm_tokens else None
@@ -558,6 +621,9 @@ class Run:
             for fam, names in families.items()
         }
         res["pretrained"] = {}
+        if c.source == "lm" and c.train:  # the stream the SAEs trained on (source cached: acts/)
+            res["stream"] = load_json(self.out / "stream.json")
+        pool = res["stream"]["epoch_tokens"] if "stream" in res else c.train_tokens  # tokens of one pass
         for n, role in roles.items():
             sae = SAE.load(self.out / "saes" / n)
             if role == "pretrained":
@@ -573,7 +639,7 @@ class Run:
                 save_stats(path, self._stats(sae), str(self.out / "saes" / n))
             res["power_laws"][n] = power_laws(load_stats(path), sae.d_sae)
             if (self.out / "saes" / n / "history.json").is_file():
-                res["training"][n] = convergence(load_json(self.out / "saes" / n / "history.json"), c)
+                res["training"][n] = convergence(load_json(self.out / "saes" / n / "history.json"), pool)
         res["outliers"]["latent_threshold_share"] = FLAG_SHARE
         for fam in families:
             if fam.endswith("-by-e_z2") or fam.endswith("-by-freq") or fam.startswith("matryoshka"):
@@ -642,7 +708,7 @@ def power_laws(stats: dict, n: int) -> dict:
     return out
 
 
-def convergence(history: list[dict], cfg: RunConfig) -> dict:
+def convergence(history: list[dict], pool: int) -> dict:
     """How far training got: the slope of the batch FVU against log2(tokens) over the second half of training
     (the FVU change per doubling of tokens; a half, not less, so batch noise does not decide it) and whether it
     is below the stated criterion."""
@@ -653,7 +719,7 @@ def convergence(history: list[dict], cfg: RunConfig) -> dict:
     final = float(np.mean(f[-3:]))
     return {
         "tokens": h[-1]["tokens"] if h else 0,
-        "passes": round((h[-1]["tokens"] if h else 0) / cfg.train_tokens, 1),
+        "passes": round((h[-1]["tokens"] if h else 0) / pool, 1),
         "final_fvu": final,
         "fvu_per_doubling": slope,
         "converged": slope is not None and -slope < CONVERGED * final,

@@ -330,9 +330,9 @@ class Trainer:
             "config": _jsonable(cfg),
             **({"ranks": self.world} if self.world > 1 else {}),
         }
-        if self.out is not None and dist.is_main():
-            self.sae.save(self.out)
+        if self.out is not None and dist.is_main():  # cfg.json, written last, says the SAE is whole
             save_json(self.out / "history.json", self.history)
+            self.sae.save(self.out)
         dist.barrier()  # the SAE is on disk before any rank returns
         return self.sae
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import dist
 from ..files import ProgsaeError, load_tensors, save_tensors, tensors_metadata
 from ..sae import SAE
 
@@ -18,9 +19,12 @@ METRICS = ("e_z2", "freq", "e_z", "max")
 
 
 @torch.no_grad()
-def latent_stats(sae: SAE, batches: Iterable[torch.Tensor], outlier_norm: float | None = None) -> dict:
+def latent_stats(
+    sae: SAE, batches: Iterable[torch.Tensor], outlier_norm: float | None = None, reduce: bool = False
+) -> dict:
     """E[z_i^2], E[z_i], firing frequency and max of every latent over all rows of `batches`; with
-    `outlier_norm`, also e_z2_outlier: the part of E[z_i^2] from rows whose norm exceeds it."""
+    `outlier_norm`, also e_z2_outlier: the part of E[z_i^2] from rows whose norm exceeds it. `reduce`:
+    under torchrun each rank read its own batches; sums, counts and maxima are reduced over the ranks."""
     N = sae.d_sae
     s2, s1, fired, s2_out = (torch.zeros(N, dtype=torch.float64) for _ in range(4))
     mx = torch.zeros(N)
@@ -37,6 +41,11 @@ def latent_stats(sae: SAE, batches: Iterable[torch.Tensor], outlier_norm: float 
             out = (x.norm(dim=1) > outlier_norm).to(indices.device)
             s2_out.index_add_(0, indices[out].reshape(-1).cpu(), values[out].reshape(-1).cpu().double().pow(2))
         n += x.shape[0]
+    if reduce:
+        for t in (s2, s1, fired, s2_out):
+            dist.all_sum(t)
+        dist.all_max(mx)
+        n = int(dist.all_sum(torch.tensor([n], dtype=torch.float64)).item())
     if n == 0:
         raise ProgsaeError("no activations to compute statistics on; check the activation directory")
     extra = {} if outlier_norm is None else {"e_z2_outlier": s2_out / n}

@@ -72,6 +72,10 @@ class LMSource:
     def describe(self) -> dict:
         return {"kind": "lm", "model_name": self.model_name, "hook_name": hook_name(self.cfg.layer), **asdict(self.cfg)}
 
+    def epoch_tokens(self) -> int:
+        """Activations of one pass over the training split (whole buffers; the rest waits for the next epoch)."""
+        return self.buffers_per_epoch() * self.per_buffer * self.per_ctx
+
     def buffers_per_epoch(self) -> int:
         return len(self.contexts) // self.per_buffer
 

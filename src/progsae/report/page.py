@@ -71,7 +71,9 @@ def write_report(run_dir: str | Path) -> Path:
         "<h1>progsae: progressive coding with sparse autoencoders</h1>",
         f"<p>Model <b>{html.escape(src.get('model_name', c['model']))}</b>, hook <code>{html.escape(src.get('hook_name', ''))}</code>, "
         f"corpus <code>{html.escape(c['corpus'])}</code> (contexts of {c['ctx_len']} tokens). "
-        f"{c['train_tokens']:,} training activations, {c['test_tokens']:,} held-out; each SAE trained on {c['sae_tokens']:,} tokens, "
+        + (f"SAEs trained straight from the model ({c['train_tokens']:,} training activations extracted for the "
+           "statistics), " if c.get("source") == "lm" else f"{c['train_tokens']:,} training activations, ")
+        + f"{c['test_tokens']:,} held-out; each SAE trained on {c['sae_tokens']:,} tokens, "
         f"{seeds} seed{'s' if seeds > 1 else ''}. N = {c['d_sae']}, k = {c['k']} (native smaller SAEs: k·G/N). "
         f"Run time {seconds(res.get('seconds', 0))} ({res.get('seconds', 0) / 60:.0f} minutes).</p>",
         "<p><b>How to read the numbers.</b> Every number is measured on held-out activations. A number in a table is "
@@ -204,10 +206,16 @@ def _interp_section(res: dict, figs: dict) -> list[str]:
 
 
 def _training_text(res: dict) -> str:
-    c = res["config"]
+    c, st = res["config"], res.get("stream")
+    drawn = (
+        f"streamed from the model over the corpus's training split ({st['epoch_tokens']:,} tokens a pass, "
+        f"{c['buffer_tokens']:,} shuffled together; one pass of the model feeds every SAE of a seed)"
+        if st
+        else f"drawn from {c['train_tokens']:,} extracted training activations"
+    )
     return (
-        f"<p>Each SAE saw {c['sae_tokens']:,} tokens drawn from {c['train_tokens']:,} training activations "
-        f"({c['sae_tokens'] / c['train_tokens']:.1f} passes). Convergence: the slope of the batch FVU against "
+        f"<p>Each SAE saw {c['sae_tokens']:,} tokens {drawn} "
+        f"({c['sae_tokens'] / (st['epoch_tokens'] if st else c['train_tokens']):.1f} passes). Convergence: the slope of the batch FVU against "
         "log₂(tokens) over the second half of training, i.e. the FVU change one more doubling of the tokens is "
         "projected to bring; an SAE counts as converged when that is under 1% of its final FVU.</p>"
     )
