@@ -187,3 +187,61 @@ def test_extraction_killed_with_sigkill_at_random_moments_reruns_to_the_uninterr
     assert files == sorted(f.name for f in (tmp_path / "cut").iterdir()) and len(files) == 15000 // 600 + 2
     for f in files:
         assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
+
+
+def one_line(capsys, match: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert err.count("progsae: error") == 1 and match in err.splitlines()[-1], err
+
+
+def test_bad_files_and_settings_are_one_line_and_exit_2_with_nothing_half_written(acts, tmp_path, capsys):
+    import json
+    import shutil
+
+    train = ["--d-sae", "32", "--k", "4", "--tokens", "2560", "--batch-size", "256"]
+    # a shard truncated after the manifest was written: named when it is read, no SAE
+    cut = tmp_path / "cut"
+    shutil.copytree(acts, cut)
+    shard = cut / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert main(["train", str(cut), "--out", str(tmp_path / "s1"), *train]) == 2
+    one_line(capsys, "shard-00000.safetensors: not a readable safetensors")
+    assert not (tmp_path / "s1" / "cfg.json").exists()
+    # a manifest that lies about its counts: refused when the directory is opened
+    lies = tmp_path / "lies"
+    shutil.copytree(acts, lies)
+    m = json.loads((lies / "manifest.json").read_text())
+    (lies / "manifest.json").write_text(json.dumps({**m, "n_tokens": m["n_tokens"] + 5}))
+    assert main(["train", str(lies), "--out", str(tmp_path / "s2"), *train]) == 2
+    one_line(capsys, f"n_tokens is {m['n_tokens'] + 5} but its shards list {m['n_tokens']} rows")
+    m["shards"][0]["n_tokens"] += 5  # one shard's count lies: named when that shard is read
+    m["n_tokens"] += 5
+    (lies / "manifest.json").write_text(json.dumps(m))
+    assert main(["train", str(lies), "--out", str(tmp_path / "s2"), *train]) == 2
+    one_line(capsys, "shard-00000.safetensors: activations have shape")
+    assert not (tmp_path / "s2").exists()
+    # an empty corpus
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["extract", "--corpus", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "x")]) == 2
+    one_line(capsys, "the corpus holds fewer than 127 tokens")
+    assert not list(tmp_path.glob("x*"))
+    # statistics (the permutation's source) of another length than the SAE
+    assert main(["train", str(acts), "--out", str(tmp_path / "a"), *train]) == 0
+    assert main(["train", str(acts), "--out", str(tmp_path / "b"), *train, "--d-sae", "64"]) == 0
+    assert main(["stats", str(tmp_path / "b"), str(acts), "--out", str(tmp_path / "b.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["permute", str(tmp_path / "a"), "--stats", str(tmp_path / "b.safetensors"), "--out", str(tmp_path / "p")]) == 2
+    one_line(capsys, "holds statistics of another SAE")
+    assert not list(tmp_path.glob("p*"))
+    # a run config with an unknown key, one out of range, and a layer beyond the model
+    (tmp_path / "run.yaml").write_text("d_sae: 4096\nlayers: 3\n")
+    assert main(["run", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "r")]) == 2
+    one_line(capsys, "run config: unknown field(s) layers")
+    assert main(["run", "--out", str(tmp_path / "r"), "--outlier-quantile", "1.5"]) == 2
+    one_line(capsys, "outlier_quantile must be in [0.5, 1)")
+    from lm_fixtures import tiny_lm
+
+    tiny_lm(tmp_path / "lm")
+    assert main(["run", "--out", str(tmp_path / "r"), "--model", str(tmp_path / "lm"), "--layer", "99"]) == 2
+    one_line(capsys, "layer 99 does not exist")
+    assert not (tmp_path / "r").exists()

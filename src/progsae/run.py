@@ -45,7 +45,7 @@ from .browse import write_site
 from .config import from_dict, opt
 from .data import ActivationDir, write_activations
 from .data.extract import ExtractConfig, extract
-from .data.lm import load_lm
+from .data.lm import check_layer, load_lm
 from .data.stream import LMSource, StreamConfig
 from .files import ProgsaeError, fresh_dir, load_json, replace_dir, save_json
 from .formats import load as load_sae
@@ -312,7 +312,8 @@ class Run:
             f"N = {c.d_sae}, k = {c.k}, {len(self.all_saes())} SAEs -> {self.out}{est}"
         )
         self.device = check_device(dist.init(c.device))  # under torchrun: cuda:LOCAL_RANK
-        pretrained = self._check_pretrained()  # before anything is written
+        check_layer(self.lm()[0], c.layer)  # before anything is written
+        pretrained = self._check_pretrained()
         if dist.is_main():
             save_json(self.out / "config.json", self.resolved)
         for split, tokens, name in (("train", c.train_tokens, "acts"), ("test", c.test_tokens, "acts-test")):

@@ -152,6 +152,12 @@ class ActivationDir:
         self.d_in: int = m["d_in"]
         self.shards: list[dict] = m["shards"]
         self.n_tokens: int = m["n_tokens"]
+        listed = sum(s.get("n_tokens", 0) for s in self.shards)
+        if listed != self.n_tokens:
+            raise ProgsaeError(
+                f"{self.path}/manifest.json: n_tokens is {self.n_tokens} but its shards list {listed} rows; "
+                "re-create the directory"
+            )
         for s in self.shards:
             if not (self.path / s["file"]).is_file():
                 raise ProgsaeError(
