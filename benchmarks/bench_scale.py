@@ -2,10 +2,12 @@
 
 1. data-parallel: the same training on cached activations, 1 process against torchrun with 2 gloo ranks;
 2. training straight from the model (SmolLM2-135M layer L on the fly) against training from an
-   extraction of the same model and layer on disk.
+   extraction of the same model and layer on disk;
+3. extraction itself, 1 process against torchrun with 2 gloo ranks writing disjoint shards.
 
 Reported: training tokens/s (the SAE's own clock: steps plus, for the stream, the model's forward
-passes; process start-up excluded) and peak RSS of each process (VmHWM of every rank; the largest).
+passes; process start-up excluded), extraction tokens/s (extract's own clock, from its first forward
+to the manifest: model loading excluded) and peak RSS of each process (VmHWM of every rank; the largest).
 
     python benchmarks/bench_scale.py [--rounds 3] [--steps 12] [--d-sae 4096] [--k 32] [--batch 4096]
 """
@@ -38,8 +40,11 @@ def run(cmd: list[str], out: Path, threads: int) -> dict:
     ranks = [json.loads(m) for m in re.findall(r"BENCH (\{.*?\})", r.stdout)]  # the ranks' lines may interleave
     if r.returncode or not ranks or any(x["code"] for x in ranks):
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    rss = max(x["rss_mb"] for x in ranks)
+    if cmd[cmd.index("-c") + 2] == "extract":
+        return {"tokens_s": float(re.search(r"\(([\d,]+) tokens/s\)", r.stdout)[1].replace(",", "")), "rss_mb": rss}
     training = json.loads((out / "cfg.json").read_text())["metadata"]["progsae"]["training"]
-    return {"tokens_s": training["tokens"] / training["seconds"], "rss_mb": max(x["rss_mb"] for x in ranks)}
+    return {"tokens_s": training["tokens"] / training["seconds"], "rss_mb": rss}
 
 
 def main() -> None:
@@ -52,6 +57,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--buffer", type=int, default=32768, help="buffer_tokens of the stream")
+    p.add_argument("--extract-tokens", type=int, default=65536, help="tokens of the extraction contenders")
     a = p.parse_args()
 
     tokens = a.steps * a.batch
@@ -61,13 +67,16 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "progsae", "extract", *lm, "--tokens", str(tokens), "--out", str(acts)],
                    check=True, capture_output=True)  # fmt: skip
     sae = ["--d-sae", str(a.d_sae), "--k", str(a.k), "--batch-size", str(a.batch), "--tokens", str(tokens)]
-    one = [sys.executable, "-c", CHILD, "train"]
+    one = [sys.executable, "-c", CHILD]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-           sys.executable, "-c", CHILD, "train"]  # fmt: skip
+           sys.executable, "-c", CHILD]  # fmt: skip
+    ex = ["extract", *lm, "--tokens", str(a.extract_tokens), "--out"]
     contenders = {
-        "cached, 1 process": lambda o: [*one, str(acts), *sae, "--out", str(o)],
-        "cached, torchrun 2 gloo ranks": lambda o: [*two, str(acts), *sae, "--out", str(o)],
-        "from the model (stream), 1 process": lambda o: [*one, *lm, "--buffer-tokens", str(a.buffer), *sae, "--out", str(o)],
+        "cached, 1 process": lambda o: [*one, "train", str(acts), *sae, "--out", str(o)],
+        "cached, torchrun 2 gloo ranks": lambda o: [*two, "train", str(acts), *sae, "--out", str(o)],
+        "from the model (stream), 1 process": lambda o: [*one, "train", *lm, "--buffer-tokens", str(a.buffer), *sae, "--out", str(o)],
+        "extract, 1 process": lambda o: [*one, *ex, str(o)],
+        "extract, torchrun 2 gloo ranks": lambda o: [*two, *ex, str(o)],
     }
     got: dict[str, list[dict]] = {name: [] for name in contenders}
     for r in range(a.rounds):
@@ -78,9 +87,10 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{cpu}, {os.cpu_count()} cores; SAE N={a.d_sae} k={a.k} batch {a.batch}, {a.steps} steps; "
           f"{a.model} layer {a.layer}; medians of {a.rounds} interleaved rounds")  # fmt: skip
-    base = statistics.median(x["tokens_s"] for x in got["cached, 1 process"])
     print(f"{'contender':<38}{'tokens/s':>10}{'vs 1 process':>14}{'peak RSS MB':>13}")
     for name, xs in got.items():
+        group = "extract" if name.startswith("extract") else "cached"  # each against its own 1-process run
+        base = statistics.median(x["tokens_s"] for x in got[f"{group}, 1 process"])
         t = statistics.median(x["tokens_s"] for x in xs)
         rss = statistics.median(x["rss_mb"] for x in xs)
         print(f"{name:<38}{t:>10.0f}{t / base:>13.2f}x{rss:>13.0f}")
