@@ -419,6 +419,8 @@ def test_a_run_under_torchrun_with_two_ranks_matches_one_process(run, tmp_path):
     torch.testing.assert_close(s2["freq"], s1["freq"], rtol=0, atol=2 / 2000)  # a token or two may flip
     torch.testing.assert_close(s2["max"], s1["max"], rtol=1e-3, atol=1e-6)
     assert (tmp_path / "two" / "report.html").is_file()
+    timings = json.loads((tmp_path / "two" / "timings.json").read_text())  # the evaluations dealt over both ranks
+    assert all(f"evaluate {n}" in timings for n in one["saes"]) and "8 stages dealt over 2 ranks" in out
 
 
 def comparable(out) -> dict:

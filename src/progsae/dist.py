@@ -83,6 +83,15 @@ def agree(flag: bool) -> bool:
     return bool(broadcast(torch.tensor([int(flag)])).item())
 
 
+def gather(obj) -> list:
+    """Every rank's `obj` (picklable: this process's own plain data, never a file), in rank order."""
+    if not active():
+        return [obj]
+    out = [None] * world()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if active():
         tdist.barrier()

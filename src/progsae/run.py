@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import dist
 from .analysis import fit_power_law, interpretability, latent_stats, load_stats, save_stats, sort_by_importance
@@ -294,6 +295,29 @@ class Run:
         if dist.is_main():
             save_json(self.out / "timings.json", self.timings)
 
+    def spread(self, stages: list[tuple[str, Path, object]]) -> None:
+        """Stages independent of each other (one SAE each), dealt over the ranks under torchrun: rank 0
+        decides which are done, rank r runs every world-th of the rest, and the ranks meet once at the end."""
+        self.stages += [name for name, _, _ in stages]
+        done = dist.broadcast(torch.tensor([int(d.exists() and not self.force) for _, d, _ in stages]))
+        for (name, d, _), finished in zip(stages, done.tolist(), strict=True):
+            if finished:
+                self.say(f"[{name}] done already ({d.relative_to(self.out)})")
+        todo = [st for st, finished in zip(stages, done.tolist(), strict=True) if not finished]
+        if todo and dist.world() > 1:
+            self.say(f"{len(todo)} stages dealt over {dist.world()} ranks (rank 0's shown)")
+        for name, _, fn in todo[dist.rank() :: dist.world()]:
+            self.say(f"[{name}] ...")
+            t = time.perf_counter()
+            fn()
+            self.timings[name] = round(time.perf_counter() - t, 1)
+            if dist.is_main():
+                save_json(self.out / "timings.json", self.timings)
+        for timings in dist.gather(self.timings):  # every rank's stage times, once all are done
+            self.timings |= timings
+        if dist.is_main():
+            save_json(self.out / "timings.json", self.timings)
+
     def lm(self):
         if self._lm is None:
             self._lm = load_lm(self.cfg.model, self.device)
@@ -312,6 +336,7 @@ class Run:
             f"N = {c.d_sae}, k = {c.k}, {len(self.all_saes())} SAEs -> {self.out}{est}"
         )
         self.device = check_device(dist.init(c.device))  # under torchrun: cuda:LOCAL_RANK
+        self.progress = self.progress and dist.is_main()  # rank 0 alone shows progress
         check_layer(self.lm()[0], c.layer)  # before anything is written
         pretrained = self._check_pretrained()
         if dist.is_main():
@@ -356,8 +381,9 @@ class Run:
                     lambda n=name: self._permute(n),
                     everyone=True,
                 )
-        for name in self.all_saes():
-            self.stage(f"evaluate {name}", self.out / "eval" / f"{name}.json", lambda n=name: self._evaluate(n))
+        self.spread(
+            [(f"evaluate {n}", self.out / "eval" / f"{n}.json", lambda n=n: self._evaluate(n)) for n in self.all_saes()]
+        )
         settings = {k: self.resolved[k] for k in INTERP_FIELDS}
         for name in self.interp_saes():
             done = self.out / "interp" / f"{name}.json"
