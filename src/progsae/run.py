@@ -306,14 +306,15 @@ class Run:
         todo = [st for st, finished in zip(stages, done.tolist(), strict=True) if not finished]
         if todo and dist.world() > 1:
             self.say(f"{len(todo)} stages dealt over {dist.world()} ranks (rank 0's shown)")
+        mine: dict[str, float] = {}
         for name, _, fn in todo[dist.rank() :: dist.world()]:
             self.say(f"[{name}] ...")
             t = time.perf_counter()
             fn()
-            self.timings[name] = round(time.perf_counter() - t, 1)
+            mine[name] = round(time.perf_counter() - t, 1)
             if dist.is_main():
-                save_json(self.out / "timings.json", self.timings)
-        for timings in dist.gather(self.timings):  # every rank's stage times, once all are done
+                save_json(self.out / "timings.json", self.timings | mine)
+        for timings in dist.gather(mine):  # the times of the stages each rank ran, once all are done
             self.timings |= timings
         if dist.is_main():
             save_json(self.out / "timings.json", self.timings)
