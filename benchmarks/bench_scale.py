@@ -70,7 +70,8 @@ def main() -> None:
     one = [sys.executable, "-c", CHILD]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
            sys.executable, "-c", CHILD]  # fmt: skip
-    ex = ["extract", *lm, "--tokens", str(a.extract_tokens), "--out"]
+    # shards are the unit dealt over the ranks: 16 of them, so 2 ranks get equal work
+    ex = ["extract", *lm, "--tokens", str(a.extract_tokens), "--shard-tokens", str(a.extract_tokens // 16), "--out"]
     contenders = {
         "cached, 1 process": lambda o: [*one, "train", str(acts), *sae, "--out", str(o)],
         "cached, torchrun 2 gloo ranks": lambda o: [*two, "train", str(acts), *sae, "--out", str(o)],
