@@ -1,0 +1,187 @@
+"""progsae's training step against the anchors' own, side by side in one run (issue 12).
+
+Each contender runs in a process of its own, interleaved (A, B, C, A, B, C, ...), on the same workload: a
+fixed random batch [B, d] (a step's speed does not depend on the data), Adam, TopK with k of N latents.
+The anchors run from a virtualenv of their own (`--setup` makes it: torch pinned to 2.13.0 so no CUDA
+build is pulled, then eai-sparsify, sae-lens, dictionary-learning; never progsae's dependencies), each
+its own training step: sparsify's trainer loop body, SAELens' `training_forward_pass` with Adam,
+dictionary_learning's `TopKTrainer.update`.
+
+Reported per shape: median tokens/s over the rounds, the ratio to the fastest anchor, the step as a
+multiple of one fp32 encoder GEMM ([B, d] @ [d, N], timed in its own process in the same rounds; bf16 too),
+and peak RSS.
+
+    python benchmarks/compare.py --setup                 # once: benchmarks/.anchors
+    python benchmarks/compare.py [--rounds 3] [--shapes 576:16384:64,2304:16384:64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ANCHORS = HERE / ".anchors"
+TORCH = "torch==2.13.0"
+
+# every child: build the step, warm up, time `steps` steps one by one, print the median and this process's peak RSS
+COMMON = """
+import json, sys, time, torch
+d, N, k, B, steps = (int(v) for v in sys.argv[1:6])
+torch.manual_seed(0)
+x = torch.randn(B, d)
+def report(step):
+    for _ in range(3):
+        step()
+    ts = []
+    for _ in range(steps):
+        t = time.perf_counter(); step(); ts.append(time.perf_counter() - t)
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+    print("BENCH " + json.dumps({"seconds": sorted(ts)[len(ts) // 2], "rss_mb": hwm}), flush=True)
+"""
+
+CHILDREN = {
+    "gemm fp32": """
+W = torch.randn(N, d).t()
+report(lambda: x @ W)
+""",
+    "gemm bf16": """
+xb, W = x.bfloat16(), torch.randn(N, d).bfloat16().t()
+report(lambda: xb @ W)
+""",
+    "progsae topk": """
+from progsae import TrainConfig, Trainer
+class Fixed:
+    d_in = d
+    def batches(self, batch_size, seed, start=0):
+        while True:
+            yield x
+tr = Trainer(TrainConfig(d_sae=N, k=k, batch_size=B, tokens=B * 10**6, warmup_steps=0), Fixed())
+report(lambda: tr.train_step(x))
+""",
+    "progsae matryoshka": """
+from progsae import TrainConfig, Trainer
+class Fixed:
+    d_in = d
+    def batches(self, batch_size, seed, start=0):
+        while True:
+            yield x
+tr = Trainer(TrainConfig(d_sae=N, k=k, batch_size=B, tokens=B * 10**6, warmup_steps=0,
+                         matryoshka=[N // 4, N // 2, N]), Fixed())
+report(lambda: tr.train_step(x))
+""",
+    # sparsify's trainer step (trainer.py): forward, fvu backward, the decoder-parallel gradient removed,
+    # Adam, decoder rows renormalised
+    "sparsify topk": """
+from sparsify import SparseCoder, SparseCoderConfig
+sae = SparseCoder(d, SparseCoderConfig(num_latents=N, k=k))
+opt = torch.optim.Adam(sae.parameters(), lr=2e-4)
+def step():
+    out = sae(x)
+    out.fvu.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad()
+    sae.set_decoder_norm_to_unit_norm()
+report(step)
+""",
+    # SAELens' training SAE: its training forward pass (TopK aux loss included, no dead latents yet) and Adam
+    "sae-lens topk": """
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=N, k=k, device="cpu"))
+opt = torch.optim.Adam(sae.parameters(), lr=2e-4)
+inp = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+def step():
+    sae.training_forward_pass(inp).loss.backward()
+    opt.step()
+    opt.zero_grad()
+report(step)
+""",
+    # dictionary_learning's TopKTrainer.update (step > 0: the b_dec median is step 0's)
+    "dictionary_learning topk": """
+from dictionary_learning.trainers.top_k import TopKTrainer
+tr = TopKTrainer(steps=10**6, activation_dim=d, dict_size=N, k=k, layer=0, lm_name="bench", device="cpu")
+n = iter(range(1, 10**9))
+report(lambda: tr.update(next(n), x))
+""",
+}
+ANCHOR_NAMES = ("sparsify topk", "sae-lens topk", "dictionary_learning topk")
+
+
+def python_for(name: str) -> str:
+    return str(ANCHORS / "bin" / "python") if name in ANCHOR_NAMES else sys.executable
+
+
+def setup() -> None:
+    """The anchors' virtualenv, torch pinned (a constraints file) so pip never swaps in a CUDA build."""
+    subprocess.run([sys.executable, "-m", "venv", str(ANCHORS)], check=True)
+    pip = [str(ANCHORS / "bin" / "pip"), "install", "-q"]
+    subprocess.run([*pip, TORCH], check=True)
+    (ANCHORS / "constraints.txt").write_text(TORCH + "\n")
+    subprocess.run([*pip, "-c", str(ANCHORS / "constraints.txt"), "eai-sparsify", "sae-lens", "dictionary-learning"],
+                   check=True)  # fmt: skip
+    # dictionary_learning pulls torchvision, whose `nms` op breaks its import against this torch
+    subprocess.run([str(ANCHORS / "bin" / "pip"), "uninstall", "-y", "-q", "torchvision"], check=True)
+
+
+def run(name: str, shape: tuple[int, int, int], batch: int, steps: int, threads: int) -> dict | None:
+    d, N, k = shape
+    cmd = [python_for(name), "-c", COMMON + CHILDREN[name], str(d), str(N), str(k), str(batch), str(steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    got = re.search(r"BENCH (\{.*\})", r.stdout)
+    if r.returncode or not got:
+        print(f"  {name} at d={d} N={N} k={k} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+        return None
+    return json.loads(got[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setup", action="store_true", help="create benchmarks/.anchors and exit")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per process (after 3 warm-up steps)")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--shapes", default="576:16384:64", help="d:N:k,... (the issue's grid: d 576, 2304; N 16384, "
+                   "65536; k 32, 64, 256)")  # fmt: skip
+    a = p.parse_args()
+    if a.setup:
+        setup()
+        return
+    if not (ANCHORS / "bin" / "python").is_file():
+        sys.exit("progsae: error: no anchors' virtualenv; run `python benchmarks/compare.py --setup` first")
+    threads = os.cpu_count() or 1
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"{cpu}, {threads} cores; batch {a.batch}; medians of {a.rounds} interleaved rounds, {a.steps} steps each")
+    for spec in a.shapes.split(","):
+        shape = tuple(int(v) for v in spec.split(":"))
+        got: dict[str, list[dict]] = {name: [] for name in CHILDREN}
+        for _ in range(a.rounds):
+            for name in CHILDREN:  # A, B, C, A, B, C, ...
+                res = run(name, shape, a.batch, a.steps, threads)
+                if res is not None:
+                    got[name].append(res)
+        med = {n: statistics.median(r["seconds"] for r in rs) for n, rs in got.items() if rs}
+        rss = {n: statistics.median(r["rss_mb"] for r in rs) for n, rs in got.items() if rs}
+        d, N, k = shape
+        flops = 2 * a.batch * d * N
+        print(f"\nd={d} N={N} k={k}: fp32 GEMM {flops / med['gemm fp32'] / 1e9:.0f} GFLOP/s"
+              + (f", bf16 GEMM {flops / med['gemm bf16'] / 1e9:.0f} GFLOP/s" if "gemm bf16" in med else ""))  # fmt: skip
+        best = min((med[n] for n in ANCHOR_NAMES if n in med), default=None)
+        print(f"{'step':<26}{'tokens/s':>10}{'vs best anchor':>16}{'fp32 GEMMs':>12}{'peak RSS MB':>13}")
+        for name in CHILDREN:
+            if name.startswith("gemm") or name not in med:
+                continue
+            vs = f"{best / med[name]:.2f}x" if best else "-"
+            print(f"{name:<26}{a.batch / med[name]:>10.0f}{vs:>16}{med[name] / med['gemm fp32']:>11.2f}x{rss[name]:>13.0f}")
+
+
+if __name__ == "__main__":
+    main()
