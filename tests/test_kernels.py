@@ -105,3 +105,51 @@ def test_nested_decode_gradients_match_dense_autograd():
     (dense * weight).sum().backward()
     torch.testing.assert_close(v.grad, v2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(W.grad, W2.grad, rtol=1e-5, atol=1e-6)
+
+
+def planted_sae():
+    """make_sae's SAE whose main code is latents 3, 20, 50, 70, 90 (biases far above) and whose dead latents
+    (every third) rank by bias 1 apart, so that bfloat16 rounding of the pre-activations cannot change a
+    selection: the fp32 reference selects the same latents."""
+    sae = make_sae()
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    with torch.no_grad():
+        sae.W_enc.mul_(0.1)
+        sae.b_enc.fill_(-50.0)
+        sae.b_enc[dead] = torch.arange(int(dead.sum()), dtype=torch.float32)
+        sae.b_enc[[3, 20, 50, 70, 90]] = 100.0
+    dead[[3, 90]] = False  # not dead: in the main code
+    return sae, dead
+
+
+@pytest.mark.parametrize("bounds,weights", [([96], [1.0]), ([8, 40, 96], [0.2, 0.3, 0.5])], ids=["topk", "matryoshka"])
+def test_bf16_selection_path_matches_the_dense_fp32_reference_in_loss_and_grads(bounds, weights):
+    sae, dead = planted_sae()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    w = torch.tensor(weights)
+    for aux in (0, 8):  # with and without the AuxK code
+        assert all(torch.equal(a, b) for a, b in zip(  # the same selection in both precisions
+            topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, 5, dead, aux, bf16=True)[1::2],
+            topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, 5, dead, aux)[1::2], strict=True))  # fmt: skip
+        sae.zero_grad()
+        loss, *_ = sae_loss(sae, x, bounds, w, dead, aux, bf16=True)
+        loss.backward()
+        fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        ref = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
+        dense = dense_loss(x, ref["W_enc"], ref["b_enc"], ref["W_dec"], ref["b_dec"], sae.k, bounds, w, dead, aux)
+        dense.backward()
+        torch.testing.assert_close(loss.detach(), dense.detach(), rtol=1e-5, atol=1e-6)
+        for name in fast:
+            torch.testing.assert_close(fast[name], ref[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_selection_keeps_fp32_values_of_the_latents_it_selects():
+    g = torch.Generator().manual_seed(3)
+    x, W, b, b_dec = torch.randn(200, 32, generator=g), torch.randn(512, 32, generator=g).t(), torch.randn(512, generator=g), torch.randn(32, generator=g)
+    v, i, _, _ = topk_encode(x, W, b, b_dec, 16, bf16=True)
+    pre = (x.double() - b_dec.double()) @ W.double() + b.double()  # independent, in float64
+    torch.testing.assert_close(v.double(), pre.gather(1, i).relu(), rtol=0, atol=1e-5)
+    assert (i.diff(dim=1) > 0).all()  # ascending, as every code
+    v32, i32, _, _ = topk_encode(x, W, b, b_dec, 16)
+    assert (i == i32).float().mean() > 0.97  # the selection differs only at near-ties of bf16 rounding

@@ -56,25 +56,30 @@ class TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead=None, k_aux: int = 0):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead=None, k_aux: int = 0, bf16: bool = False):
         B = x.shape[0]
         xc = x - b_dec
-        values = x.new_empty(B, k)
+        dt = torch.bfloat16 if bf16 else x.dtype  # bf16: the GEMM and the selection only
+        values = x.new_empty(B, k, dtype=dt)
         indices = torch.empty(B, k, dtype=torch.long, device=x.device)
         use_aux = dead is not None and k_aux > 0
-        aux_values = x.new_empty(B, k_aux if use_aux else 0)
+        aux_values = x.new_empty(B, k_aux if use_aux else 0, dtype=dt)
         aux_indices = torch.empty(B, k_aux if use_aux else 0, dtype=torch.long, device=x.device)
-        buf = x.new_empty(min(B, ENCODE_CHUNK), W_enc.shape[1])  # one buffer: fresh pages cost page faults
+        W, b, xs = (W_enc.to(dt), b_enc.to(dt), xc.to(dt)) if bf16 else (W_enc, b_enc, xc)
+        buf = x.new_empty(min(B, ENCODE_CHUNK), W_enc.shape[1], dtype=dt)  # one buffer: fresh pages fault
         for s in range(0, B, ENCODE_CHUNK):
             e = min(B, s + ENCODE_CHUNK)
-            pre = torch.addmm(b_enc, xc[s:e], W_enc, out=buf[: e - s])  # [c, N]
+            pre = torch.addmm(b, xs[s:e], W, out=buf[: e - s])  # [c, N]
             torch.topk(pre, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
             if use_aux:
                 pre.masked_fill_(~dead, float("-inf"))
                 pre.scatter_(1, indices[s:e], float("-inf"))
                 torch.topk(pre, k_aux, dim=1, sorted=False, out=(aux_values[s:e], aux_indices[s:e]))
-        values, indices = _sorted_code(values.relu_(), indices)
-        aux_values, aux_indices = _sorted_code(aux_values.relu_(), aux_indices)
+        values, indices = _sorted_code(values, indices)
+        aux_values, aux_indices = _sorted_code(aux_values, aux_indices)
+        if bf16:  # the selected latents' pre-activations again, in fp32: O(B k d)
+            values, aux_values = _pre_at(xc, W_enc, b_enc, indices), _pre_at(xc, W_enc, b_enc, aux_indices)
+        values, aux_values = values.relu_(), aux_values.relu_()
         ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
@@ -101,7 +106,17 @@ class TopKEncode(torch.autograd.Function):
             grad_x = _spmm(S, W_enc.t())
         if ctx.needs_input_grad[3]:  # -sum_b (S W_enc^T)[b] = -W_enc (1^T S): O(N d), not O(B k d)
             grad_b_dec = -(W_enc @ column_sums)
-        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None
+        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None
+
+
+def _pre_at(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """pre[b, j] = xc[b] . W_enc[:, indices[b, j]] + b_enc[indices[b, j]] (indices ascending per row), as a
+    sampled product at the code's own pattern."""
+    if indices.shape[1] == 0:
+        return xc.new_empty(indices.shape)
+    B, w = indices.shape
+    S = _csr(xc.new_zeros(B, w), indices, band_crow(indices, None), W_enc.shape[1])
+    return torch.sparse.sampled_addmm(S, xc, W_enc, beta=0.0).values().view(B, w) + b_enc[indices]
 
 
 @torch.no_grad()
@@ -225,9 +240,10 @@ def _band_grads(ctx, S, grad, values, W_dec, i_values: int, i_W: int):
     return grad_values, grad_W_dec
 
 
-def topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0):
-    """Functional form of `TopKEncode`: returns (values, indices, aux_values, aux_indices)."""
-    return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux)
+def topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0, bf16=False):
+    """Functional form of `TopKEncode`: returns (values, indices, aux_values, aux_indices). `bf16`: the encoder
+    GEMM and the top-k selection in bfloat16, the selected values recomputed in float32."""
+    return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux, bf16)
 
 
 def decode_nested(values, indices, W_dec, bounds=None):
