@@ -7,6 +7,7 @@ build is pulled, then eai-sparsify, sae-lens, dictionary-learning; never progsae
 its own training step: sparsify's trainer loop body, SAELens' `training_forward_pass` with Adam,
 dictionary_learning's `TopKTrainer.update`.
 
+progsae runs in fp32 and with `precision: auto` (bf16 where this CPU's bf16 GEMM is 1.5x its fp32 one).
 Reported per shape: median tokens/s over the rounds, the ratio to the fastest anchor, the step as a
 multiple of one fp32 encoder GEMM ([B, d] @ [d, N], timed in its own process in the same rounds; bf16 too),
 and peak RSS.
@@ -36,14 +37,15 @@ import json, sys, time, torch
 d, N, k, B, steps = (int(v) for v in sys.argv[1:6])
 torch.manual_seed(0)
 x = torch.randn(B, d)
-def report(step):
+def report(step, precision="fp32"):
     for _ in range(3):
         step()
     ts = []
     for _ in range(steps):
         t = time.perf_counter(); step(); ts.append(time.perf_counter() - t)
     hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
-    print("BENCH " + json.dumps({"seconds": sorted(ts)[len(ts) // 2], "rss_mb": hwm}), flush=True)
+    print("BENCH " + json.dumps({"seconds": sorted(ts)[len(ts) // 2], "rss_mb": hwm, "precision": precision}),
+          flush=True)
 """
 
 CHILDREN = {
@@ -55,27 +57,18 @@ report(lambda: x @ W)
 xb, W = x.bfloat16(), torch.randn(N, d).bfloat16().t()
 report(lambda: xb @ W)
 """,
-    "progsae topk": """
+    **{f"progsae {kind} {precision}": f"""
 from progsae import TrainConfig, Trainer
 class Fixed:
     d_in = d
     def batches(self, batch_size, seed, start=0):
         while True:
             yield x
-tr = Trainer(TrainConfig(d_sae=N, k=k, batch_size=B, tokens=B * 10**6, warmup_steps=0), Fixed())
-report(lambda: tr.train_step(x))
-""",
-    "progsae matryoshka": """
-from progsae import TrainConfig, Trainer
-class Fixed:
-    d_in = d
-    def batches(self, batch_size, seed, start=0):
-        while True:
-            yield x
-tr = Trainer(TrainConfig(d_sae=N, k=k, batch_size=B, tokens=B * 10**6, warmup_steps=0,
-                         matryoshka=[N // 4, N // 2, N]), Fixed())
-report(lambda: tr.train_step(x))
-""",
+kw = dict(matryoshka=[N // 4, N // 2, N]) if "{kind}" == "matryoshka" else dict()
+tr = Trainer(TrainConfig(d_sae=N, k=k, batch_size=B, tokens=B * 10**6, warmup_steps=0, precision="{precision}", **kw),
+             Fixed())
+report(lambda: tr.train_step(x), tr.precision)
+""" for precision in ("fp32", "auto") for kind in ("topk", "matryoshka")},
     # sparsify's trainer step (trainer.py): forward, fvu backward, the decoder-parallel gradient removed,
     # Adam, decoder rows renormalised
     "sparsify topk": """
@@ -175,12 +168,14 @@ def main() -> None:
         print(f"\nd={d} N={N} k={k}: fp32 GEMM {flops / med['gemm fp32'] / 1e9:.0f} GFLOP/s"
               + (f", bf16 GEMM {flops / med['gemm bf16'] / 1e9:.0f} GFLOP/s" if "gemm bf16" in med else ""))  # fmt: skip
         best = min((med[n] for n in ANCHOR_NAMES if n in med), default=None)
-        print(f"{'step':<26}{'tokens/s':>10}{'vs best anchor':>16}{'fp32 GEMMs':>12}{'peak RSS MB':>13}")
+        print(f"{'step':<26}{'tokens/s':>10}{'vs best anchor':>16}{'fp32 GEMMs':>12}{'GEMMs (own)':>13}{'peak RSS MB':>13}")
         for name in CHILDREN:
             if name.startswith("gemm") or name not in med:
                 continue
             vs = f"{best / med[name]:.2f}x" if best else "-"
-            print(f"{name:<26}{a.batch / med[name]:>10.0f}{vs:>16}{med[name] / med['gemm fp32']:>11.2f}x{rss[name]:>13.0f}")
+            own = got[name][0]["precision"]  # the precision the step ran in, against that precision's GEMM
+            print(f"{name:<26}{a.batch / med[name]:>10.0f}{vs:>16}{med[name] / med['gemm fp32']:>11.2f}x"
+                  f"{med[name] / med['gemm ' + own]:>8.2f}x {own:<4}{rss[name]:>13.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":
