@@ -73,6 +73,7 @@ class RunConfig:
     k: int = opt(32, "k of the N-latent SAEs; smaller native SAEs use k G / N")
     sae_tokens: int = opt(2_000_000, "training tokens per SAE")
     batch_size: int = opt(4096, "tokens per training step")
+    precision: str = opt("fp32", "of the SAEs' encoder GEMM and top-k in training: fp32, bf16 or auto (see progsae train --help)")
     matryoshka_sampled: int = opt(8, "granularities drawn per step by the sampled Matryoshka SAE")
     grid: list[int] = opt([], "G values (default N/16, N/8, N/4, N/2, N)")
     stats_tokens: int = opt(200_000, "held-out tokens of the importance statistics")
@@ -136,6 +137,8 @@ class RunConfig:
                 "run config: outliers 'exclude' needs source 'cached' (SAEs trained from the model see every token); "
                 "set one of them"
             )
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ProgsaeError(f"run config: precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.acts_dtype not in ("float32", "bfloat16"):
             raise ProgsaeError(f"run config: acts_dtype must be 'float32' or 'bfloat16', got {self.acts_dtype!r}")
         if not 0.5 <= self.outlier_quantile < 1:
@@ -171,7 +174,7 @@ def interp_edges(cfg: RunConfig, n: int) -> list[int]:
 PRESETS = {
     # 2 CPU cores, ~37 minutes: the embedded SmolLM2-135M and the KJV corpus; two seeds (each adds ~13 minutes);
     # interpretability (records, browsers, the local judge on 15 latents per SAE) ~4 minutes
-    "demo": RunConfig(seeds=2, minutes_estimate=37),
+    "demo": RunConfig(seeds=2, precision="auto", minutes_estimate=37),
     # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; GPUs and tens of millions of tokens. The SAEs
     # train straight from the model (50M tokens of float32 at d = 2304 would be 460 GB of shards); 2M tokens
     # are extracted, in bfloat16 (9 GB), for the outlier profile and the importance statistics
@@ -181,6 +184,7 @@ PRESETS = {
         corpus="hf:monology/pile-uncopyrighted:train",
         ctx_len=1024,
         source="lm",
+        precision="auto",
         buffer_tokens=1_048_576,
         acts_dtype="bfloat16",
         train_tokens=2_000_000,
@@ -551,6 +555,7 @@ class Run:
                 tokens=c.sae_tokens,
                 device=c.device,
                 batch_size=c.batch_size,
+                precision=c.precision,
                 seed=c.seed + s,
                 log_every=max(1, c.sae_tokens // c.batch_size // 40),  # ~40 points: enough for the convergence slope
                 metadata=meta,
@@ -667,7 +672,10 @@ class Run:
                 save_stats(path, self._stats(sae), str(self.out / "saes" / n))
             res["power_laws"][n] = power_laws(load_stats(path), sae.d_sae)
             if (self.out / "saes" / n / "history.json").is_file():
-                res["training"][n] = convergence(load_json(self.out / "saes" / n / "history.json"), pool)
+                res["training"][n] = {
+                    **convergence(load_json(self.out / "saes" / n / "history.json"), pool),
+                    "precision": sae.cfg.progsae.get("training", {}).get("precision", "fp32"),
+                }
         res["outliers"]["latent_threshold_share"] = FLAG_SHARE
         for fam in families:
             if fam.endswith("-by-e_z2") or fam.endswith("-by-freq") or fam.startswith("matryoshka"):

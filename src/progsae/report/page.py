@@ -205,6 +205,12 @@ def _interp_section(res: dict, figs: dict) -> list[str]:
             html_table(rows, list(rows[0])), _img(figs["interp"], "Interpretability against importance rank")]  # fmt: skip
 
 
+def precisions(res: dict) -> str:
+    """What the SAEs trained in: fp32, bf16 (the selected values recomputed in fp32), or both (auto per size)."""
+    used = sorted({t.get("precision", "fp32") for t in res.get("training", {}).values()}) or ["fp32"]
+    return " / ".join("bf16 (selected values recomputed in fp32)" if p == "bf16" else p for p in used)
+
+
 def _training_text(res: dict) -> str:
     c, st = res["config"], res.get("stream")
     drawn = (
@@ -215,7 +221,8 @@ def _training_text(res: dict) -> str:
     )
     return (
         f"<p>Each SAE saw {c['sae_tokens']:,} tokens {drawn} "
-        f"({c['sae_tokens'] / (st['epoch_tokens'] if st else c['train_tokens']):.1f} passes). Convergence: the slope of the batch FVU against "
+        f"({c['sae_tokens'] / (st['epoch_tokens'] if st else c['train_tokens']):.1f} passes); encoder GEMM and "
+        f"top-k in {precisions(res)} (precision {c.get('precision', 'fp32')}). Convergence: the slope of the batch FVU against "
         "log₂(tokens) over the second half of training, i.e. the FVU change one more doubling of the tokens is "
         "projected to bring; an SAE counts as converged when that is under 1% of its final FVU.</p>"
     )
