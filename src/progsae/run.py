@@ -45,6 +45,7 @@ from .analysis.scaling import fit_scaling
 from .browse import write_site
 from .config import from_dict, opt
 from .data import ActivationDir, write_activations
+from .data.activations import DTYPES
 from .data.extract import ExtractConfig, extract
 from .data.lm import check_layer, load_lm
 from .data.stream import LMSource, StreamConfig
@@ -55,7 +56,7 @@ from .interp.llm import ChatClient
 from .interp.local import LocalJudge
 from .interp.study import judge_check, score_latents, stratified_latents
 from .sae import SAE, check_device, rescaled_k
-from .train import TrainConfig, Trainer, train_together
+from .train import PRECISIONS, TrainConfig, Trainer, train_together
 
 
 @dataclass
@@ -137,9 +138,9 @@ class RunConfig:
                 "run config: outliers 'exclude' needs source 'cached' (SAEs trained from the model see every token); "
                 "set one of them"
             )
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ProgsaeError(f"run config: precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.acts_dtype not in ("float32", "bfloat16"):
+        if self.acts_dtype not in DTYPES:
             raise ProgsaeError(f"run config: acts_dtype must be 'float32' or 'bfloat16', got {self.acts_dtype!r}")
         if not 0.5 <= self.outlier_quantile < 1:
             raise ProgsaeError(f"run config: outlier_quantile must be in [0.5, 1), got {self.outlier_quantile!r}")
@@ -275,7 +276,7 @@ class Run:
         self.timings: dict[str, float] = (
             load_json(self.out / "timings.json") if (self.out / "timings.json").is_file() else {}
         )
-        self._lm = self._judge = None
+        self._lm = self._judge = self._stream = None
         self.device = cfg.device
         self.stages: list[str] = []  # this config's stages, in order
 
@@ -568,14 +569,16 @@ class Run:
             trainers.append(Trainer(tc, source, self.out / "saes" / name))
         train_together(trainers, self.progress)
 
-    def stream(self):
-        """The model run on the fly over the training split (source lm); its description in stream.json."""
-        c = self.cfg
-        sc = StreamConfig(c.model, c.layer, c.corpus, c.ctx_len, split_seed=c.seed, buffer_tokens=c.buffer_tokens)
-        src = LMSource(sc, self.device, *self.lm())
-        if dist.is_main():
-            save_json(self.out / "stream.json", {**src.describe(), "epoch_tokens": src.epoch_tokens()})
-        return src
+    def stream(self) -> LMSource:
+        """The model run on the fly over the training split (source lm), built once (every seed draws its own
+        batches from it); its description in stream.json."""
+        if self._stream is None:
+            c = self.cfg
+            sc = StreamConfig(c.model, c.layer, c.corpus, c.ctx_len, split_seed=c.seed, buffer_tokens=c.buffer_tokens)
+            self._stream = LMSource(sc, self.device, *self.lm())
+            if dist.is_main():
+                save_json(self.out / "stream.json", {**self._stream.describe(), "epoch_tokens": self._stream.epoch_tokens()})
+        return self._stream
 
     def _permute(self, name: str) -> None:
         sae = SAE.load(self.out / "saes" / name).to(self.device)

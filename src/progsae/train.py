@@ -89,7 +89,7 @@ class TrainConfig:
             bad(f"matryoshka_sampler must be one of {', '.join(SAMPLERS)}, got {self.matryoshka_sampler!r}")
         if self.k_aux is not None and self.k_aux < 0:
             bad("k_aux must be >= 0")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             bad(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         return self
 
@@ -181,7 +181,9 @@ def sae_loss(
     return loss, full_fvu, aux, values.detach(), indices
 
 
-@torch.no_grad()
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def choose_precision(precision: str, d: int, N: int, device: str) -> tuple[str, float | None]:
     """("fp32" | "bf16", the measured bf16 speedup or None). auto: time a GEMM of the encoder's shape in each
     precision (best of 3 after a warm-up) and take bf16 only where it is clearly (1.5x) faster; under torchrun
@@ -208,6 +210,7 @@ def choose_precision(precision: str, d: int, N: int, device: str) -> tuple[str, 
     return ("bf16" if dist.agree(speedup >= 1.5) else "fp32"), speedup
 
 
+@torch.no_grad()
 def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld's algorithm on the rows of x [n, d]."""
     m = x.mean(0)
@@ -260,7 +263,6 @@ class Trainer:
                 f"use a multiple of {self.world}"
             )
         self.sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.k, dict(cfg.metadata), progsae)).to(self.device)
-        self.precision, self.bf16_speedup = choose_precision(cfg.precision, d_in, cfg.d_sae, self.device)
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else d_in // 2
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.base_lr(), betas=(0.9, 0.999), fused=True)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -270,8 +272,9 @@ class Trainer:
         self.elapsed = 0.0
         ck = latest_checkpoint(self.out) if self.out is not None else None
         if ck is not None:
-            self._load_checkpoint(ck)
+            self._load_checkpoint(ck)  # its precision too: auto is measured once, when the run begins
         else:
+            self.precision, self.bf16_speedup = choose_precision(cfg.precision, d_in, cfg.d_sae, self.device)
             t0 = time.perf_counter()
             self._init_weights()
             self.elapsed = time.perf_counter() - t0  # the first batch's cost (an LM stream's first buffer) counts
@@ -386,7 +389,7 @@ class Trainer:
                     state[f"adam.{i}.{name}"] = t
             save_tensors(tmp / "state.safetensors", state, durable=True)
             meta = {"config": _jsonable(self.cfg), "step": self.step, "elapsed": self.elapsed, "history": self.history,
-                    "precision": self.precision}  # fmt: skip
+                    "precision": self.precision, "bf16_speedup": self.bf16_speedup}  # fmt: skip
             meta["source"] = _describe(self.source)
             if hasattr(self.source, "position"):  # where in the corpus the next batch comes from
                 meta["source_position"] = self.source.position(self.cfg.batch_size, self.step)
@@ -436,7 +439,8 @@ class Trainer:
         self.since_fired = state["since_fired"].to(self.device)
         self.gen.set_state(state["rng"])
         self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta["history"]
-        self.precision = meta.get("precision", self.precision)  # auto's choice, as measured when the run began
+        # auto's choice as measured when the run began (checkpoints before precision existed were fp32)
+        self.precision, self.bf16_speedup = meta.get("precision", "fp32"), meta.get("bf16_speedup")
 
 
 # settings a run may change between a checkpoint and its resumption

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import dist
 from ..config import opt
 from ..files import ProgsaeError, fresh_dir, load_json, save_json, save_tensors
-from .activations import SHARD_TOKENS, finish, shard_name
+from .activations import DTYPES, SHARD_TOKENS, finish, shard_name
 from .corpus import DEFAULT_CORPUS, load_corpus, pack_contexts, split_indices
 from .lm import DEFAULT_MODEL, check_layer, hook_name, load_lm, residual_stream
 
@@ -47,7 +47,7 @@ class ExtractConfig:
                 raise ProgsaeError(f"extract: {name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 < self.test_frac < 1:
             raise ProgsaeError(f"extract: test_frac must be in (0, 1), got {self.test_frac}")
-        if self.dtype not in ("float32", "bfloat16"):
+        if self.dtype not in DTYPES:
             raise ProgsaeError(f"extract: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.split not in ("train", "test"):
             raise ProgsaeError(f"extract: split must be 'train' or 'test', got {self.split!r}")
@@ -106,7 +106,7 @@ def extract(
     if main:
         _prepare(part, {"source": source, "d_in": d})
     dist.barrier()
-    done = [c for c in range(n_shards) if (part / shard_name(c)).is_file()]
+    done = {c for c in range(n_shards) if (part / shard_name(c)).is_file()}
     if done and progress and main:
         n = sum(sizes[c] for c in done)
         print(f"resuming extraction at {n} of {cfg.tokens} tokens ({len(done)} of {n_shards} shards done)", flush=True)
