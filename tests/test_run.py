@@ -121,7 +121,16 @@ FIGURES = ("fvu_vs_G", "recaptured_vs_G", "rsa_vs_G", "fvu_curve", "fvu_vs_l0", 
 
 
 def test_rerun_skips_finished_stages_and_a_changed_config_is_refused(run, capsys):
+    # what writers killed mid-write leave: temporary files and directories, replace_dir's old copy
+    left = [run / "out" / "llm-cache" / "ab.json.123-456.tmp", run / "out" / "report.html.tmp",
+            run / "out" / "figures" / "fvu.tmp.png", run / "out" / "saes" / "topk-16.old" / "cfg.json",
+            run / "out" / "browse" / "topk-16.tmp" / "index.html"]
+    for f in left:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("cut short")
     assert main(["run", "--config", str(run / "cfg.yaml"), "--out", str(run / "out")]) == 0
+    assert not [f for f in left if f.exists()] and not (run / "out" / "saes" / "topk-16.old").exists()
+    assert not (run / "out" / "browse" / "topk-16.tmp").exists()
     printed = capsys.readouterr().out
     stages = re.findall(r"^\[([^\]]+)\] (.*)$", printed, re.M)
     assert len(stages) == 22 and all(msg.startswith("done already") for _, msg in stages)

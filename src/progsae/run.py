@@ -49,7 +49,7 @@ from .data.activations import DTYPES
 from .data.extract import ExtractConfig, extract
 from .data.lm import check_layer, load_lm
 from .data.stream import LMSource, StreamConfig
-from .files import ProgsaeError, fresh_dir, load_json, replace_dir, save_json
+from .files import ProgsaeError, fresh_dir, load_json, replace_dir, save_json, sweep_leftovers
 from .formats import load as load_sae
 from .interp.autointerp import ChatJudge
 from .interp.llm import ChatClient
@@ -347,6 +347,7 @@ class Run:
         check_layer(self.lm()[0], c.layer)  # before anything is written
         pretrained = self._check_pretrained()
         if dist.is_main():
+            sweep_leftovers(self.out)  # a killed invocation's half-written files
             save_json(self.out / "config.json", self.resolved)
         for split, tokens, name in (("train", c.train_tokens, "acts"), ("test", c.test_tokens, "acts-test")):
             self.stage(
