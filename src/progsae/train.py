@@ -226,7 +226,8 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
 @torch.no_grad()
 def _project_decoder_grad(sae: SAE) -> None:
     g, W = sae.W_dec.grad, sae.W_dec
-    g.sub_((g * W).sum(1, keepdim=True) * W)
+    dots = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)  # <g_i, w_i>: one pass, no [N, d] temporary
+    g.addcmul_(W, dots, value=-1)
 
 
 @torch.no_grad()
