@@ -265,7 +265,10 @@ class Trainer:
             )
         self.sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.k, dict(cfg.metadata), progsae)).to(self.device)
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else d_in // 2
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.base_lr(), betas=(0.9, 0.999), fused=True)
+        # Adam sees W_enc as the contiguous [N, d] block it is stored as: fused Adam copies a transposed
+        # tensor in and out every step (31 -> 8 ms for both matrices at N = 16384, d = 576)
+        self.adam_params = [p.detach().t() if p is self.sae.W_enc else p for p in self.sae.parameters()]
+        self.opt = torch.optim.Adam(self.adam_params, lr=cfg.base_lr(), betas=(0.9, 0.999), fused=True)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=self.device)
         self.step = 0
@@ -308,7 +311,7 @@ class Trainer:
             sae, x, bounds, granularity_weights(cfg, bounds), dead, self.k_aux, cfg.aux_coef, total_var,
             self.precision == "bf16",
         )
-        self.opt.zero_grad(set_to_none=True)
+        sae.zero_grad(set_to_none=True)
         loss.backward()
         fired = indices[values > 0]
         if self.world > 1:
@@ -320,7 +323,12 @@ class Trainer:
         _project_decoder_grad(sae)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
+        views = [(a, p) for a, p in zip(self.adam_params, sae.parameters(), strict=True) if a is not p]
+        for a, p in views:
+            a.grad = p.grad.t()
         self.opt.step()
+        for a, _ in views:
+            a.grad = None
         _normalize_decoder(sae)
         self.since_fired += cfg.batch_size
         self.since_fired[fired] = 0
@@ -385,9 +393,10 @@ class Trainer:
         try:
             save_tensors(tmp / "sae_weights.safetensors", dict(self.sae.named_parameters()), durable=True)
             state = {"since_fired": self.since_fired, "rng": self.gen.get_state()}
+            params = list(self.sae.parameters())
             for i, st in self.opt.state_dict()["state"].items():
-                for name, t in st.items():
-                    state[f"adam.{i}.{name}"] = t
+                for name, t in st.items():  # moments in their parameter's shape
+                    state[f"adam.{i}.{name}"] = t.t() if self.adam_params[i] is not params[i] and t.dim() else t
             save_tensors(tmp / "state.safetensors", state, durable=True)
             meta = {"config": _jsonable(self.cfg), "step": self.step, "elapsed": self.elapsed, "history": self.history,
                     "precision": self.precision, "bf16_speedup": self.bf16_speedup}  # fmt: skip
@@ -428,13 +437,13 @@ class Trainer:
         with torch.no_grad():
             for name, p in self.sae.named_parameters():
                 p.copy_(weights[name])
-        params = list(self.sae.parameters())
         opt_state = {}
-        for i, p in enumerate(params):
-            if f"adam.{i}.step" in state:  # moments take the parameter's strides, as Adam expects
-                opt_state[i] = {
-                    n: (state[f"adam.{i}.{n}"] if n == "step" else torch.empty_like(p).copy_(state[f"adam.{i}.{n}"]))
-                    for n in ("step", "exp_avg", "exp_avg_sq")
+        for i, (a, p) in enumerate(zip(self.adam_params, self.sae.parameters(), strict=True)):
+            if f"adam.{i}.step" in state:  # moments take Adam's view of the parameter (W_enc's [N, d] block)
+                opt_state[i] = {"step": state[f"adam.{i}.step"]} | {
+                    n: torch.empty_like(p).copy_(state[f"adam.{i}.{n}"]).t() if a is not p
+                    else torch.empty_like(p).copy_(state[f"adam.{i}.{n}"])
+                    for n in ("exp_avg", "exp_avg_sq")
                 }
         self.opt.load_state_dict({"state": opt_state, "param_groups": self.opt.state_dict()["param_groups"]})
         self.since_fired = state["since_fired"].to(self.device)
