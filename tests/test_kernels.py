@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +175,36 @@ def test_two_stage_topk_picks_the_k_largest_of_every_row(N, k, dtype):
         assert torch.equal(values.sort(dim=1, descending=True).values, want)
         assert torch.equal(pre.gather(1, indices), values)
         assert all(len(set(r)) == k for r in indices.tolist())  # k distinct latents
+
+
+def test_an_sae_set_to_bf16_encodes_evaluates_and_counts_as_the_fp32_one_where_no_selection_is_close():
+    """sae.precision = "bf16" (what evaluation, statistics and records use for an SAE trained in bf16): on the
+    planted SAE, whose selections bf16 rounding cannot move, the curve, rescaled codes and statistics equal
+    the fp32 ones; a JumpReLU SAE refuses bf16 in one line."""
+    from progsae import SAE, ProgsaeError, SAEConfig
+    from progsae.analysis import ProgressiveEval, latent_stats
+
+    sae, _ = planted_sae()
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for precision in ("fp32", "bf16"):
+        sae.precision = precision
+        acc = ProgressiveEval(sae, rescaled_G=[48])
+        acc.update(x)
+        r = acc.result()
+        out[precision] = (r.fvu, r.rescaled_fvu[48], latent_stats(sae, [x])["e_z2"], sae.encode(x, 48, "rescaled"))
+    a, b = out["fp32"], out["bf16"]
+    assert torch.equal(a[3][1], b[3][1])  # the same rescaled selection
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-7)
+    assert a[1] == pytest.approx(b[1], rel=1e-5)
+    torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-7)
+    rand = SAE(SAEConfig(32, 512, 16)).init_tied(torch.Generator().manual_seed(5))  # near-ties: bf16 moves some
+    x = torch.randn(200, 32, generator=torch.Generator().manual_seed(6))
+    rand.precision = "bf16"
+    _, i = rand.encode(x)
+    assert torch.equal(i, topk_encode(x, rand.W_enc, rand.b_enc, rand.b_dec, 16, bf16=True)[1])
+    assert not torch.equal(i, topk_encode(x, rand.W_enc, rand.b_enc, rand.b_dec, 16)[1])
+    jr = SAE(SAEConfig(16, 96, None, architecture="jumprelu"))
+    jr.precision = "bf16"
+    with pytest.raises(ProgsaeError, match="precision bf16 selects a TopK SAE's latents.*use precision fp32"):
+        jr.encode(x)

@@ -208,6 +208,60 @@ def test_recaptured_loss_is_one_for_a_perfect_reconstruction(lm):
     assert r2["saes"]["perfect"]["rescaled"][0]["kl"] > 1e-4
 
 
+def test_recaptured_loss_equals_full_forwards_with_the_layer_replaced_and_reuses_its_ablations(lm):
+    """Against a float64 computation from full forwards with layer 1's output swapped by a hook: CE and KL of
+    every (SAE, G, mode) and of both ablations. A second SAE evaluated with the first's baseline gets the
+    same ablation numbers without running them (counted), and its own numbers unchanged."""
+    import torch.nn.functional as F
+
+    from progsae.data.lm import decoder_layers
+
+    model, tok, corpus, _ = lm
+    contexts = pack_contexts(load_corpus(corpus), tok, 16)[:10]
+    d = model.config.hidden_size
+    saes = [SAE(SAEConfig(d, 48, 6)).init_tied(torch.Generator().manual_seed(s)) for s in (1, 2)]
+    h = residual_stream(model, contexts, 1)
+    mean = h[:, 1:].reshape(-1, d).double().mean(0).float()
+
+    @torch.no_grad()
+    def reference(replace):
+        def swap(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            new = out.clone()
+            new[:, 1:] = replace(out[:, 1:].reshape(-1, d)).view(out.shape[0], -1, d)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = decoder_layers(model)[1].register_forward_hook(swap)
+        try:
+            logp = F.log_softmax(model(input_ids=contexts).logits[:, :-1].double(), -1)
+        finally:
+            handle.remove()
+        clean = F.log_softmax(model(input_ids=contexts).logits[:, :-1].double(), -1)
+        ce = -logp.gather(-1, contexts[:, 1:].unsqueeze(-1)).mean()
+        return float(ce), float((clean.exp() * (clean - logp)).sum(-1).mean())
+
+    baseline, runs = {}, []
+    real_logits = Splicer.logits
+    Splicer.logits = lambda self, x: runs.append(1) or real_logits(self, x)
+    try:
+        got = [recaptured_loss(model, 1, {"s": sae}, contexts, [24, 48], batch_size=4, progress=False,
+                               baseline=baseline) for sae in saes]  # fmt: skip
+    finally:
+        Splicer.logits = real_logits
+    batches = 3  # 10 contexts in batches of 4
+    assert len(runs) == batches * (3 + 2) + batches * 3  # (prefix 24, 48, rescaled 24) + ablations, then none
+    for key, replace in (("zero", torch.zeros_like), ("mean", lambda x: mean.expand_as(x))):
+        ce, kl = reference(replace)
+        for r in got:
+            assert r[f"ce_{key}"] == pytest.approx(ce, rel=1e-5) and r[f"kl_{key}"] == pytest.approx(kl, rel=1e-4)
+    for sae, r in zip(saes, got, strict=True):
+        for mode in ("prefix", "rescaled"):
+            for row in r["saes"]["s"][mode]:
+                ce, kl = reference(lambda x, G=row["G"], m=mode, sae=sae: sae(x, G, m))
+                assert row["ce"] == pytest.approx(ce, rel=1e-5) and row["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        assert r["saes"]["s"]["rescaled"][1] == r["saes"]["s"]["prefix"][1]  # G = N: the same code
+
+
 def test_rsa_is_one_for_identical_and_scaled_geometry_and_lower_for_noise():
     x = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
     same = rsa(x, 2 * x)

@@ -277,6 +277,7 @@ class Run:
             load_json(self.out / "timings.json") if (self.out / "timings.json").is_file() else {}
         )
         self._lm = self._judge = self._stream = None
+        self._lm_baseline: dict = {}  # the recaptured-loss ablations, run once for every SAE evaluated here
         self.device = cfg.device
         self.stages: list[str] = []  # this config's stages, in order
 
@@ -465,7 +466,7 @@ class Run:
         """Latent records and proxies (stats/NAME.records.safetensors), auto-interp scores of latents sampled
         from every rank band (interp/NAME.json) and the feature browser (browse/NAME/)."""
         c = self.cfg
-        sae = SAE.load(self.out / "saes" / name).to(self.device)
+        sae = self.load(name)
         acts = ActivationDir(self.out / "acts-test")
         model, tok, _ = self.lm()
         rows = TextRows(acts, c.interp_tokens, sae, tok)
@@ -581,8 +582,14 @@ class Run:
                 save_json(self.out / "stream.json", {**self._stream.describe(), "epoch_tokens": self._stream.epoch_tokens()})
         return self._stream
 
-    def _permute(self, name: str) -> None:
+    def load(self, name: str) -> SAE:
+        """An SAE of this run, encoding in the precision it was trained in (pretrained ones: fp32)."""
         sae = SAE.load(self.out / "saes" / name).to(self.device)
+        sae.precision = trained_precision(sae)
+        return sae
+
+    def _permute(self, name: str) -> None:
+        sae = self.load(name)
         stats = self._stats(sae, split=True)
         if dist.is_main():
             save_stats(self.out / "stats" / f"{name}.safetensors", stats, str(self.out / "saes" / name))
@@ -601,7 +608,7 @@ class Run:
 
     def _evaluate(self, name: str) -> None:
         c = self.cfg
-        sae = SAE.load(self.out / "saes" / name).to(self.device)
+        sae = self.load(name)
         acts = self.acts("acts-test")
         contexts = directory_contexts(ActivationDir(self.out / "acts-test"), c.lm_tokens) if c.lm_tokens else None
         lm = (self.lm()[0], c.layer, contexts) if c.lm_tokens else None
@@ -609,7 +616,7 @@ class Run:
             Gs = sorted({max(1, sae.d_sae // 2**i) for i in range(5)})
         else:
             Gs = [g for g in c.G if g <= sae.d_sae]
-        out = {"name": name, **evaluate(sae, acts, Gs, None, c.rsa_tokens, lm, self.progress, c.bootstrap)}
+        out = {"name": name, **evaluate(sae, acts, Gs, None, c.rsa_tokens, lm, self.progress, c.bootstrap, self._lm_baseline)}
         if (self.out / "saes" / name / "history.json").is_file():
             out["history"] = load_json(self.out / "saes" / name / "history.json")
         save_json(self.out / "eval" / f"{name}.json", out)
@@ -663,7 +670,7 @@ class Run:
             res["stream"] = load_json(self.out / "stream.json")
         pool = res["stream"]["epoch_tokens"] if "stream" in res else c.train_tokens  # tokens of one pass
         for n, role in roles.items():
-            sae = SAE.load(self.out / "saes" / n)
+            sae = self.load(n)
             if role == "pretrained":
                 res["pretrained"][n] = {
                     **sae.cfg.progsae.get("pretrained", {}),
@@ -679,7 +686,7 @@ class Run:
             if (self.out / "saes" / n / "history.json").is_file():
                 res["training"][n] = {
                     **convergence(load_json(self.out / "saes" / n / "history.json"), pool),
-                    "precision": sae.cfg.progsae.get("training", {}).get("precision", "fp32"),
+                    "precision": sae.precision,
                 }
         res["outliers"]["latent_threshold_share"] = FLAG_SHARE
         for fam in families:
@@ -729,6 +736,11 @@ class Run:
                 "tokens": it["tokens"],
             }
         return out
+
+
+def trained_precision(sae: SAE) -> str:
+    """The precision an SAE was trained in (its training metadata), fp32 for any other."""
+    return sae.cfg.progsae.get("training", {}).get("precision", "fp32")
 
 
 def power_laws(stats: dict, n: int) -> dict:

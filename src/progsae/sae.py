@@ -91,6 +91,9 @@ class SAE(nn.Module):
             self.threshold = nn.Parameter(torch.zeros(N), requires_grad=False)
         # per-latent data carried along (permuted and truncated with the latents), e.g. SAELens' sparsity
         self.latent_data: dict[str, torch.Tensor] = {}
+        # how `encode` selects (not saved): fp32, or bf16 for a TopK SAE, whose encoder GEMM and top-k then run
+        # in bfloat16 and whose selected values are recomputed in fp32 (as in training with precision bf16)
+        self.precision = "fp32"
 
     @property
     def d_sae(self) -> int:
@@ -149,12 +152,18 @@ class SAE(nn.Module):
                 f"rescaled truncation (k_G = k G / N) needs a TopK SAE; this {self.architecture} SAE's latents "
                 "fire independently, so its first G latents are exactly the prefix mode: use mode prefix"
             )
+        bf16 = self.precision == "bf16"
+        if bf16 and self.architecture != "topk":
+            raise ProgsaeError(
+                f"precision bf16 selects a TopK SAE's latents; this {self.architecture} SAE fires by threshold, "
+                "which bf16 would move: use precision fp32"
+            )
         if mode == "rescaled":
             k = rescaled_k(self.k, G, self.d_sae)
-            values, indices, _, _ = topk_encode(x, self.W_enc[:, :G], self.b_enc[:G], self.b_dec, k)
+            values, indices, _, _ = topk_encode(x, self.W_enc[:, :G], self.b_enc[:G], self.b_dec, k, bf16=bf16)
             return values, indices
         if self.architecture == "topk":
-            values, indices, _, _ = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
+            values, indices, _, _ = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, bf16=bf16)
         else:
             threshold = self.threshold if self.architecture in THRESHOLD_ARCHITECTURES else None
             values, indices = threshold_encode(x, self.W_enc, self.b_enc, self.b_dec, threshold)

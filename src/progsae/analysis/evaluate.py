@@ -27,6 +27,7 @@ def evaluate(
     lm: tuple | None = None,
     progress: bool = True,
     n_boot: int = 1000,
+    lm_baseline: dict | None = None,
 ) -> dict:
     """{"n_tokens", "d_sae", "k", "rsa_tokens", "table", "curve"[, "lm"]}.
 
@@ -37,6 +38,7 @@ def evaluate(
     rsa_boot: its bootstrap replicates over those tokens (`rsa.spearman_replicates`).
     blocks: per block of about one context of held-out rows, the squared residual at each G (both modes)
     and the squared deviation from the mean, for bootstrap intervals; lm.per_context[_sae] likewise.
+    lm_baseline: kept by the caller across SAEs (see `recaptured_loss`): the ablations run once.
     """
     for G in Gs:
         sae.check_G(G)
@@ -78,7 +80,7 @@ def evaluate(
     }
     if lm is not None:
         model, layer, contexts = lm
-        res = recaptured_loss(model, layer, {"sae": sae}, contexts, Gs, modes, progress=progress)
+        res = recaptured_loss(model, layer, {"sae": sae}, contexts, Gs, modes, progress=progress, baseline=lm_baseline)
         out["lm"] = {k: v for k, v in res.items() if k != "saes"}
         out["lm"]["per_context_sae"] = {}
         for row in table:

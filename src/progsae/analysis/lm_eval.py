@@ -41,11 +41,15 @@ def directory_contexts(acts, tokens: int) -> torch.Tensor:
     return contexts[: max(1, min(len(contexts), -(-tokens // (contexts.shape[1] - 1))))]
 
 
-def _ce_kl(logits: torch.Tensor, clean_logp: torch.Tensor, ids: torch.Tensor) -> tuple[list, list, int]:
-    """Per context: next-token CE and KL(clean || this) summed over positions 0..T-2; and the count."""
+def _ce_kl(logits: torch.Tensor, clean: tuple, ids: torch.Tensor) -> tuple[list, list, int]:
+    """Per context: next-token CE and KL(clean || this) summed over positions 0..T-2; and the count.
+    `clean`: the clean (log p, p), p computed once per batch. KL's terms are summed over the vocabulary in
+    float32 (torch's cascade sum) and over positions in float64: 2e-5 relative to a float64 computation."""
+    clean_logp, clean_p = clean
     logp = F.log_softmax(logits[:, :-1].float(), -1)
     ce = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(1)
-    kl = (clean_logp.exp() * (clean_logp - logp)).double().sum((1, 2))
+    terms = torch.sub(clean_logp, logp, out=logp).mul_(clean_p)  # logp is not needed after the CE
+    kl = terms.sum(-1).double().sum(1)
     return ce.tolist(), kl.tolist(), ids[:, 1:].numel()
 
 
@@ -59,11 +63,15 @@ def recaptured_loss(
     modes: Iterable[str] = MODES,
     batch_size: int = 8,
     progress: bool = True,
+    baseline: dict | None = None,
 ) -> dict:
     """CE, KL and recaptured fraction for every SAE at every G and mode, on `contexts` [n, T] (BOS first).
 
     Returns {"n_tokens", "ce_clean", "ce_zero", "ce_mean", "saes": {name: {mode: [{"G", "ce", "kl",
-    "recaptured"}, ...]}}}.
+    "recaptured"}, ...]}}}. Per batch of contexts: one forward up to layer L, then layers L+1.. once for
+    the clean model and once per distinct replacement. A TopK SAE's rescaled mode at G = N is its prefix
+    mode at N (the same code), so it is run once. `baseline`: a dict kept by the caller across calls on the
+    same model, layer and contexts; the zero and mean ablations are then run on the first call only.
     """
     Gs, modes = sorted(set(Gs)), list(modes)
     for sae in saes.values():
@@ -74,24 +82,31 @@ def recaptured_loss(
             raise ProgsaeError(f"unknown truncation mode {m!r}; use one of {', '.join(MODES)}")
     splicer = Splicer(model, layer)
     batches = contexts.to(model.device).split(batch_size)
-    # the mean-ablation vector: mean of h over all non-BOS eval positions (a cheap pass up to layer L)
-    mean = torch.stack(
-        [residual_stream(model, ids, layer)[:, 1:].reshape(-1, model.config.hidden_size).sum(0) for ids in batches]
-    ).sum(0) / (contexts.shape[0] * (contexts.shape[1] - 1))
-    keys = [("zero", None, None), ("mean", None, None)] + [(n, m, G) for n in saes for m in modes for G in Gs]
-    ce = {key: [] for key in keys}  # per context
-    kl = {key: [] for key in keys}
+    known = baseline is not None and "contexts" in baseline and _same(baseline, model, layer, contexts, batch_size)
+    if not known:
+        # the mean-ablation vector: mean of h over all non-BOS eval positions (a cheap pass up to layer L)
+        mean = torch.stack(
+            [residual_stream(model, ids, layer)[:, 1:].reshape(-1, model.config.hidden_size).sum(0) for ids in batches]
+        ).sum(0) / (contexts.shape[0] * (contexts.shape[1] - 1))
+    ablations = [("zero", None, None), ("mean", None, None)]
+    keys = [(n, m, G) for n in saes for m in modes for G in Gs]
+    same = {(n, "rescaled", saes[n].d_sae): (n, "prefix", saes[n].d_sae) for n in saes if "prefix" in modes}
+    runs = [key for key in keys if key not in same] + ([] if known else ablations)
+    ce = {key: [] for key in keys + ablations}  # per context
+    kl = {key: [] for key in keys + ablations}
     ce_clean, n_tok = [], 0
-    total = len(batches) * (len(keys) + 1)
-    bar = tqdm(total=total, desc="recaptured LM loss", unit="pass", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(batches) * (len(runs) + 1), desc="recaptured LM loss", unit="pass", disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
     for ids in batches:
         h, logits = splicer.clean(ids)
         clean_logp = F.log_softmax(logits[:, :-1].float(), -1)
-        c, _, n = _ce_kl(logits, clean_logp, ids)
+        clean = (clean_logp, clean_logp.exp())
+        c, _, n = _ce_kl(logits, clean, ids)
+        del logits
         ce_clean += c
         n_tok += n
         bar.update(1)
-        for key in keys:
+        for key in runs:
             name, mode, G = key
             spliced = h.clone()
             if name == "zero":
@@ -101,11 +116,22 @@ def recaptured_loss(
             else:
                 body = h[:, 1:].reshape(-1, h.shape[-1])
                 spliced[:, 1:] = saes[name](body, G, mode).view(h.shape[0], -1, h.shape[-1])
-            c, k, _ = _ce_kl(splicer.logits(spliced), clean_logp, ids)
+            c, k, _ = _ce_kl(splicer.logits(spliced), clean, ids)
             ce[key] += c
             kl[key] += k
             bar.update(1)
     bar.close()
+    for key, twin in same.items():
+        if key in ce:
+            ce[key], kl[key] = ce[twin], kl[twin]
+    if baseline is not None:
+        if known:
+            for key in ablations:
+                ce[key], kl[key] = baseline["ce"][key[0]], baseline["kl"][key[0]]
+        else:
+            baseline.clear()
+            baseline |= {"contexts": contexts.clone(), "model": id(model), "layer": layer, "batch_size": batch_size,
+                         "ce": {k[0]: ce[k] for k in ablations}, "kl": {k[0]: kl[k] for k in ablations}}  # fmt: skip
     per_context = {"clean": ce_clean, "zero": ce[("zero", None, None)], "mean": ce[("mean", None, None)]}
     per_context |= {"kl_zero": kl[("zero", None, None)], "kl_mean": kl[("mean", None, None)]}
     ce_ctx, kl_ctx = ce, kl
@@ -142,6 +168,13 @@ def recaptured_loss(
             for m in modes
         }
     return out
+
+
+def _same(baseline: dict, model, layer: int, contexts: torch.Tensor, batch_size: int) -> bool:
+    b = baseline
+    return (b["model"], b["layer"], b["batch_size"]) == (id(model), layer, batch_size) and torch.equal(
+        b["contexts"], contexts
+    )
 
 
 def _frac(ablated: float, sae: float, clean: float) -> float | None:
