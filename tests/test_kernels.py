@@ -199,11 +199,11 @@ def test_an_sae_set_to_bf16_encodes_evaluates_and_counts_as_the_fp32_one_where_n
     assert a[1] == pytest.approx(b[1], rel=1e-5)
     torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-7)
     rand = SAE(SAEConfig(32, 512, 16)).init_tied(torch.Generator().manual_seed(5))  # near-ties: bf16 moves some
-    x = torch.randn(200, 32, generator=torch.Generator().manual_seed(6))
+    y = torch.randn(200, 32, generator=torch.Generator().manual_seed(6))
     rand.precision = "bf16"
-    _, i = rand.encode(x)
-    assert torch.equal(i, topk_encode(x, rand.W_enc, rand.b_enc, rand.b_dec, 16, bf16=True)[1])
-    assert not torch.equal(i, topk_encode(x, rand.W_enc, rand.b_enc, rand.b_dec, 16)[1])
+    _, i = rand.encode(y)
+    assert torch.equal(i, topk_encode(y, rand.W_enc, rand.b_enc, rand.b_dec, 16, bf16=True)[1])
+    assert not torch.equal(i, topk_encode(y, rand.W_enc, rand.b_enc, rand.b_dec, 16)[1])
     jr = SAE(SAEConfig(16, 96, None, architecture="jumprelu"))
     jr.precision = "bf16"
     with pytest.raises(ProgsaeError, match="precision bf16 selects a TopK SAE's latents.*use precision fp32"):
