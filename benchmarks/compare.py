@@ -34,11 +34,11 @@ TORCH = "torch==2.13.0"
 # every child: build the step, warm up, time `steps` steps one by one, print the median and this process's peak RSS
 COMMON = """
 import json, sys, time, torch
-d, N, k, B, steps = (int(v) for v in sys.argv[1:6])
+d, N, k, B, steps, warmup = (int(v) for v in sys.argv[1:7])
 torch.manual_seed(0)
 x = torch.randn(B, d)
 def report(step, precision="fp32"):
-    for _ in range(3):
+    for _ in range(warmup):
         step()
     ts = []
     for _ in range(steps):
@@ -56,6 +56,21 @@ report(lambda: x @ W)
     "gemm bf16": """
 xb, W = x.bfloat16(), torch.randn(N, d).bfloat16().t()
 report(lambda: xb @ W)
+""",
+    # the floor under a step beyond its GEMM: the four O(B k d) products of a TopK step at a random code's
+    # pattern (decode, value gradients, W_dec and W_enc gradients: k-row gathers and scatters, memory traffic)
+    "gathers": """
+from progsae.kernels import _csr, _spmm, band_crow
+W_dec, G = torch.randn(N, d), torch.randn(B, d)
+indices = torch.rand(B, N).topk(k, dim=1).indices.sort(1).values
+S = _csr(torch.randn(B, k), indices, band_crow(indices, None), N)
+def step():
+    _spmm(S, W_dec)
+    torch.sparse.sampled_addmm(S, G, W_dec.t(), beta=0.0)
+    St = S.t()
+    _spmm(St, G)
+    _spmm(St, x)
+report(step)
 """,
     **{f"progsae {kind} {precision}": f"""
 from progsae import TrainConfig, Trainer
@@ -124,9 +139,9 @@ def setup() -> None:
     subprocess.run([str(ANCHORS / "bin" / "pip"), "uninstall", "-y", "-q", "torchvision"], check=True)
 
 
-def run(name: str, shape: tuple[int, int, int], batch: int, steps: int, threads: int) -> dict | None:
+def run(name: str, shape: tuple[int, int, int], batch: int, steps: int, warmup: int, threads: int) -> dict | None:
     d, N, k = shape
-    cmd = [python_for(name), "-c", COMMON + CHILDREN[name], str(d), str(N), str(k), str(batch), str(steps)]
+    cmd = [python_for(name), "-c", COMMON + CHILDREN[name], *map(str, (d, N, k, batch, steps, warmup))]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     got = re.search(r"BENCH (\{.*\})", r.stdout)
@@ -140,7 +155,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", action="store_true", help="create benchmarks/.anchors and exit")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per process (after 3 warm-up steps)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (fresh memory faults in)")
+    p.add_argument("--only", help="comma-separated contenders (default all): " + ", ".join(CHILDREN))
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--shapes", default="576:16384:64", help="d:N:k,... (the issue's grid: d 576, 2304; N 16384, "
                    "65536; k 32, 64, 256)")  # fmt: skip
@@ -152,13 +169,15 @@ def main() -> None:
         sys.exit("progsae: error: no anchors' virtualenv; run `python benchmarks/compare.py --setup` first")
     threads = os.cpu_count() or 1
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, {threads} cores; batch {a.batch}; medians of {a.rounds} interleaved rounds, {a.steps} steps each")
+    names = [n for n in CHILDREN if not a.only or n in a.only.split(",") or n.startswith("gemm") or n == "gathers"]
+    print(f"{cpu}, {threads} cores; batch {a.batch}; medians of {a.rounds} interleaved rounds, {a.steps} steps each "
+          f"after {a.warmup} warm-up")  # fmt: skip
     for spec in a.shapes.split(","):
         shape = tuple(int(v) for v in spec.split(":"))
-        got: dict[str, list[dict]] = {name: [] for name in CHILDREN}
+        got: dict[str, list[dict]] = {name: [] for name in names}
         for _ in range(a.rounds):
-            for name in CHILDREN:  # A, B, C, A, B, C, ...
-                res = run(name, shape, a.batch, a.steps, threads)
+            for name in names:  # A, B, C, A, B, C, ...
+                res = run(name, shape, a.batch, a.steps, a.warmup, threads)
                 if res is not None:
                     got[name].append(res)
         med = {n: statistics.median(r["seconds"] for r in rs) for n, rs in got.items() if rs}
@@ -168,14 +187,19 @@ def main() -> None:
         print(f"\nd={d} N={N} k={k}: fp32 GEMM {flops / med['gemm fp32'] / 1e9:.0f} GFLOP/s"
               + (f", bf16 GEMM {flops / med['gemm bf16'] / 1e9:.0f} GFLOP/s" if "gemm bf16" in med else ""))  # fmt: skip
         best = min((med[n] for n in ANCHOR_NAMES if n in med), default=None)
-        print(f"{'step':<26}{'tokens/s':>10}{'vs best anchor':>16}{'fp32 GEMMs':>12}{'GEMMs (own)':>13}{'peak RSS MB':>13}")
-        for name in CHILDREN:
-            if name.startswith("gemm") or name not in med:
+        print(f"the four O(B k d) products of a step (gathers, scatters): {med['gathers'] * 1e3:.0f} ms"
+              f" = {med['gathers'] / med['gemm fp32']:.2f} fp32 GEMMs")  # fmt: skip
+        print(f"{'step':<26}{'tokens/s':>10}{'vs best anchor':>16}{'fp32 GEMMs':>12}{'GEMMs (own)':>13}"
+              f"{'gathers/rest':>14}{'peak RSS MB':>13}")  # fmt: skip
+        for name in names:
+            if name.startswith("gemm") or name == "gathers" or name not in med:
                 continue
             vs = f"{best / med[name]:.2f}x" if best else "-"
             own = got[name][0]["precision"]  # the precision the step ran in, against that precision's GEMM
+            rest = med[name] - med["gemm " + own]  # beyond the encoder GEMM: the gathers' share of it (progsae)
+            floor = f"{med['gathers'] / rest:.0%}" if name.startswith("progsae") and rest > 0 else "-"
             print(f"{name:<26}{a.batch / med[name]:>10.0f}{vs:>16}{med[name] / med['gemm fp32']:>11.2f}x"
-                  f"{med[name] / med['gemm ' + own]:>8.2f}x {own:<4}{rss[name]:>13.0f}")  # fmt: skip
+                  f"{med[name] / med['gemm ' + own]:>8.2f}x {own:<4}{floor:>14}{rss[name]:>13.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":
