@@ -176,7 +176,7 @@ PRESETS = {
     # 2 CPU cores, 29 minutes measured where bf16 is fast (auto trains in bf16; ~37 in fp32): the embedded
     # SmolLM2-135M and the KJV corpus; two seeds; interpretability (records, browsers, the local judge on 15
     # latents per SAE) ~4 minutes
-    "demo": RunConfig(seeds=2, precision="auto", minutes_estimate=30),
+    "demo": RunConfig(seeds=2, precision="auto", minutes_estimate=27),
     # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; GPUs and tens of millions of tokens. The SAEs
     # train straight from the model (50M tokens of float32 at d = 2304 would be 460 GB of shards); 2M tokens
     # are extracted, in bfloat16 (9 GB), for the outlier profile and the importance statistics
