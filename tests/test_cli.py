@@ -78,6 +78,12 @@ def test_pipeline_writes_every_artifact(workdir, capsys):
     assert [row["G"] for row in r["table"]] == [16, 64, 128] and r["n_tokens"] == 5000
     assert len(r["curve"]["fvu_prefix"]) == 128
     assert r["table"][-1]["fvu_prefix"] == pytest.approx(r["table"][-1]["fvu_rescaled"], rel=1e-5)
+    assert r["precision"] == "fp32"
+    args = ["eval", str(workdir / "perm"), str(workdir / "acts"), "--G", "16,64,128", "--tokens", "5000"]
+    assert main([*args, "--out", str(workdir / "r16.json"), "--precision", "bf16"]) == 0
+    r16 = json.loads((workdir / "r16.json").read_text())
+    assert r16["precision"] == "bf16"  # selected in bf16, values in fp32: the same FVU up to near-ties
+    assert r16["table"][-1]["fvu_prefix"] == pytest.approx(r["table"][-1]["fvu_prefix"], rel=0.01)
 
 
 def test_rerunning_a_finished_training_resumes_instead_of_retraining(workdir, capsys):

@@ -72,6 +72,7 @@ def evaluate(
         "d_sae": sae.d_sae,
         "k": sae.k,
         "architecture": sae.architecture,
+        "precision": sae.precision,  # how the encode selected (SAE.precision)
         "rsa_tokens": sample.shape[0],
         "table": table,
         "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
