@@ -309,14 +309,12 @@ def cmd_run(a) -> None:
 
 
 def _set_precision(sae, precision: str, device: str = "cpu") -> None:
-    """How the SAE's encode selects: fp32, bf16 (TopK only), or auto (bf16 where a timed GEMM of its encoder's
-    shape is 1.5x faster, as in training)."""
+    """How the SAE's encode selects: fp32, bf16 (TopK only: `SAE.encode` refuses it otherwise), or auto (bf16
+    where a timed GEMM of its encoder's shape is 1.5x faster, as in training)."""
     from .train import choose_precision
 
     if precision == "auto":
         precision = choose_precision("auto", sae.cfg.d_in, sae.d_sae, device)[0] if sae.architecture == "topk" else "fp32"
-    if precision == "bf16" and sae.architecture != "topk":
-        raise ProgsaeError(f"--precision bf16 selects a TopK SAE's latents; this is a {sae.architecture} SAE: use fp32")
     sae.precision = precision
 
 

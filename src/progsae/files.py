@@ -172,19 +172,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def sweep_leftovers(root: Path) -> list[Path]:
+def sweep_leftovers(root: Path) -> None:
     """Remove what writers cut short by a kill leave under `root`: temporary files and directories
     (`*.tmp`, `*.tmp.png`) and the old copy `replace_dir` keeps while it swaps (`*.old`). Only for a
-    directory no one else is writing. Returns what it removed."""
-    gone = []
+    directory no one else is writing. Shallowest first: a removed directory takes its contents along."""
     for p in sorted(root.rglob("*"), key=lambda p: len(p.parts)):
-        if p.name.endswith((".tmp", ".tmp.png", ".old")) and (p.is_file() or p.is_dir()):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            gone.append(p)
-    return gone
+        if not p.name.endswith((".tmp", ".tmp.png", ".old")):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def fresh_dir(path: Path) -> Path:

@@ -173,7 +173,7 @@ def interp_edges(cfg: RunConfig, n: int) -> list[int]:
 
 
 PRESETS = {
-    # 2 CPU cores, 29 minutes measured where bf16 is fast (auto trains in bf16; ~37 in fp32): the embedded
+    # 2 CPU cores, 26 minutes measured where bf16 is fast (auto trains in bf16; longer in fp32): the embedded
     # SmolLM2-135M and the KJV corpus; two seeds; interpretability (records, browsers, the local judge on 15
     # latents per SAE) ~4 minutes
     "demo": RunConfig(seeds=2, precision="auto", minutes_estimate=27),
