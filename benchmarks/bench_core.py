@@ -96,7 +96,7 @@ def main() -> None:
 
     # latent records (the browser's and auto-interp's data) against one encode of the same tokens, streaming:
     # the records' kept entries are full after the first batches, so a timed update merges into full state
-    from progsae.analysis.records import RecordsPass
+    from progsae.interp.records import RecordsPass
 
     @torch.no_grad()
     def encode_pass():

@@ -32,7 +32,7 @@ import torch
 
 import progsae
 import progsae.formats
-from progsae.files import ProgsaeError
+from progsae import ProgsaeError
 
 D, N, K, B = 16, 48, 4, 64  # d_in, latents, k, rows of x
 TOL = 1e-5  # max over rows of ||x̂ - x̂_library|| / ||x̂_library||, all in float32
@@ -78,20 +78,20 @@ def global_threshold(acts: torch.Tensor) -> float:
 
 def assert_refused(path) -> None:
     with pytest.raises(ProgsaeError) as e:
-        progsae.SAE.load(path)
+        progsae.load_sae(path)
     assert "\n" not in str(e.value).strip()
 
 
 def assert_loads_as(path, reference) -> None:
     x = inputs()
-    sae = progsae.SAE.load(path)
+    sae = progsae.load_sae(path)
     with torch.no_grad():
         assert rel_err(sae(x), reference(x)) < TOL
 
 
 def permuted_copy(sae: progsae.SAE, path, fmt: str):
     order = torch.randperm(sae.cfg.d_sae, generator=torch.Generator().manual_seed(3))
-    progsae.formats.save(sae.permute(order), path, fmt)
+    progsae.formats.save_sae(sae.permute(order), path, fmt)
     return path
 
 
@@ -106,7 +106,7 @@ def library_reads_back(fmt: str, path):
 def assert_round_trips(path, reference, tmp_path, fmt: str) -> None:
     pytest.importorskip({"saelens": "sae_lens", "sparsify": "sparsify"}[fmt])
     x = inputs()
-    back = library_reads_back(fmt, permuted_copy(progsae.SAE.load(path), tmp_path / f"progsae-{fmt}", fmt))
+    back = library_reads_back(fmt, permuted_copy(progsae.load_sae(path), tmp_path / f"progsae-{fmt}", fmt))
     with torch.no_grad():
         assert rel_err(back(x), reference(x)) < TOL
 

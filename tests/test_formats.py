@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from progsae import SAE, ProgsaeError
 from progsae.analysis import fvu_at, latent_stats, progressive_eval
 from progsae.cli import main
-from progsae.formats import detect, save
+from progsae.formats import detect, load_sae, save_sae
 
 D, N, K = 12, 40, 5
 RNG = np.random.default_rng(0)
@@ -165,7 +165,7 @@ def test_saelens_files_compute_what_saelens_defines(tmp_path, case):
     cfg, names = SAELENS_CASES[case]
     w = saelens_weights(names)
     write_saelens(tmp_path / "s", cfg, w)
-    sae = SAE.load(tmp_path / "s")
+    sae = load_sae(tmp_path / "s")
     if cfg.get("dtype") == "float16":  # computed in float32 from the stored half-precision values
         w = {n: v.astype(np.float16) for n, v in w.items()}
     if case.startswith("pre6"):
@@ -181,7 +181,7 @@ def test_expected_average_scaling_is_folded_from_the_checkpoint_scaler(tmp_path)
     w = saelens_weights(BASE)
     write_saelens(tmp_path / "s", cfg, w)
     (tmp_path / "s" / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 0.37, "has_whitening": False}))
-    sae = SAE.load(tmp_path / "s")
+    sae = load_sae(tmp_path / "s")
     assert rel_err(recon(sae), ref_saelens(cfg, w, X, scale=0.37)) < 1e-5
 
 
@@ -200,7 +200,7 @@ def test_expected_average_scaling_is_folded_from_the_checkpoint_scaler(tmp_path)
 def test_saelens_fields_progsae_cannot_compute_are_refused_in_one_line(tmp_path, cfg, field):
     write_saelens(tmp_path / "s", cfg, saelens_weights((*BASE, "threshold")))
     with pytest.raises(ProgsaeError) as e:
-        SAE.load(tmp_path / "s")
+        load_sae(tmp_path / "s")
     assert field in str(e.value) and "\n" not in str(e.value)
 
 
@@ -209,11 +209,11 @@ def test_saelens_round_trip_keeps_unknown_fields_sparsity_and_is_exact(tmp_path)
     cfg["metadata"]["context_size"] = 128
     sparsity = RNG.normal(size=N).astype(np.float32)
     write_saelens(tmp_path / "s", cfg, saelens_weights(BASE), sparsity)
-    sae = SAE.load(tmp_path / "s")
+    sae = load_sae(tmp_path / "s")
     order = torch.randperm(N, generator=torch.Generator().manual_seed(1))
     perm = sae.permute(order, "e_z2")
-    save(perm, tmp_path / "p")
-    back = SAE.load(tmp_path / "p")
+    save_sae(perm, tmp_path / "p")
+    back = load_sae(tmp_path / "p")
     np.testing.assert_array_equal(recon(back), recon(perm))
     out = json.loads((tmp_path / "p" / "cfg.json").read_text())
     assert out["neuronpedia_id"] == "gpt2/3-res" and out["metadata"]["context_size"] == 128
@@ -243,28 +243,28 @@ def ref_sparsify(t: dict, x: np.ndarray) -> np.ndarray:
 
 def test_sparsify_single_and_run_directories(tmp_path):
     t = write_sparsify(tmp_path / "single")
-    assert rel_err(recon(SAE.load(tmp_path / "single")), ref_sparsify(t, X)) < 1e-5
+    assert rel_err(recon(load_sae(tmp_path / "single")), ref_sparsify(t, X)) < 1e-5
     # N from expansion_factor when num_latents is 0 (d_in 12 x 4 = 48 would not match; use 40 / 12? no: set d so)
     run = tmp_path / "run"
     t = write_sparsify(run / "layers.6", seed=3)
     (run / "config.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-135M", "batch_size": 8}))
-    sae = SAE.load(run)
+    sae = load_sae(run)
     assert detect(run) == ("sparsify", run / "layers.6")
     assert rel_err(recon(sae), ref_sparsify(t, X)) < 1e-5
     assert sae.cfg.metadata["hook_name"] == "blocks.6.hook_resid_post"
     assert sae.cfg.metadata["model_name"] == "HuggingFaceTB/SmolLM2-135M"
     write_sparsify(run / "layers.7")
     with pytest.raises(ProgsaeError, match="holds 2 SAEs"):
-        SAE.load(run)
+        load_sae(run)
 
 
 def test_sparsify_num_latents_zero_means_d_in_times_expansion_factor(tmp_path):
     t = write_sparsify(tmp_path / "s", {"num_latents": 0, "expansion_factor": 1})
     with pytest.raises(ProgsaeError, match="do not belong together"):  # 12 x 1 != 40 latents
-        SAE.load(tmp_path / "s")
+        load_sae(tmp_path / "s")
     (tmp_path / "s" / "cfg.json").write_text(json.dumps({"num_latents": 0, "expansion_factor": 1, "k": K, "d_in": N}))
     with pytest.raises(ProgsaeError, match="do not belong together"):
-        SAE.load(tmp_path / "s")
+        load_sae(tmp_path / "s")
     # a consistent one: d_in = 8, expansion factor 5 -> 40 latents
     r = np.random.default_rng(5)
     t = {
@@ -275,7 +275,7 @@ def test_sparsify_num_latents_zero_means_d_in_times_expansion_factor(tmp_path):
     }
     save_file(t, str(tmp_path / "s" / "sae.safetensors"))
     (tmp_path / "s" / "cfg.json").write_text(json.dumps({"num_latents": 0, "expansion_factor": 5, "k": K, "d_in": 8}))
-    sae = SAE.load(tmp_path / "s")
+    sae = load_sae(tmp_path / "s")
     x = r.normal(size=(30, 8)).astype(np.float32)
     assert sae.d_sae == N and rel_err(recon(sae, x), ref_sparsify(t, x)) < 1e-5
 
@@ -291,17 +291,17 @@ def test_sparsify_num_latents_zero_means_d_in_times_expansion_factor(tmp_path):
 def test_sparsify_variants_progsae_cannot_compute_are_refused(tmp_path, extra, tensors, field):
     write_sparsify(tmp_path / "s", extra, extra_tensors=tensors)
     with pytest.raises(ProgsaeError) as e:
-        SAE.load(tmp_path / "s")
+        load_sae(tmp_path / "s")
     assert field in str(e.value) and "\n" not in str(e.value)
 
 
 def test_sparsify_round_trip_in_its_own_format(tmp_path):
     write_sparsify(tmp_path / "s", {"custom_field": 7})
-    sae = SAE.load(tmp_path / "s")
+    sae = load_sae(tmp_path / "s")
     perm = sae.permute(torch.randperm(N))
-    save(perm, tmp_path / "p")  # the format it was read in
+    save_sae(perm, tmp_path / "p")  # the format it was read in
     assert detect(tmp_path / "p")[0] == "sparsify"
-    back = SAE.load(tmp_path / "p")
+    back = load_sae(tmp_path / "p")
     np.testing.assert_array_equal(recon(back), recon(perm))
     np.testing.assert_allclose(recon(back), recon(sae), rtol=1e-5, atol=1e-5)
     cfg = json.loads((tmp_path / "p" / "cfg.json").read_text())
@@ -356,7 +356,7 @@ def ref_dictlearn(cls: str, w: dict, x: np.ndarray, threshold: float = 0.8) -> n
 )
 def test_dictionary_learning_trainers_compute_the_library_default(tmp_path, cls):
     w = write_dictlearn(tmp_path / "run" / "trainer_0", cls)
-    sae = SAE.load(tmp_path / "run")  # one trainer: found inside the run directory
+    sae = load_sae(tmp_path / "run")  # one trainer: found inside the run directory
     assert rel_err(recon(sae), ref_dictlearn(cls, w, X)) < 1e-5
     assert sae.architecture == {"AutoEncoderTopK": "topk", "JumpReluAutoEncoder": "jumprelu", "AutoEncoder": "relu"}.get(
         cls, "batchtopk"
@@ -364,24 +364,24 @@ def test_dictionary_learning_trainers_compute_the_library_default(tmp_path, cls)
     assert sae.cfg.metadata["hook_name"] == "blocks.3.hook_resid_post"
     if cls == "MatryoshkaBatchTopKSAE":
         assert sae.cfg.progsae["granularities"] == [8, 20, 40]
-    save(sae, tmp_path / "out")  # no dictionary_learning writer: SAELens layout, saying so
+    save_sae(sae, tmp_path / "out")  # no dictionary_learning writer: SAELens layout, saying so
     out = json.loads((tmp_path / "out" / "cfg.json").read_text())
     assert out["metadata"]["progsae"]["converted_from"] == "dictionary_learning"
-    np.testing.assert_array_equal(recon(SAE.load(tmp_path / "out")), recon(sae))
+    np.testing.assert_array_equal(recon(load_sae(tmp_path / "out")), recon(sae))
 
 
 def test_dictionary_learning_refusals(tmp_path):
     write_dictlearn(tmp_path / "g", "GatedAutoEncoder")
     with pytest.raises(ProgsaeError, match="dict_class = 'GatedAutoEncoder'"):
-        SAE.load(tmp_path / "g")
+        load_sae(tmp_path / "g")
     write_dictlearn(tmp_path / "unset", "BatchTopKSAE", threshold=-1.0)
     with pytest.raises(ProgsaeError, match="never set"):
-        SAE.load(tmp_path / "unset")
+        load_sae(tmp_path / "unset")
     # a pickle of an arbitrary object is never unpickled
     write_dictlearn(tmp_path / "p", "AutoEncoderTopK")
     torch.save({"ae": {"encoder.weight": torch.zeros(1)}, "cfg": _Obj()}, tmp_path / "p" / "ae.pt")
     with pytest.raises(ProgsaeError, match="not a state dict of tensors"):
-        SAE.load(tmp_path / "p")
+        load_sae(tmp_path / "p")
 
 
 class _Obj:  # module-level so torch.save can pickle it; torch.load(weights_only=True) must refuse it
@@ -402,7 +402,7 @@ def test_gemma_scope_params_npz(tmp_path, lower):
     pre = X.astype(np.float64) @ wd["W_enc"] + wd["b_enc"]
     ref = np.maximum(pre, 0) * (pre > wd["threshold"]) @ wd["W_dec"] + wd["b_dec"]
     for path in (folder, folder / "params.npz"):
-        sae = SAE.load(path)
+        sae = load_sae(path)
         assert sae.architecture == "jumprelu" and rel_err(recon(sae), ref) < 1e-5
         assert sae.cfg.metadata["hook_name"] == "blocks.5.hook_resid_post"
 
@@ -415,7 +415,7 @@ def every_architecture(tmp_path) -> dict[str, SAE]:
     for name in ("standard", "topk-rescaled", "jumprelu", "batchtopk-checkpoint"):
         cfg, names = SAELENS_CASES[name]
         write_saelens(tmp_path / name, cfg, saelens_weights(names))
-        out[name] = SAE.load(tmp_path / name)
+        out[name] = load_sae(tmp_path / name)
     return out
 
 
@@ -483,7 +483,7 @@ def test_inspect_and_permute_a_gemma_scope_sae_from_the_command_line(tmp_path, c
     assert main(["inspect", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "gemmascope" in out and "jumprelu" in out and "12 x 40" in out and "blocks.5.hook_resid_post" in out
-    sae = SAE.load(folder)
+    sae = load_sae(folder)
     x = torch.from_numpy(np.random.default_rng(4).normal(size=(500, D)).astype(np.float32))
     stats = latent_stats(sae, [x])
     save_stats(tmp_path / "stats.safetensors", stats)
@@ -496,7 +496,7 @@ def test_inspect_and_permute_a_gemma_scope_sae_from_the_command_line(tmp_path, c
     info = json.loads(capsys.readouterr().out)
     assert info["permutation"] == "e_z2" and info["format"] == "saelens" and info["architecture"] == "jumprelu"
     # the permuted SAE's own statistics are in decreasing E[z^2] order, and its reconstructions are the same
-    perm = SAE.load(tmp_path / "p")
+    perm = load_sae(tmp_path / "p")
     assert bool((latent_stats(perm, [x])["e_z2"].diff() <= 1e-12).all())
     np.testing.assert_allclose(recon(perm, x.numpy()), recon(sae, x.numpy()), rtol=1e-5, atol=1e-5)
 
@@ -519,7 +519,7 @@ def test_saelens_inference_form_of_a_matryoshka_batchtopk_is_read_as_batchtopk(t
     w = saelens_weights(BASE)
     w["threshold"] = np.full(N, 0.9, np.float32)
     write_saelens(tmp_path / "s", saelens_cfg("jumprelu", metadata=meta), w)
-    sae = SAE.load(tmp_path / "s")
+    sae = load_sae(tmp_path / "s")
     assert sae.architecture == "batchtopk" and sae.k == 6 and sae.cfg.progsae["granularities"] == [10, 25, 40]
     assert rel_err(recon(sae), ref_saelens(saelens_cfg("jumprelu"), w, X)) < 1e-5
 
@@ -528,6 +528,6 @@ def test_pre6_boolean_normalisation_is_not_ignored(tmp_path):
     cfg = {"d_in": D, "d_sae": N, "hook_point": "blocks.3.hook_resid_post", "normalize_activations": True}
     write_saelens(tmp_path / "s", cfg, saelens_weights(BASE))
     with pytest.raises(ProgsaeError, match="expected_average_only_in"):
-        SAE.load(tmp_path / "s")
+        load_sae(tmp_path / "s")
     write_saelens(tmp_path / "t", {**cfg, "normalize_activations": None}, saelens_weights(BASE))
-    assert SAE.load(tmp_path / "t").architecture == "relu"
+    assert load_sae(tmp_path / "t").architecture == "relu"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lm_fixtures import TEXT, tiny_lm
-from progsae import SAE, ProgsaeError, SAEConfig
+from progsae import SAE, ProgsaeError, SAEConfig, save_sae
 from progsae.analysis.lm_eval import recaptured_loss
 from progsae.analysis.rsa import _rank, rsa
 from progsae.data import ActivationDir
@@ -106,7 +106,7 @@ def test_extraction_writes_traceable_rows_without_bos(lm, tmp_path):
 
 def test_latent_records_point_at_the_tokens_that_made_them(lm, tmp_path):
     """Each top record's (context, position) is where the model's activation gives that latent that value."""
-    from progsae.analysis.records import latent_records, load_records, row_contexts, save_records
+    from progsae.interp.records import latent_records, load_records, row_contexts, save_records
 
     model, tok, corpus, _ = lm
     cfg = ExtractConfig(model="tiny", layer=1, tokens=300, corpus=corpus, ctx_len=16, batch_size=4, shard_tokens=100)
@@ -125,7 +125,7 @@ def test_latent_records_point_at_the_tokens_that_made_them(lm, tmp_path):
         kept = z.topk(4).indices
         assert i in kept.tolist() and float(z[i]) == pytest.approx(float(v), rel=1e-4)
     # the proxies read the tokens at those rows: the same as the shards' own token_ids
-    from progsae.analysis.proxies import proxies
+    from progsae.interp.proxies import proxies
 
     shards = [load_tensors(acts.path / s["file"]) for s in acts.shards]
     token_ids = torch.cat([s["token_ids"] for s in shards])
@@ -405,7 +405,7 @@ def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromiu
     cfg = ExtractConfig(model=model_dir, layer=1, tokens=400, corpus=corpus, ctx_len=16, batch_size=4)
     acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False))
     sae = SAE(SAEConfig(acts.d_in, 24, 3, progsae={"granularities": [8, 24]})).init_tied()
-    sae.save(tmp_path / "sae")
+    save_sae(sae, tmp_path / "sae")
     assert main(["browse", str(tmp_path / "sae"), str(acts.path), "--out", str(tmp_path / "site")]) == 0
     site = tmp_path / "site"
     listing = json.loads((site / "latents.js").read_text().removeprefix("window.LATENTS=").removesuffix(";"))
@@ -418,7 +418,7 @@ def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromiu
     assert latent.count("<div class='lens'><span>") == 1 and "band: latents below" in latent
     assert len(list((site / "latents").glob("*.html"))) == 24 and "<style" not in latent  # shared CSS, small pages
     assert "at quantiles of its activations" in latent and "where it does not fire" in latent
-    from progsae.browse import server
+    from progsae.report.browser import server
 
     srv = server(site, 0)  # --serve: the same files over http on localhost
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -443,7 +443,7 @@ def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromiu
 
     shown = [int(i) for i in re.findall(r'<a href="latents/(\d+)\.html">', dom((site / "index.html").as_uri()))]
     assert shown == listed  # the page renders the list in importance order
-    monkeypatch.setattr("progsae.browse.PAGE", 10)  # a long list is shown a page at a time
+    monkeypatch.setattr("progsae.report.browser.PAGE", 10)  # a long list is shown a page at a time
     assert main(["browse", str(tmp_path / "sae"), str(acts.path), "--out", str(tmp_path / "paged")]) == 0
     paged = dom((tmp_path / "paged" / "index.html").as_uri())
     assert re.findall(r'<a href="latents/(\d+)\.html">', paged) == [str(i) for i in listed[:10]]
@@ -479,7 +479,7 @@ class WordJudge:
 
 
 def test_auto_interp_contexts_come_from_the_records_and_the_judge_check_tells_a_judge_from_a_guesser(lm, tmp_path):
-    from progsae.analysis.records import TextRows, latent_records
+    from progsae.interp.records import TextRows, latent_records
     from progsae.interp.study import WINDOW, contexts_of, judge_check
     from reference import dense_code
 

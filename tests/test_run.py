@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lm_fixtures import TEXT, rule_judge_server, tiny_lm
-from progsae import ProgsaeError
+from progsae import ProgsaeError, load_sae
 from progsae.cli import main
 from progsae.report.tables import fmt_ci
 
@@ -310,7 +310,6 @@ def write_sparsify_run(root, layer: int, d: int = 32, n: int = 48, k: int = 6, s
 def test_run_studies_pretrained_saes_beside_and_instead_of_its_own(run, tmp_path, capsys):
     import numpy as np
 
-    from progsae import SAE
 
     sp = write_sparsify_run(tmp_path / "sparsify-run", layer=1)
     out = tmp_path / "out"
@@ -329,14 +328,14 @@ def test_run_studies_pretrained_saes_beside_and_instead_of_its_own(run, tmp_path
     assert [b["hi"] for b in res["interpretability"]["saes"]["mine-by-e_z2"]["bands"]] == [3, 6, 12, 24, 48]
     # the imported copy computes exactly what the sparsify file does; permuting leaves G = N unchanged
     x = torch.randn(50, 32)
-    torch.testing.assert_close(SAE.load(out / "saes" / "mine")(x), SAE.load(sp)(x), rtol=0, atol=0)
+    torch.testing.assert_close(load_sae(out / "saes" / "mine")(x), load_sae(sp)(x), rtol=0, atol=0)
     a, b = res["saes"]["mine"]["table"][-1], res["saes"]["mine-by-e_z2"]["table"][-1]
     assert a["fvu_prefix"] == pytest.approx(b["fvu_prefix"], rel=1e-5)
     # the sorted copy's order is the statistics' descending E[z^2] order (numpy's stable argsort)
     from progsae.analysis import load_stats
 
     e_z2 = load_stats(out / "stats" / "mine.safetensors")["e_z2"].numpy()
-    order = SAE.load(out / "saes" / "mine-by-e_z2").cfg.progsae["permutation"]["order"]
+    order = load_sae(out / "saes" / "mine-by-e_z2").cfg.progsae["permutation"]["order"]
     assert order == np.argsort(-e_z2, kind="stable").tolist() and (e_z2 > 0).sum() > 10
     page = (out / "report.html").read_text()
     assert "Pretrained SAEs" in page and f"sparsify: {sp}" in page and (out / "figures" / "pretrained_mine.png").is_file()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from progsae import SAE, ProgsaeError, SAEConfig
+from progsae import ProgsaeError, SAEConfig, load_sae, save_sae
 from reference import dense_code, make_sae
 
 
@@ -71,14 +71,14 @@ def test_bad_granularity_and_mode_and_shape_raise_clear_errors():
 def test_save_writes_saelens_layout_and_loads_back(tmp_path):
     sae = make_sae()
     sae.cfg.metadata["hook_name"] = "blocks.2.hook_resid_post"
-    sae.save(tmp_path / "s")
+    save_sae(sae, tmp_path / "s")
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     assert {cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["dtype"]} == {"topk", 16, 96, 5, "float32"}
     assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post" and "sae_lens_version" in cfg["metadata"]
     w = load_file(str(tmp_path / "s" / "sae_weights.safetensors"))  # read back without torch: layout on disk
     assert w["W_enc"].shape == (16, 96) and w["W_dec"].shape == (96, 16)
     np.testing.assert_array_equal(w["W_enc"], sae.W_enc.detach().numpy())
-    back = SAE.load(tmp_path / "s")
+    back = load_sae(tmp_path / "s")
     x = torch.randn(10, 16)
     torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
     assert back.cfg.metadata == {"hook_name": "blocks.2.hook_resid_post"}
@@ -86,17 +86,17 @@ def test_save_writes_saelens_layout_and_loads_back(tmp_path):
 
 def test_loading_missing_corrupt_or_mismatched_sae_fails_clearly(tmp_path):
     with pytest.raises(ProgsaeError, match="no SAE directory"):
-        SAE.load(tmp_path / "nope")
-    make_sae().save(tmp_path / "s")
+        load_sae(tmp_path / "nope")
+    save_sae(make_sae(), tmp_path / "s")
     (tmp_path / "s" / "sae_weights.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(ProgsaeError, match="not a readable safetensors"):
-        SAE.load(tmp_path / "s")
-    make_sae().save(tmp_path / "t")
+        load_sae(tmp_path / "s")
+    save_sae(make_sae(), tmp_path / "t")
     cfg = json.loads((tmp_path / "t" / "cfg.json").read_text())
     cfg["d_sae"] = 95
     (tmp_path / "t" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ProgsaeError, match="do not belong together"):
-        SAE.load(tmp_path / "t")
+        load_sae(tmp_path / "t")
 
 
 def test_saved_sae_loads_in_saelens_with_identical_outputs(tmp_path):
@@ -104,7 +104,7 @@ def test_saved_sae_loads_in_saelens_with_identical_outputs(tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     sae = make_sae()
     sae.cfg.metadata.update(model_name="tiny", hook_name="blocks.0.hook_resid_post")
-    sae.save(tmp_path / "s")
+    save_sae(sae, tmp_path / "s")
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "s"), device="cpu")
     assert theirs.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
     x = torch.randn(20, 16)

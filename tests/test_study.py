@@ -174,7 +174,7 @@ def test_verdict_rule_counts_only_comparisons_whose_interval_excludes_the_revers
 
 
 def test_latent_records_match_a_dense_brute_force():
-    from progsae.analysis.records import BINS, latent_records, non_activating
+    from progsae.interp.records import BINS, latent_records, non_activating
 
     sae = make_sae(d=16, N=96, k=5)
     g = torch.Generator().manual_seed(4)
@@ -206,7 +206,7 @@ def test_latent_records_match_a_dense_brute_force():
 def test_llm_free_proxies_against_hand_computed_values():
     import math
 
-    from progsae.analysis.proxies import lens_agreement, logit_lens, token_entropy
+    from progsae.interp.proxies import lens_agreement, logit_lens, token_entropy
 
     ids = torch.tensor([[5, 5, 5, -1], [1, 2, 3, 4], [1, 1, 2, 2], [-1, -1, -1, -1]])
     np.testing.assert_allclose(token_entropy(ids).numpy(), [0, math.log(4), math.log(2), 0], atol=1e-12)
@@ -257,7 +257,7 @@ def test_stratified_latents_take_live_latents_evenly_from_each_rank_band():
 
 
 def test_interpretability_findings_follow_the_rule_and_a_weak_judge_decides_nothing():
-    from progsae.analysis.interpretability import bands, findings
+    from progsae.interp.bands import bands, findings
 
     N, rng = 64, np.random.default_rng(0)
 

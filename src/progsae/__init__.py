@@ -1,8 +1,9 @@
 """progsae: progressive sparse autoencoders (TopK, Matryoshka, permutation, progressive evaluation)."""
 
-from .files import ProgsaeError
+from .errors import ProgsaeError
+from .formats import load_sae, save_sae
 from .sae import SAE, SAEConfig
 from .train import TrainConfig, Trainer, train
 
-__all__ = ["SAE", "SAEConfig", "TrainConfig", "Trainer", "train", "ProgsaeError"]
+__all__ = ["SAE", "SAEConfig", "load_sae", "save_sae", "TrainConfig", "Trainer", "train", "ProgsaeError"]
 __version__ = "0.1.0"

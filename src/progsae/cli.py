@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .config import numbers
-from .files import ProgsaeError, check_output_dir, check_output_file, save_json
+from .errors import ProgsaeError
+from .files import check_output_dir, check_output_file, save_json
 from .train import PRECISIONS
 
 
@@ -110,10 +111,10 @@ def cmd_train(a) -> None:
 def cmd_stats(a) -> None:
     from .analysis import latent_stats, save_stats
     from .data import ActivationDir
-    from .sae import SAE
+    from .formats import load_sae
 
     check_output_file(a.out)
-    sae, acts = SAE.load(a.sae), ActivationDir(a.acts)
+    sae, acts = load_sae(a.sae), ActivationDir(a.acts)
     _check_d_in(sae, acts)
     _set_precision(sae, a.precision)
     n = min(a.tokens or acts.n_tokens, acts.n_tokens)
@@ -125,16 +126,11 @@ def cmd_stats(a) -> None:
 
 def cmd_permute(a) -> None:
     from .analysis import load_stats, sort_by_importance
-    from .files import fresh_dir, replace_dir
-    from .formats import save
-    from .sae import SAE
+    from .formats import load_sae, save_sae
 
-    final = check_output_dir(a.out)
-    sae = SAE.load(a.sae)
-    out = sort_by_importance(sae, load_stats(a.stats, sae), a.by)
-    tmp = fresh_dir(final.with_name(final.name + ".tmp"))
-    save(out, tmp, a.format)
-    replace_dir(tmp, final)
+    check_output_dir(a.out)
+    sae = load_sae(a.sae)
+    save_sae(sort_by_importance(sae, load_stats(a.stats, sae), a.by), a.out, a.format)
     fmt = a.format or sae.cfg.source.get("format", "saelens")
     wrote = f"{fmt} format" if fmt in ("saelens", "sparsify") else f"SAELens format (progsae writes no {fmt} files)"
     print(f"SAE with latents sorted by {a.by} (descending) written to {a.out} in {wrote}")
@@ -146,9 +142,9 @@ def inspect_sae(path: str, stats_path: str | None = None) -> dict:
 
     from .analysis import load_stats
     from .analysis.rsa import spearman
-    from .sae import SAE
+    from .formats import load_sae
 
-    sae = SAE.load(path)
+    sae = load_sae(path)
     src, p = sae.cfg.source, sae.cfg.progsae
     info = {
         "path": str(path),
@@ -180,13 +176,13 @@ def inspect_sae(path: str, stats_path: str | None = None) -> dict:
 
 
 def cmd_browse(a) -> None:
-    from .browse import browse, server
     from .data import ActivationDir
     from .data.lm import load_lm
-    from .sae import SAE
+    from .formats import load_sae
+    from .report.browser import browse, server
 
     out = check_output_dir(a.out)
-    sae, acts = SAE.load(a.sae), ActivationDir(a.acts)
+    sae, acts = load_sae(a.sae), ActivationDir(a.acts)
     _check_d_in(sae, acts)
     model, tok, _ = load_lm(a.model or acts.manifest.get("source", {}).get("model", ""))
     browse(sae, acts, out, model, tok, max_tokens=a.tokens)
@@ -250,10 +246,11 @@ def cmd_eval(a) -> None:
     from .analysis.lm_eval import directory_contexts
     from .data import ActivationDir
     from .data.lm import load_lm
-    from .sae import SAE, check_device
+    from .errors import check_device
+    from .formats import load_sae
 
     check_output_file(a.out)
-    sae, acts = SAE.load(a.sae).to(check_device(a.device)), ActivationDir(a.acts)
+    sae, acts = load_sae(a.sae).to(check_device(a.device)), ActivationDir(a.acts)
     _check_d_in(sae, acts)
     _set_precision(sae, a.precision, a.device)
     Gs = a.G or default_grid(sae.d_sae)

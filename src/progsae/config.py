@@ -1,9 +1,11 @@
 """Config dataclasses as the one place per option: a field's default, help, CLI flag and type check.
 
-Declare a field with `opt(default, help)`; `add_flags` writes each field's `--flag` (its name with
-dashes; `flag=` in `opt` renames it) and `from_dict` builds the config from a dict (a JSON/YAML file,
-flags merged over it) refusing unknown keys and values of the wrong type, then calls the config's
-`validate()` for ranges. A flag left out keeps the file's or the default's value.
+Declare a field with `opt(default, help, min=, max=, choices=)`; `add_flags` writes each field's `--flag`
+(its name with dashes; `flag=` in `opt` renames it) and `from_dict` builds the config from a dict (a
+JSON/YAML file, flags merged over it) refusing unknown keys and values of the wrong type, then calls the
+config's `validate()`, which starts with `check_fields` (every declared range and choice, one message
+form for all) and adds the checks that tie fields together. A flag left out keeps the file's or the
+default's value.
 
     int, float, str  --name VALUE          bool         --name / --no-name
     list[int|float]  --name 1,2,3          list[str]    --name VALUE (repeatable, appends)
@@ -18,12 +20,13 @@ import types
 import typing
 from dataclasses import MISSING, field, fields
 
-from .files import ProgsaeError
+from .errors import ProgsaeError
 
 
-def opt(default, help: str, flag: str | None = None):
-    """A config field: its default (a list or dict is copied per instance), help and optional flag name."""
-    meta = {"help": help, "flag": flag}
+def opt(default, help: str, flag: str | None = None, min=None, max=None, choices=None):
+    """A config field: its default (a list or dict is copied per instance), help, optional flag name, and
+    its range: `min` / `max` (inclusive; for a list, of every item) or `choices`."""
+    meta = {"help": help, "flag": flag, "min": min, "max": max, "choices": choices}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -75,6 +78,27 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
             group.add_argument(flag_name(f), action="append", type=base, metavar=base.__name__.upper(), **kw)
         else:
             group.add_argument(flag_name(f), type=base, metavar=base.__name__.upper(), **kw)
+
+
+def check_fields(cfg, what: str) -> None:
+    """Every field of `cfg` inside its declared range (`opt(min=, max=, choices=)`), else one line naming it."""
+    for f in fields(cfg):
+        value, m = getattr(cfg, f.name), f.metadata
+        base, is_list, _ = _kind(type(cfg), f)
+        for v in value if is_list and isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            if base is int and not _is(v, int):
+                raise ProgsaeError(f"{what}: {f.name} must be an integer, got {v!r}")
+            if m.get("choices") is not None and v not in m["choices"]:
+                raise ProgsaeError(f"{what}: {f.name} must be one of {', '.join(map(str, m['choices']))}, got {v!r}")
+            lo, hi = m.get("min"), m.get("max")
+            if lo is not None and v < lo or hi is not None and v > hi:
+                want = (
+                    "a positive integer" if (lo, hi, base) == (1, None, int)
+                    else f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+                )  # fmt: skip
+                raise ProgsaeError(f"{what}: {f.name} must be {want}, got {v!r}")
 
 
 def given(cls, args: argparse.Namespace) -> dict:

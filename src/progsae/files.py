@@ -17,9 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-
-class ProgsaeError(Exception):
-    """A problem with the user's input: the message says what is wrong and how to fix it."""
+from .errors import ProgsaeError
 
 
 def save_tensors(

@@ -32,30 +32,32 @@ import numpy as np
 import torch
 
 from . import dist
-from .analysis import fit_power_law, interpretability, latent_stats, load_stats, save_stats, sort_by_importance
+from .analysis import fit_power_law, latent_stats, load_stats, save_stats, sort_by_importance
 from .analysis.aggregate import Aggregate
 from .analysis.compare import feature_splitting
 from .analysis.evaluate import evaluate
 from .analysis.findings import findings
 from .analysis.lm_eval import directory_contexts
 from .analysis.outliers import FLAG_SHARE, flagged_latents, norm_profile, robust_window
-from .analysis.proxies import proxies
-from .analysis.records import TextRows, latent_records, load_records, save_records
 from .analysis.scaling import fit_scaling
-from .browse import write_site
 from .config import from_dict, opt
 from .data import ActivationDir, write_activations
 from .data.activations import DTYPES
 from .data.extract import ExtractConfig, extract
 from .data.lm import check_layer, load_lm
 from .data.stream import LMSource, StreamConfig
-from .files import ProgsaeError, fresh_dir, load_json, replace_dir, save_json, sweep_leftovers
-from .formats import load as load_sae
+from .errors import ProgsaeError, check_device
+from .files import load_json, save_json, sweep_leftovers
+from .formats import load_sae, save_sae
+from .interp import bands as interpretability
 from .interp.autointerp import ChatJudge
 from .interp.llm import ChatClient
 from .interp.local import LocalJudge
+from .interp.proxies import proxies
+from .interp.records import TextRows, latent_records, load_records, save_records
 from .interp.study import judge_check, score_latents, stratified_latents
-from .sae import SAE, check_device, rescaled_k
+from .report.browser import write_site
+from .sae import SAE, rescaled_k
 from .train import PRECISIONS, TrainConfig, Trainer, train_together
 
 
@@ -517,9 +519,7 @@ class Run:
             "format": src.get("format"),
             "folded": src.get("folded", []),
         }
-        tmp = fresh_dir(self.out / "saes" / f"{name}.tmp")
-        sae.save(tmp, "saelens")
-        replace_dir(tmp, self.out / "saes" / name)
+        save_sae(sae, self.out / "saes" / name, "saelens")
 
     def _extract(self, split: str, tokens: int, name: str) -> None:
         c = self.cfg
@@ -584,7 +584,7 @@ class Run:
 
     def load(self, name: str) -> SAE:
         """An SAE of this run, encoding in the precision it was trained in (pretrained ones: fp32)."""
-        sae = SAE.load(self.out / "saes" / name).to(self.device)
+        sae = load_sae(self.out / "saes" / name).to(self.device)
         sae.precision = trained_precision(sae)
         return sae
 
@@ -594,7 +594,7 @@ class Run:
         if dist.is_main():
             save_stats(self.out / "stats" / f"{name}.safetensors", stats, str(self.out / "saes" / name))
             for metric in ("e_z2", "freq"):
-                sort_by_importance(sae, stats, metric).save(self.out / "saes" / f"{name}-by-{metric}")
+                save_sae(sort_by_importance(sae, stats, metric), self.out / "saes" / f"{name}-by-{metric}")
 
     def _stats(self, sae: SAE, split: bool = False) -> dict:
         """Importance statistics on the training activations (with each latent's E[z²] on outlier tokens);
@@ -698,9 +698,9 @@ class Run:
         if not c.train:
             res["findings"] = []
             return res
-        big = SAE.load(self.out / "saes" / f"topk-{N}-by-e_z2")
+        big = load_sae(self.out / "saes" / f"topk-{N}-by-e_z2")
         for G in (N // 8, N // 4, N // 2):
-            native = SAE.load(self.out / "saes" / f"topk-{G}")
+            native = load_sae(self.out / "saes" / f"topk-{G}")
             row_t = next(r for r in evals[f"topk-{N}-by-e_z2"]["table"] if r["G"] == G)
             row_n = next(r for r in evals[f"topk-{G}"]["table"] if r["G"] == G)
             res["feature_splitting"].append(feature_splitting(big, native, row_t, row_n))

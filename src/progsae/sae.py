@@ -14,18 +14,17 @@ Per-latent parameters (threshold) permute and truncate with their latents.
 A Matryoshka SAE is a TopK SAE trained with nested losses (train.py); what differs is the order its
 latents carry meaning in, recorded in `cfg.progsae`. Parameter names and shapes are SAELens':
 W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], threshold [d_sae]. Files in
-every supported layout are read and written by `progsae.formats`; `SAE.save` writes SAELens' layout.
+every supported layout are read and written by `progsae.formats` (`load_sae`, `save_sae`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .files import ProgsaeError
+from .errors import ProgsaeError
 from .kernels import decode_nested, threshold_encode, topk_encode
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
@@ -58,17 +57,6 @@ class SAEConfig:
                 raise ProgsaeError(f"SAE config: k={self.k} exceeds d_sae={self.d_sae}; choose k <= d_sae")
         elif self.k is not None and not (isinstance(self.k, int | float) and self.k > 0):
             raise ProgsaeError(f"SAE config: k must be a positive number or absent, got {self.k!r}")
-
-
-def check_device(name: str) -> torch.device:
-    """torch.device(name), or a ProgsaeError if it is malformed or not on this machine."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ProgsaeError(f"device {name!r} is not a device; use cpu or cuda (cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ProgsaeError(f"device {name!r}: this torch has no CUDA device available; use the cpu device")
-    return device
 
 
 def rescaled_k(k: int, G: int, N: int) -> int:
@@ -239,19 +227,3 @@ class SAE(nn.Module):
             h.update(name.encode())
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
-
-    # -- files ---------------------------------------------------------------------------------------------
-
-    def save(self, path: str | Path, format: str = "saelens") -> Path:
-        """Write the SAE in `format` (saelens or sparsify; see progsae.formats), atomically."""
-        from .formats import save
-
-        return save(self, path, format)
-
-    @classmethod
-    def load(cls, path: str | Path) -> SAE:
-        """Any SAE progsae reads (progsae, SAELens, sparsify, dictionary_learning, Gemma Scope), detected from
-        the files; weights in float32, every flag that changes the computation folded in or refused."""
-        from .formats import load
-
-        return load(path)

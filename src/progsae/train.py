@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .config import from_dict, opt
-from .files import ProgsaeError, fresh_dir, fsync, load_json, load_tensors, replace_dir, save_json, save_tensors
+from .errors import ProgsaeError, check_device
+from .files import fresh_dir, fsync, load_json, load_tensors, replace_dir, save_json, save_tensors
+from .formats import write_sae
 from .kernels import ENCODE_CHUNK, nested_sse, topk_encode
-from .sae import SAE, SAEConfig, check_device
+from .sae import SAE, SAEConfig
 
 SAMPLERS = ("uniform", "pareto")
 
@@ -378,7 +380,7 @@ class Trainer:
         }
         if self.out is not None and dist.is_main():  # cfg.json, written last, says the SAE is whole
             save_json(self.out / "history.json", self.history)
-            self.sae.save(self.out)
+            write_sae(self.sae, self.out)
         dist.barrier()  # the SAE is on disk before any rank returns
         return self.sae
 

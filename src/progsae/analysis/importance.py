@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..files import ProgsaeError, load_tensors, save_tensors, tensors_metadata
+from ..errors import ProgsaeError
+from ..files import load_tensors, save_tensors, tensors_metadata
 from ..sae import SAE
 
 METRICS = ("e_z2", "freq", "e_z", "max")

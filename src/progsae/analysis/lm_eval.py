@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.lm import Splicer, residual_stream
-from ..files import ProgsaeError
+from ..errors import ProgsaeError
 from ..sae import MODES, SAE
 
 

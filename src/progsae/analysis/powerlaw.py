@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import ProgsaeError
+from ..errors import ProgsaeError
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..files import ProgsaeError
+from ..errors import ProgsaeError
 from ..sae import MODES, SAE
 
 CURVE_FLOATS = 2**20  # gathered decoder rows per scan chunk (4 MB: [c, k, d] stays in cache); 1/4 and 4x measured slower

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import ProgsaeError, fresh_dir, load_json, load_tensor, replace_dir, save_json, save_tensors
+from ..errors import ProgsaeError
+from ..files import fresh_dir, load_json, load_tensor, replace_dir, save_json, save_tensors
 
 FORMAT = "progsae-activations"
 SHARD_TOKENS = 65536

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import ProgsaeError
+from ..errors import ProgsaeError
 
 DEFAULT_CORPUS = "kjv"
 

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .. import dist
 from ..config import opt
-from ..files import ProgsaeError, fresh_dir, load_json, save_json, save_tensors
+from ..errors import ProgsaeError
+from ..files import fresh_dir, load_json, save_json, save_tensors
 from .activations import DTYPES, SHARD_TOKENS, finish, shard_name
 from .corpus import DEFAULT_CORPUS, load_corpus, pack_contexts, split_indices
 from .lm import DEFAULT_MODEL, check_layer, hook_name, load_lm, residual_stream

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import ProgsaeError, fresh_dir, replace_dir
+from ..errors import ProgsaeError
+from ..files import fresh_dir, replace_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
@@ -104,7 +105,7 @@ def _embedded_path(name: str) -> Path:
 
 def load_lm(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer, model_name) for an embedded short name, a transformers model id or a local directory."""
-    from ..sae import check_device
+    from ..errors import check_device
 
     check_device(device)
     tf = _transformers()

@@ -18,7 +18,7 @@ import torch
 
 from .. import dist
 from ..config import opt
-from ..files import ProgsaeError
+from ..errors import ProgsaeError
 from .corpus import DEFAULT_CORPUS, load_corpus, pack_contexts, split_indices
 from .extract import ExtractConfig
 from .lm import DEFAULT_MODEL, check_layer, hook_name, load_lm, residual_stream

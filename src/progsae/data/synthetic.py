@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..files import ProgsaeError
+from ..errors import ProgsaeError
 
 
 @dataclass

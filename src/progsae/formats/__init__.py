@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..files import ProgsaeError
+from ..errors import ProgsaeError
+from ..files import fresh_dir, replace_dir
 from ..sae import SAE
 from . import dictionary_learning, gemmascope, saelens, sparsify
 
@@ -65,7 +66,7 @@ def detect(path: str | Path) -> tuple[str, Path]:
     )
 
 
-def load(path: str | Path) -> SAE:
+def load_sae(path: str | Path) -> SAE:
     """The SAE at `path`: a local directory or file in any supported format, or a Hugging Face hub id
     `owner/repo[/folder]` (downloaded into the normal hub cache; needs network)."""
     local = Path(path)
@@ -78,9 +79,20 @@ def load(path: str | Path) -> SAE:
     return sae
 
 
-def save(sae: SAE, path: str | Path, format: str | None = None) -> Path:
-    """Write `sae` to the directory `path` in `format`: default the format it was read in where progsae
-    writes that format, else SAELens' (dictionary_learning and Gemma Scope sources)."""
+def save_sae(sae: SAE, path: str | Path, format: str | None = None) -> Path:
+    """Write `sae` as the directory `path` in `format`, whole: written as `path.tmp/`, then renamed over any
+    SAE there. Default format: the one it was read in where progsae writes that format, else SAELens'
+    (dictionary_learning and Gemma Scope sources)."""
+    path = Path(path)
+    tmp = fresh_dir(path.with_name(path.name + ".tmp"))
+    write_sae(sae, tmp, format)
+    replace_dir(tmp, path)
+    return path
+
+
+def write_sae(sae: SAE, path: str | Path, format: str | None = None) -> Path:
+    """Write `sae`'s files into the directory `path` (cfg.json last: it marks the SAE whole), beside what is
+    there (a training run's history and checkpoints). Formats as in `save_sae`."""
     if format is None:
         format = sae.cfg.source.get("format", "saelens")
         format = format if format in WRITERS else "saelens"
@@ -116,4 +128,4 @@ def _download(hub_id: str) -> Path:
     return root / sub if sub else root
 
 
-__all__ = ["detect", "load", "save", "READERS", "WRITERS"]
+__all__ = ["detect", "load_sae", "save_sae", "write_sae", "READERS", "WRITERS"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import ProgsaeError
+from ..errors import ProgsaeError
 from ..sae import SAE, SAEConfig
 
 

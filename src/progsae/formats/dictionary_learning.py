@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import ProgsaeError, load_json
+from ..errors import ProgsaeError
+from ..files import load_json
 from ..sae import SAE
 from .common import build, refuse
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import ProgsaeError
+from ..errors import ProgsaeError
 from ..sae import SAE
 from .common import build
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import ProgsaeError, load_json, load_tensors, save_json, save_tensors
+from ..errors import ProgsaeError
+from ..files import load_json, load_tensors, save_json, save_tensors
 from ..sae import SAE
 from .common import build, fold_decoder_norms, refuse
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..files import ProgsaeError, load_json, load_tensors, save_json, save_tensors
+from ..errors import ProgsaeError
+from ..files import load_json, load_tensors, save_json, save_tensors
 from ..sae import SAE
 from .common import build, refuse
 

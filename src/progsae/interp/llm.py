@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import ProgsaeError, save_json
+from ..errors import ProgsaeError
+from ..files import save_json
 
 
 @dataclass

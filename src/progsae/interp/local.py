@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import ProgsaeError, save_json
+from ..errors import ProgsaeError
+from ..files import save_json
 from . import prompts
 from .llm import _cache_path
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..analysis.records import TextRows, non_activating, quantile_rows
 from .autointerp import score_latent
+from .records import TextRows, non_activating, quantile_rows
 
 WINDOW = (12, 3)
 

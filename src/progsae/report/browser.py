@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .analysis.proxies import proxies
-from .analysis.records import TextRows, latent_records, non_activating, quantile_rows
-from .data import ActivationDir
-from .files import fresh_dir, replace_dir
-from .sae import SAE
+from ..data import ActivationDir
+from ..files import fresh_dir, replace_dir
+from ..interp.proxies import proxies
+from ..interp.records import TextRows, latent_records, non_activating, quantile_rows
+from ..sae import SAE
 
 WINDOW = (12, 3)  # tokens shown before and after the activating one
 

@@ -133,7 +133,8 @@ def save_records(path, records: dict[str, torch.Tensor], sae: SAE, acts_path: st
 
 def load_records(path, sae: SAE | None = None) -> dict:
     """Records written by `save_records`; with `sae`, refused unless they were gathered for exactly that SAE."""
-    from ..files import ProgsaeError, load_tensors, tensors_metadata
+    from ..errors import ProgsaeError
+    from ..files import load_tensors, tensors_metadata
 
     rec, meta = load_tensors(path), tensors_metadata(path)
     if "top_rows" not in rec:
@@ -149,7 +150,8 @@ def load_records(path, sae: SAE | None = None) -> dict:
 
 def row_contexts(acts, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(context_ids, positions) of activation rows of an extracted directory (-1 for padding rows)."""
-    from ..files import ProgsaeError, load_tensor
+    from ..errors import ProgsaeError
+    from ..files import load_tensor
 
     ctx, pos = [], []
     for s in acts.shards:
@@ -181,7 +183,8 @@ class TextRows:
     latent's activations)."""
 
     def __init__(self, acts, n: int, sae: SAE | None, tokenizer=None, chunk: int = 4096):
-        from ..files import ProgsaeError, load_tensor
+        from ..errors import ProgsaeError
+        from ..files import load_tensor
 
         if acts.manifest.get("source", {}).get("kind") != "lm":
             raise ProgsaeError(f"{acts.path} holds no extracted LM activations; this needs `progsae extract` output")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .intervals import interval
+from ..analysis.intervals import interval
 
 JUDGE_MIN = 0.5  # a judge that cannot simulate a one-word rule this well cannot rank explanations
 
@@ -84,7 +84,7 @@ def _sims(scores: list[dict], lo: int = 0, hi: int | None = None) -> list:
 def findings(study: dict, vanilla: str, matryoshkas: list[str], N: int, check: dict, n_boot: int = 1000,
              seed: int = 0) -> list[dict]:  # fmt: skip
     """The paper's two interpretability findings with verdicts; study: name -> {"scores": [...]}."""
-    from .findings import _verdict
+    from ..analysis.findings import _verdict
 
     judge = check.get("judge", "?")
     weak = check.get("simulation") is None or check["simulation"] < JUDGE_MIN
