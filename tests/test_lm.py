@@ -7,7 +7,7 @@ import torch
 
 from lm_fixtures import TEXT, tiny_lm
 from progsae import SAE, ProgsaeError, SAEConfig, save_sae
-from progsae.analysis.lm_eval import recaptured_loss
+from progsae.analysis.lm_eval import LMSplice, recaptured_loss
 from progsae.analysis.rsa import _rank, rsa
 from progsae.data import ActivationDir
 from progsae.data.corpus import load_corpus, pack_contexts, split_indices
@@ -199,12 +199,12 @@ def identity_sae(d):
 def test_recaptured_loss_is_one_for_a_perfect_reconstruction(lm):
     model, tok, corpus, _ = lm
     contexts = pack_contexts(load_corpus(corpus), tok, 16)[:6]
-    r = recaptured_loss(model, 1, {"perfect": identity_sae(32)}, contexts, [64], progress=False)
+    r = recaptured_loss(LMSplice(model, 1, contexts), {"perfect": identity_sae(32)}, [64], progress=False)
     row = r["saes"]["perfect"]["prefix"][0]
     assert row["recaptured"] == pytest.approx(1.0, abs=1e-5) and row["kl"] == pytest.approx(0.0, abs=1e-5)
     assert r["ce_zero"] != r["ce_clean"] and r["n_tokens"] == 6 * 15
     # a truncated reconstruction changes the model's predictions
-    r2 = recaptured_loss(model, 1, {"perfect": identity_sae(32)}, contexts, [8], progress=False)
+    r2 = recaptured_loss(LMSplice(model, 1, contexts), {"perfect": identity_sae(32)}, [8], progress=False)
     assert r2["saes"]["perfect"]["rescaled"][0]["kl"] > 1e-4
 
 
@@ -240,12 +240,11 @@ def test_recaptured_loss_equals_full_forwards_with_the_layer_replaced_and_reuses
         ce = -logp.gather(-1, contexts[:, 1:].unsqueeze(-1)).mean()
         return float(ce), float((clean.exp() * (clean - logp)).sum(-1).mean())
 
-    baseline, runs = {}, []
+    splice, runs = LMSplice(model, 1, contexts, batch_size=4), []
     real_logits = Splicer.logits
     Splicer.logits = lambda self, x: runs.append(1) or real_logits(self, x)
     try:
-        got = [recaptured_loss(model, 1, {"s": sae}, contexts, [24, 48], batch_size=4, progress=False,
-                               baseline=baseline) for sae in saes]  # fmt: skip
+        got = [recaptured_loss(splice, {"s": sae}, [24, 48], progress=False) for sae in saes]
     finally:
         Splicer.logits = real_logits
     batches = 3  # 10 contexts in batches of 4

@@ -243,7 +243,7 @@ def cmd_powerlaw(a) -> None:
 def cmd_eval(a) -> None:
     from .analysis import default_grid
     from .analysis.evaluate import evaluate
-    from .analysis.lm_eval import directory_contexts
+    from .analysis.lm_eval import LMSplice, directory_contexts
     from .data import ActivationDir
     from .data.lm import load_lm
     from .errors import check_device
@@ -260,8 +260,9 @@ def cmd_eval(a) -> None:
     if a.lm_tokens:  # load the model first: a bad one fails before the long passes
         contexts = directory_contexts(acts, a.lm_tokens)
         source = acts.manifest["source"]
-        lm = (load_lm(a.model or source["model"], a.device)[0], source["layer"], contexts)
-    results = {"sae": str(a.sae), "acts": str(a.acts), **evaluate(sae, acts, Gs, a.tokens, a.rsa_tokens, lm)}
+        lm = LMSplice(load_lm(a.model or source["model"], a.device)[0], source["layer"], contexts)
+    results = {"sae": str(a.sae), "acts": str(a.acts),
+               **evaluate(sae, acts, Gs, max_tokens=a.tokens, rsa_tokens=a.rsa_tokens, lm=lm)}  # fmt: skip
     save_json(a.out, results)
     head = "  recaptured prefix/rescaled" if lm else ""
 

@@ -37,7 +37,7 @@ from .analysis.aggregate import Aggregate
 from .analysis.compare import feature_splitting
 from .analysis.evaluate import evaluate
 from .analysis.findings import findings
-from .analysis.lm_eval import directory_contexts
+from .analysis.lm_eval import LMSplice, directory_contexts
 from .analysis.outliers import FLAG_SHARE, flagged_latents, norm_profile, robust_window
 from .analysis.scaling import fit_scaling
 from .config import from_dict, opt
@@ -279,7 +279,7 @@ class Run:
             load_json(self.out / "timings.json") if (self.out / "timings.json").is_file() else {}
         )
         self._lm = self._judge = self._stream = None
-        self._lm_baseline: dict = {}  # the recaptured-loss ablations, run once for every SAE evaluated here
+        self._splice: LMSplice | None = None  # the recaptured loss's model and contexts, with their ablations
         self.device = cfg.device
         self.stages: list[str] = []  # this config's stages, in order
 
@@ -611,12 +611,14 @@ class Run:
         sae = self.load(name)
         acts = self.acts("acts-test")
         contexts = directory_contexts(ActivationDir(self.out / "acts-test"), c.lm_tokens) if c.lm_tokens else None
-        lm = (self.lm()[0], c.layer, contexts) if c.lm_tokens else None
+        if c.lm_tokens and self._splice is None:  # one per run: the ablations run once for every SAE
+            self._splice = LMSplice(self.lm()[0], c.layer, contexts)
         if sae_names(c).get(base_name(name)) == "pretrained":  # their own size: N/16 .. N
             Gs = sorted({max(1, sae.d_sae // 2**i) for i in range(5)})
         else:
             Gs = [g for g in c.G if g <= sae.d_sae]
-        out = {"name": name, **evaluate(sae, acts, Gs, None, c.rsa_tokens, lm, self.progress, c.bootstrap, self._lm_baseline)}
+        out = {"name": name, **evaluate(sae, acts, Gs, rsa_tokens=c.rsa_tokens, lm=self._splice, progress=self.progress,
+                                        n_boot=c.bootstrap)}
         if (self.out / "saes" / name / "history.json").is_file():
             out["history"] = load_json(self.out / "saes" / name / "history.json")
         save_json(self.out / "eval" / f"{name}.json", out)

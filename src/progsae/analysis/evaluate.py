@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..data import ActivationDir
 from ..sae import MODES, SAE
 from .intervals import block_weights
-from .lm_eval import recaptured_loss
+from .lm_eval import LMSplice, recaptured_loss
 from .progressive import ProgressiveEval
 from .rsa import _rank_matrix, rsa, spearman_replicates
 
@@ -22,23 +22,23 @@ def evaluate(
     sae: SAE,
     acts: ActivationDir,
     Gs: list[int],
+    *,
     max_tokens: int | None = None,
     rsa_tokens: int = 1000,
-    lm: tuple | None = None,
+    lm: LMSplice | None = None,
     progress: bool = True,
     n_boot: int = 1000,
-    lm_baseline: dict | None = None,
 ) -> dict:
     """{"n_tokens", "d_sae", "k", "rsa_tokens", "table", "curve"[, "lm"]}.
 
     table: per G in Gs, fvu_prefix, fvu_rescaled, l0 (prefix), l0_rescaled, dead_frac, rsa_prefix, rsa_rescaled
-    and, with lm = (model, layer, contexts [n, T]), recaptured_* (against zero ablation), recaptured_mean_*,
+    and, with lm (the model, layer and contexts to splice into), recaptured_* (against zero ablation), recaptured_mean_*,
     dce_* (CE_sae - CE_clean, nats), kl_*, ce_* per mode.
     curve: fvu_prefix, l0, dead_frac at every G = 1..N. RSA: on `rsa_tokens` rows taken evenly across the set;
     rsa_boot: its bootstrap replicates over those tokens (`rsa.spearman_replicates`).
     blocks: per block of about one context of held-out rows, the squared residual at each G (both modes)
     and the squared deviation from the mean, for bootstrap intervals; lm.per_context[_sae] likewise.
-    lm_baseline: kept by the caller across SAEs (see `recaptured_loss`): the ablations run once.
+    The same `lm` passed for several SAEs runs its ablations once (see `LMSplice`).
     """
     for G in Gs:
         sae.check_G(G)
@@ -80,8 +80,7 @@ def evaluate(
         "rsa_boot": rsa_boot,  # bootstrap replicates of the cosine-Spearman RSA over the sample's tokens
     }
     if lm is not None:
-        model, layer, contexts = lm
-        res = recaptured_loss(model, layer, {"sae": sae}, contexts, Gs, modes, progress=progress, baseline=lm_baseline)
+        res = recaptured_loss(lm, {"sae": sae}, Gs, modes, progress)
         out["lm"] = {k: v for k, v in res.items() if k != "saes"}
         out["lm"]["per_context_sae"] = {}
         for row in table:

@@ -14,6 +14,7 @@ The model runs up to layer L once per batch (`Splicer.clean`); only layers L+1..
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,26 +54,31 @@ def _ce_kl(logits: torch.Tensor, clean: tuple, ids: torch.Tensor) -> tuple[list,
     return ce.tolist(), kl.tolist(), ids[:, 1:].numel()
 
 
+@dataclass
+class LMSplice:
+    """Where a reconstruction is spliced: the model, its layer L and the held-out contexts [n, T] (BOS first),
+    run `batch_size` contexts at a time. The zero and mean ablations do not depend on the SAE: the first
+    `recaptured_loss` on this object runs them and keeps their per-context sums for every later call."""
+
+    model: object
+    layer: int
+    contexts: torch.Tensor
+    batch_size: int = 8
+    ablations: dict | None = field(default=None, repr=False)  # {"ce": {"zero", "mean"}, "kl": {...}} once run
+
+
 @torch.no_grad()
 def recaptured_loss(
-    model,
-    layer: int,
-    saes: dict[str, SAE],
-    contexts: torch.Tensor,
-    Gs: Iterable[int],
-    modes: Iterable[str] = MODES,
-    batch_size: int = 8,
-    progress: bool = True,
-    baseline: dict | None = None,
+    lm: LMSplice, saes: dict[str, SAE], Gs: Iterable[int], modes: Iterable[str] = MODES, progress: bool = True
 ) -> dict:
-    """CE, KL and recaptured fraction for every SAE at every G and mode, on `contexts` [n, T] (BOS first).
+    """CE, KL and recaptured fraction for every SAE at every G and mode, on `lm.contexts`.
 
     Returns {"n_tokens", "ce_clean", "ce_zero", "ce_mean", "saes": {name: {mode: [{"G", "ce", "kl",
     "recaptured"}, ...]}}}. Per batch of contexts: one forward up to layer L, then layers L+1.. once for
     the clean model and once per distinct replacement. A TopK SAE's rescaled mode at G = N is its prefix
-    mode at N (the same code), so it is run once. `baseline`: a dict kept by the caller across calls on the
-    same model, layer and contexts; the zero and mean ablations are then run on the first call only.
+    mode at N (the same code), so it is run once; the ablations run on the first call on `lm` only.
     """
+    model, layer, contexts, batch_size = lm.model, lm.layer, lm.contexts, lm.batch_size
     Gs, modes = sorted(set(Gs)), list(modes)
     for sae in saes.values():
         for G in Gs:
@@ -82,7 +88,7 @@ def recaptured_loss(
             raise ProgsaeError(f"unknown truncation mode {m!r}; use one of {', '.join(MODES)}")
     splicer = Splicer(model, layer)
     batches = contexts.to(model.device).split(batch_size)
-    known = baseline is not None and "contexts" in baseline and _same(baseline, model, layer, contexts, batch_size)
+    known = lm.ablations is not None
     if not known:
         # the mean-ablation vector: mean of h over all non-BOS eval positions (a cheap pass up to layer L)
         mean = torch.stack(
@@ -124,14 +130,11 @@ def recaptured_loss(
     for key, twin in same.items():
         if key in ce:
             ce[key], kl[key] = ce[twin], kl[twin]
-    if baseline is not None:
-        if known:
-            for key in ablations:
-                ce[key], kl[key] = baseline["ce"][key[0]], baseline["kl"][key[0]]
-        else:
-            baseline.clear()
-            baseline |= {"contexts": contexts.clone(), "model": id(model), "layer": layer, "batch_size": batch_size,
-                         "ce": {k[0]: ce[k] for k in ablations}, "kl": {k[0]: kl[k] for k in ablations}}  # fmt: skip
+    if known:
+        for key in ablations:
+            ce[key], kl[key] = lm.ablations["ce"][key[0]], lm.ablations["kl"][key[0]]
+    else:
+        lm.ablations = {"ce": {k[0]: ce[k] for k in ablations}, "kl": {k[0]: kl[k] for k in ablations}}
     per_context = {"clean": ce_clean, "zero": ce[("zero", None, None)], "mean": ce[("mean", None, None)]}
     per_context |= {"kl_zero": kl[("zero", None, None)], "kl_mean": kl[("mean", None, None)]}
     ce_ctx, kl_ctx = ce, kl
@@ -168,13 +171,6 @@ def recaptured_loss(
             for m in modes
         }
     return out
-
-
-def _same(baseline: dict, model, layer: int, contexts: torch.Tensor, batch_size: int) -> bool:
-    b = baseline
-    return (b["model"], b["layer"], b["batch_size"]) == (id(model), layer, batch_size) and torch.equal(
-        b["contexts"], contexts
-    )
 
 
 def _frac(ablated: float, sae: float, clean: float) -> float | None:
