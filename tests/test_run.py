@@ -254,7 +254,8 @@ def test_a_run_whose_first_stage_failed_reruns_with_corrected_settings_without_f
     out = tmp_path / "out"
     assert main(["run", "--config", str(tmp_path / "bad.yaml"), "--out", str(out)]) == 2
     assert "missing.txt" in capsys.readouterr().err and (out / "config.json").is_file()
-    from progsae.run import Run, RunConfig
+    from progsae.study.config import RunConfig
+    from progsae.study.pipeline import Run
 
     good = RunConfig.from_dict({**json.loads((out / "config.json").read_text()), "corpus": str(run / "text.txt")})
     Run(good, out)  # accepted: no stage had finished, so the settings were not yet binding
@@ -364,7 +365,7 @@ def test_the_stages_defaults_agree_with_the_run():
     """`progsae extract` alone extracts what `progsae run` does (it used to default to another layer)."""
     from progsae.cli import build_parser
     from progsae.data.extract import ExtractConfig
-    from progsae.run import RunConfig
+    from progsae.study.config import RunConfig
 
     run, ex = RunConfig(), ExtractConfig()
     assert (ex.layer, ex.model, ex.corpus, ex.ctx_len) == (run.layer, run.model, run.corpus, run.ctx_len)

@@ -137,15 +137,28 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
 
 
-def save_json(path: str | Path, obj, durable: bool = False) -> None:
+@contextmanager
+def atomic(path: str | Path, durable: bool = False):
+    """`with atomic(path) as tmp:` write to `tmp`, a temporary name beside `path`; when the block ends the file is
+    renamed to `path` (fsynced first if `durable`), and on failure removed (what was at `path` is untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     with _writing(path, tmp):
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        yield tmp
         if durable:
             fsync(tmp)
         os.replace(tmp, path)
+
+
+def write_text(path: str | Path, text: str, durable: bool = False) -> Path:
+    with atomic(path, durable) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def save_json(path: str | Path, obj, durable: bool = False) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n", durable)
 
 
 def load_json(path: str | Path) -> dict:

@@ -13,9 +13,9 @@ import zlib
 
 import numpy as np
 
+from ..sae import MODES
 from .intervals import block_weights, interval, over_seeds, ratio, seed_interval
 
-MODES = ("prefix", "rescaled")
 BOOTSTRAPPED = ("fvu", "rsa", "recaptured", "recaptured_mean", "dce", "kl")
 SEED_ONLY = ("l0", "dead_frac")
 

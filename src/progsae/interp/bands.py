@@ -1,14 +1,13 @@
-"""Interpretability against importance rank and granularity band, and the paper's two findings on it.
+"""Interpretability against importance rank and granularity band.
 
 Input per SAE: the auto-interp scores of its sampled latents (interp/study.py) and the LLM-free proxies of
 every latent (proxies.py). The studied SAEs hold their latents in rank order (a vanilla SAE permuted by
 E[z²], a Matryoshka SAE by construction), so latent i has rank i + 1 and its band is the granularity band
 [G_{j-1}, G_j) it falls in. Means carry a 95% bootstrap interval over the sampled latents.
 
-Findings (paper: permuted vanilla SAEs score higher than Matryoshka SAEs; in Matryoshka SAEs the innermost
-latents score higher than the outermost): differences of mean simulation scores with their intervals,
-decided by the rule of findings.py; and "undecided" whatever the intervals when the judge fails its own
-check (simulation below JUDGE_MIN on latents that fire on one known word, explanation given).
+`difference` compares two sets of scores with an interval; the study's findings (study/findings.py) use it
+for the paper's two interpretability findings, "undecided" whatever the intervals when the judge fails its
+own check (simulation below JUDGE_MIN on latents that fire on one known word, explanation given).
 """
 
 from __future__ import annotations
@@ -75,56 +74,3 @@ def difference(a: list, b: list, higher_better: bool = True, n_boot: int = 1000,
         "certain": ci[0] > 0 if higher_better else ci[1] < 0,
         "worse_certain": ci[1] < 0 if higher_better else ci[0] > 0,
     }
-
-
-def _sims(scores: list[dict], lo: int = 0, hi: int | None = None) -> list:
-    return [s["simulation"] for s in scores if lo <= s["latent"] and (hi is None or s["latent"] < hi)]
-
-
-def findings(study: dict, vanilla: str, matryoshkas: list[str], N: int, check: dict, n_boot: int = 1000,
-             seed: int = 0) -> list[dict]:  # fmt: skip
-    """The paper's two interpretability findings with verdicts; study: name -> {"scores": [...]}."""
-    from ..analysis.findings import _verdict
-
-    judge = check.get("judge", "?")
-    weak = check.get("simulation") is None or check["simulation"] < JUDGE_MIN
-    gate = (
-        f"undecided (judge too weak: simulation {check['simulation']:.2f} on known-rule latents, below {JUDGE_MIN})"
-        if weak and check.get("simulation") is not None
-        else "undecided (the judge could not be checked)"
-    )
-
-    def fmt(name, c):
-        return f"{name}: {c['a']:.3f} vs {c['b']:.3f} (Δ {c['diff']:+.3f}, 95% [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], " \
-               f"{c['n'][0]} and {c['n'][1]} latents)"  # fmt: skip
-
-    out = []
-    cmps = {m: difference(_sims(study[vanilla]["scores"]), _sims(study[m]["scores"]), True, n_boot, seed)
-            for m in matryoshkas if m in study and vanilla in study}  # fmt: skip
-    cmps = {m: c for m, c in cmps.items() if c}
-    if cmps:
-        out.append(
-            {
-                "paper": "Permuted vanilla SAEs score higher on simulation than Matryoshka SAEs (Matryoshka 0.57-0.74)",
-                "ours": f"mean simulation score, {vanilla} vs each Matryoshka SAE, latents sampled in the same "
-                f"rank bands, judge {judge}: " + "; ".join(fmt(m, c) for m, c in cmps.items()),
-                "verdict": gate if weak else _verdict(list(cmps.values())),
-                "rule": f"the interval of the difference excludes the reverse for every Matryoshka SAE; undecided "
-                f"when the judge scores below {JUDGE_MIN} on known-rule latents",
-            }
-        )
-    inner = {m: difference(_sims(study[m]["scores"], 0, N // 4), _sims(study[m]["scores"], N // 2), True, n_boot, seed)
-             for m in matryoshkas if m in study}  # fmt: skip
-    inner = {m: c for m, c in inner.items() if c}
-    if inner:
-        out.append(
-            {
-                "paper": "In Matryoshka SAEs the innermost latents are more interpretable than the outermost",
-                "ours": f"mean simulation score of latents ranked 1-{N // 4} vs {N // 2 + 1}-{N}, judge {judge}: "
-                + "; ".join(fmt(m, c) for m, c in inner.items()),
-                "verdict": gate if weak else _verdict(list(inner.values())),
-                "rule": f"the interval of inner minus outer excludes the reverse for every Matryoshka SAE; "
-                f"undecided when the judge scores below {JUDGE_MIN} on known-rule latents",
-            }
-        )
-    return out

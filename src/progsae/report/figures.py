@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.scaling import predict
-from .tables import MODES
+from ..files import atomic
+from ..sae import MODES
 
 MARKER_NATIVE = "s"
 
@@ -26,11 +27,9 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     _plt().close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -39,28 +38,31 @@ def _legend(ax, size: int) -> None:
         ax.legend(fontsize=size)
 
 
+def sorted_copy(res: dict, base: str, metric: str) -> str:
+    """The family of `base`'s latents sorted by `metric` (from the run's plan)."""
+    return next(f for f, p in res["plan"].items() if p["base"] == base and p["metric"] == metric)
+
+
 def styles(res: dict) -> dict[str, dict]:
-    """family -> matplotlib style: the same in every figure."""
+    """family -> matplotlib style, from the family's role in the plan: the same in every figure."""
     N = res["config"]["d_sae"]
-    fixed = {
-        f"topk-{N}": {"color": "0.45", "ls": ":"},
-        f"topk-{N}-by-e_z2": {"color": "tab:blue", "ls": "-"},
-        f"topk-{N}-by-freq": {"color": "tab:blue", "ls": "--"},
-        "matryoshka": {"color": "tab:orange", "ls": "-"},
-        "matryoshka-sampled": {"color": "tab:red", "ls": "-"},
-    }
+    vanilla = {None: {"color": "0.45", "ls": ":"}, "e_z2": {"color": "tab:blue", "ls": "-"},
+               "freq": {"color": "tab:blue", "ls": "--"}}  # fmt: skip
+    nested = iter(["tab:orange", "tab:red", "tab:olive", "tab:gray"])
     out, others = {}, iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "0.2"])
     pre_colour: dict[str, str] = {}
     for fam, f in res["families"].items():
-        if fam in fixed:
-            out[fam] = fixed[fam]
+        p = res["plan"][fam]
+        if f["role"] == "vanilla":
+            out[fam] = vanilla[p["metric"]]
+        elif f["role"] == "matryoshka":
+            out[fam] = {"color": next(nested, "0.3"), "ls": "-"}
         elif f["role"] == "native":  # greens, darker for larger
             shade = 0.45 + 0.5 * np.log2(f["d_sae"] / (N / 8)) / 3
             out[fam] = {"color": _plt().cm.Greens(shade), "ls": "none", "marker": MARKER_NATIVE}
         else:  # pretrained: one colour per SAE; as given solid, sorted dashed / dotted
-            base = fam.removesuffix("-by-e_z2").removesuffix("-by-freq")
-            colour = pre_colour.setdefault(base, next(others, "0.3"))
-            out[fam] = {"color": colour, "ls": "--" if fam.endswith("e_z2") else ":" if fam.endswith("freq") else "-"}
+            colour = pre_colour.setdefault(p["base"] or fam, next(others, "0.3"))
+            out[fam] = {"color": colour, "ls": {"e_z2": "--", "freq": ":"}.get(p["metric"], "-")}
     return out
 
 
@@ -73,8 +75,8 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
     st = styles(res)
     out = run_dir / "figures"
     figs = {}
-    N = res["config"]["d_sae"]
     fams = _trained(res)
+    first_native = next((f for f in fams if res["families"][f]["role"] == "native"), None)
 
     # metrics at the table's G, with 95% intervals
     for key, label in (
@@ -98,7 +100,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
                 if s.get("marker") == MARKER_NATIVE:  # a native SAE: only its own size
                     x, y, err = x[-1:], y[-1:], None if err is None else err[:, -1:]
                 ax.errorbar(x, y, yerr=err, color=s["color"], ls=s["ls"], marker=s.get("marker", "o"), ms=4,
-                            capsize=2, label=fam if s.get("marker") != MARKER_NATIVE else "native SAEs (own size)" if fam == f"topk-{N // 2}" else None)  # fmt: skip
+                            capsize=2, label=fam if s.get("marker") != MARKER_NATIVE else "native SAEs (own size)" if fam == first_native else None)  # fmt: skip
             ax.set_xscale("log", base=2)
             ax.set_xlabel("granularity G")
             ax.set_ylabel(label)
@@ -109,7 +111,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
         fig.tight_layout()
         figs[key] = _save(fig, out / f"{key}_vs_G.png")
 
-    curves = res["_curves"]
+    curves = res["curves"]
     # the full one-pass curve: every G, log-log, with the nonlinear fits over their ranges
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for fam in fams:
@@ -185,7 +187,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
             if res["saes"].get(n, {}).get("seed", 0) or fam not in st:
                 continue
             s = st[fam]
-            v = np.asarray(res["_series"][n][stat])
+            v = np.asarray(res["series"][n][stat])
             order = np.argsort(-v, kind="stable")
             v = v[order]
             pos = v > 0
@@ -200,7 +202,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
                 rank_of = np.empty(len(order), int)
                 rank_of[order] = ranks
                 flagged = np.asarray(fits["outlier_latents"]["top"], int)
-                ax.loglog(rank_of[flagged], res["_series"][n][stat][flagged], "x", color=s["color"], ms=5)
+                ax.loglog(rank_of[flagged], np.asarray(res["series"][n][stat])[flagged], "x", color=s["color"], ms=5)
         ax.set_title(f"{stat}: fits dotted (ranks 1..N/2), dashed (robust window)", fontsize=8)
         ax.set_xlabel("rank")
         ax.set_ylabel(labels[stat])
@@ -212,7 +214,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
 
     for p in res.get("pretrained", {}):  # each pretrained SAE: as given, and permuted two ways
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for n in (p, f"{p}-by-e_z2", f"{p}-by-freq"):
+        for n in (p, sorted_copy(res, p, "e_z2"), sorted_copy(res, p, "freq")):
             c, s = curves[n]["fvu_prefix"], st[n]
             axes[0].loglog(np.arange(1, len(c) + 1), c, color=s["color"], ls=s["ls"], label=n, lw=1.3)
             rows = res["families"][n]["table"]
@@ -235,7 +237,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
     if fs:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         x = np.arange(len(fs))
-        ax.bar(x - 0.2, [f["fvu_truncated"] for f in fs], 0.4, label=f"topk-{N} by E[z²], truncated", color="tab:blue")
+        ax.bar(x - 0.2, [f["fvu_truncated"] for f in fs], 0.4, label=f"{next(f for f in fams if res['families'][f]['role'] == 'vanilla')} by E[z²], truncated", color="tab:blue")
         ax.bar(x + 0.2, [f["fvu_native"] for f in fs], 0.4, label="native SAE of size G", color="tab:green")
         ax.set_xticks(x, [f"G={f['G']}" for f in fs])
         ax.set_ylabel("FVU (rescaled mode)")
@@ -246,7 +248,7 @@ def figures(res: dict, run_dir: Path) -> dict[str, Path]:
 
     if res.get("training"):
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        for n, h in sorted(res["_history"].items()):
+        for n, h in sorted(res["history"].items()):
             fam = res["saes"].get(n, {}).get("family", n)
             s = st.get(fam, {"color": "0.3", "ls": "-"})
             ax.plot([p["tokens"] for p in h], [p["fvu"] for p in h], color=s["color"],

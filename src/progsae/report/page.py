@@ -9,11 +9,9 @@ import base64
 import html
 from pathlib import Path
 
-import numpy as np
-
-from ..analysis import load_stats
-from ..files import load_json
-from .figures import figures
+from ..files import write_text
+from ..study import results
+from .figures import figures, sorted_copy
 from .tables import RECONSTRUCTION, RESULT_COLUMNS, fmt, fmt_ci, html_table, result_rows, seconds, write_csv
 
 
@@ -23,22 +21,9 @@ def _img(path: Path, alt: str) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Tables, figures and report.html for the run in `run_dir` (reads results.json and the eval files)."""
+    """Tables, figures and report.html for the run in `run_dir`, from its results.json alone."""
     run_dir = Path(run_dir)
-    res = load_json(run_dir / "results.json")
-    res["_series"] = {
-        n: {m: load_stats(run_dir / "stats" / f"{n}.safetensors")[m].numpy() for m in ("e_z2", "freq", "dec_cov_eigs")}
-        for n in res["power_laws"]
-    }
-    res["_history"] = {
-        n: load_json(run_dir / "saes" / n / "history.json")
-        for n in res["power_laws"]
-        if (run_dir / "saes" / n / "history.json").is_file()
-    }
-    res["_curves"] = {}
-    for fam, f in res["families"].items():  # each family's prefix curve, averaged over its seeds
-        cs = [load_json(run_dir / "eval" / f"{n}.json")["curve"] for n in f["seeds"]]
-        res["_curves"][fam] = {k: np.mean([c[k] for c in cs], 0) for k in ("fvu_prefix", "l0")}
+    res = results.load(run_dir)
     write_csv(run_dir / "tables" / "results.csv", result_rows(res, with_ci=False))
     pl_rows = [
         {"sae": n, "metric": m, "window": w, **{k: f[m][w][k] for k in ("exponent", "r2", "lo", "hi")},
@@ -155,11 +140,7 @@ def write_report(run_dir: str | Path) -> Path:
         "td.t,th{text-align:left}img{max-width:100%}figure{margin:1em 0}"
         "figcaption{font-size:13px;color:#555}</style></head><body>" + "\n".join(parts) + _SELF_CHECK + "</body></html>"
     )
-    path = run_dir / "report.html"
-    tmp = path.with_name("report.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
-    return path
+    return write_text(run_dir / "report.html", page)
 
 
 def _interp_rows(res: dict) -> list[dict]:
@@ -283,7 +264,7 @@ def _pretrained_section(res: dict, figs: dict) -> list[str]:
     rows = []
     for n, p in res["pretrained"].items():
         table = {r["G"]: r for r in res["saes"][n]["table"]}
-        sorted_table = {r["G"]: r for r in res["saes"][f"{n}-by-e_z2"]["table"]}
+        sorted_table = {r["G"]: r for r in res["saes"][sorted_copy(res, n, "e_z2")]["table"]}
         half = sorted(table)[-2] if len(table) > 1 else max(table)
         rows.append(
             {

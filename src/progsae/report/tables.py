@@ -6,7 +6,8 @@ import csv
 import html
 from pathlib import Path
 
-MODES = ("prefix", "rescaled")
+from ..files import atomic
+
 # the results table: (column, key in a family's table row); each value shown with its 95% interval
 RESULT_COLUMNS = (
     ("fvu_prefix", "fvu_prefix"),
@@ -66,15 +67,12 @@ def result_rows(res: dict, with_ci: bool = True) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    with tmp.open("w", newline="") as f:
+    with atomic(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
             w.writerow({k: fmt(v) if isinstance(v, float) or v is None else v for k, v in r.items()})
-    tmp.replace(path)
 
 
 def html_table(rows: list[dict], cols: list[str]) -> str:

@@ -1,0 +1,294 @@
+"""The stage graph of `progsae run`; each stage a few lines calling the library.
+
+    extract    acts/ and acts-test/             LM activations (train split, held-out split)
+    outliers   outliers.json                    the norm profile and the outlier threshold (acts-typical/ if excluded)
+    train      saes/NAME (the plan's trained)   one SAE at a time from acts/, or every SAE of a seed from one
+                                                pass of the model (source lm)
+    import     saes/NAME (pretrained)           a user's SAE, checked against the run's hook and width, copied exactly
+    permute    stats/NAME, saes/NAME-by-METRIC  vanilla and pretrained SAEs sorted by importance
+    evaluate   eval/NAME.json                   every SAE at the G grid, both modes (dealt over torchrun ranks)
+    interp     stats/NAME.records, interp/NAME.json, browse/NAME/, interp/judge-check.json
+    analyse    results.json                     (results.py) every number across SAEs; findings.py the verdicts
+The report (`progsae.report`) is written from results.json afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import dist
+from ..analysis import latent_stats, save_stats, sort_by_importance
+from ..analysis.evaluate import evaluate
+from ..analysis.lm_eval import LMSplice, directory_contexts
+from ..analysis.outliers import norm_profile
+from ..data import ActivationDir, write_activations
+from ..data.extract import ExtractConfig, extract
+from ..data.lm import check_layer, load_lm
+from ..data.stream import LMSource, StreamConfig
+from ..errors import ProgsaeError, check_device
+from ..files import load_json, save_json, sweep_leftovers
+from ..formats import load_sae, save_sae
+from ..interp.autointerp import ChatJudge
+from ..interp.llm import ChatClient
+from ..interp.local import LocalJudge
+from ..interp.proxies import proxies
+from ..interp.records import TextRows, latent_records, save_records
+from ..interp.study import judge_check, score_latents, stratified_latents
+from ..report.browser import write_site
+from ..sae import SAE
+from ..train import Trainer, train_together
+from .config import ADDITIVE, INTERP_FIELDS, RunConfig
+from .plan import METRICS, Plan
+from .results import analyse
+from .rundir import RunDir
+from .stages import Stages
+
+
+class Run:
+    def __init__(self, cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True):
+        self.cfg, self.dir, self.force, self.progress = cfg.validate(), RunDir(out), force, progress
+        self.out, self.plan = self.dir.root, Plan(cfg)
+        self.resolved = json.loads(json.dumps(asdict(cfg)))
+        if self.dir.config.is_file() and self.dir.timings.is_file() and not force:  # a stage finished: binding
+            old, defaults = load_json(self.dir.config), json.loads(json.dumps(asdict(RunConfig())))
+            diff = sorted(k for k in self.resolved if k not in ADDITIVE and old.get(k, defaults[k]) != self.resolved[k])
+            if diff:
+                raise ProgsaeError(
+                    f"{self.out} holds a run with other settings ({', '.join(diff)}); "
+                    "use another --out, or --force to redo it"
+                )
+        self.stages = Stages(self.out, self.dir.timings, force, progress)
+        self._lm = self._judge = self._stream = self._splice = None
+        self.device = cfg.device
+
+    def lm(self):
+        if self._lm is None:
+            self._lm = load_lm(self.cfg.model, self.device)
+        return self._lm
+
+    def run(self) -> dict:
+        c, d, st, plan = self.cfg, self.dir, self.stages, self.plan
+        t0 = time.perf_counter()
+        est = f", about {c.minutes_estimate:.0f} minutes on 2 CPU cores" if c.minutes_estimate else ""
+        if st.timings and not self.force:
+            est = f"; resuming ({len(st.timings)} stages already done)"
+        st.say(
+            f"progsae run: {c.model} layer {c.layer}, {c.train_tokens:,} training activations, "
+            f"N = {c.d_sae}, k = {c.k}, {len(plan.specs)} SAEs -> {self.out}{est}"
+        )
+        self.device = check_device(dist.init(c.device))  # under torchrun: cuda:LOCAL_RANK
+        self.progress = st.progress = self.progress and dist.is_main()  # rank 0 alone shows progress
+        check_layer(self.lm()[0], c.layer)  # before anything is written
+        pretrained = self._check_pretrained()
+        if dist.is_main():
+            sweep_leftovers(self.out)  # a killed invocation's half-written files
+            save_json(d.config, self.resolved)
+        for split, tokens in (("train", c.train_tokens), ("test", c.test_tokens)):
+            st.stage(f"extract {split}", d.acts(split) / "manifest.json",
+                     lambda s=split, t=tokens: self._extract(s, t), everyone=True)  # fmt: skip
+        st.stage("outliers", d.outliers, self._outliers)
+        if c.outliers == "exclude":  # SAEs train and are measured on the tokens at or below the threshold
+            for split in ("train", "test"):
+                st.stage(f"exclude outliers {d.rel(d.acts(split))}", d.acts(split, typical=True) / "manifest.json",
+                         lambda s=split: self._exclude(s))  # fmt: skip
+        for name in plan.names("vanilla", "native", "matryoshka", "pretrained"):
+            if plan[name].role == "pretrained":
+                st.stage(f"import {name}", d.sae(name) / "cfg.json", lambda n=name: self._import(n, pretrained[n]))
+            elif c.source == "cached":
+                st.stage(f"train {name}", d.sae(name) / "cfg.json", lambda n=name: self._train([n]), everyone=True)
+        trained = [plan[n] for n in plan.names("vanilla", "native", "matryoshka")]
+        for s in sorted({sp.seed for sp in trained}) if c.source == "lm" else []:  # one pass of the model per seed
+            names = [sp.name for sp in trained if sp.seed == s]
+            st.stage(f"train seed {c.seed + s} from the model", d.sae(names[-1]) / "cfg.json",
+                     lambda ns=names: self._train(ns), everyone=True)  # fmt: skip
+        for name in plan.names("vanilla", "pretrained"):
+            st.stage(f"permute {name}", d.sae(plan.sorted_copy(name, METRICS[-1])) / "cfg.json", lambda n=name: self._permute(n),
+                     everyone=True)  # fmt: skip
+        st.spread([(f"evaluate {n}", d.eval(n), lambda n=n: self._evaluate(n)) for n in plan.names()])
+        settings = {k: self.resolved[k] for k in INTERP_FIELDS}
+        for name in plan.interp():
+            self._stale(d.interp(name), settings)  # other interp settings: redo this stage only (answers are cached)
+            st.stage(f"interp {name}", d.interp(name), lambda n=name: self._interp(n, settings))
+        if c.interp_latents and plan.interp():
+            self._stale(d.judge_check, settings)
+            st.stage("judge check", d.judge_check, lambda: self._judge_check(settings))
+        if not dist.is_main():
+            return {}
+        t_analyse = time.perf_counter()
+        results = analyse(self)
+        st.timings["analyse"] = round(time.perf_counter() - t_analyse, 1)
+        results["stage_seconds"] = st.seconds()
+        results["seconds"] = round(sum(results["stage_seconds"].values()), 1)
+        results["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
+        save_json(d.results, results)
+        return results
+
+    @staticmethod
+    def _stale(done: Path, settings: dict) -> None:
+        if done.is_file() and load_json(done).get("settings") != settings:
+            done.unlink()
+
+    # -- the stages' bodies ---------------------------------------------------------------------------------
+
+    def acts(self, split: str = "train") -> ActivationDir:
+        """The activations SAEs see: all of them, or with outliers excluded (`outliers: exclude`)."""
+        return ActivationDir(self.dir.acts(split, typical=self.cfg.outliers == "exclude"))
+
+    def threshold(self) -> float:
+        return load_json(self.dir.outliers)["threshold"]
+
+    def load(self, name: str) -> SAE:
+        """An SAE of this run, encoding in the precision it was trained in (pretrained ones: fp32)."""
+        sae = load_sae(self.dir.sae(name)).to(self.device)
+        sae.precision = trained_precision(sae)
+        return sae
+
+    def _extract(self, split: str, tokens: int) -> None:
+        c = self.cfg
+        ec = ExtractConfig(model=c.model, layer=c.layer, tokens=tokens, corpus=c.corpus, ctx_len=c.ctx_len,
+                           split=split, seed=c.seed, device=c.device, dtype=c.acts_dtype)  # fmt: skip
+        extract(ec, self.dir.acts(split), *self.lm(), progress=self.progress)
+
+    def _outliers(self) -> None:
+        """The norm distribution of the training activations and the outlier threshold (outliers.json)."""
+        prof = norm_profile(ActivationDir(self.dir.acts()), self.cfg.outlier_quantile, self.cfg.stats_tokens)
+        for row in prof.get("outlier_tokens", []):
+            row["token"] = self.lm()[1].decode([row["value"]])
+        save_json(self.dir.outliers, prof)
+
+    def _exclude(self, split: str) -> None:
+        src, thr = ActivationDir(self.dir.acts(split)), self.threshold()
+        rows = (x[x.norm(dim=1) <= thr] for x in src.iter_rows(8192))
+        source = {**src.manifest["source"], "excluded": {"norm_above": thr, "quantile": self.cfg.outlier_quantile}}
+        write_activations(self.dir.acts(split, typical=True), rows, src.d_in, source,
+                          dtype=src.manifest.get("dtype", "float32"))  # fmt: skip
+
+    def _check_pretrained(self) -> dict[str, SAE]:
+        """Read every pretrained SAE and check it reads this run's hook: d_in, and the hook name where it says."""
+        c, saes = self.cfg, {}
+        for name in self.plan.names("pretrained"):
+            path, sae = self.plan[name].path, load_sae(self.plan[name].path)
+            hook, theirs = f"blocks.{c.layer}.hook_resid_post", sae.cfg.metadata.get("hook_name")
+            if theirs and theirs != hook:
+                raise ProgsaeError(
+                    f"SAE {name} ({path}) reads {theirs} but this run extracts {hook}; set layer to match, or pass "
+                    "an SAE of this layer"
+                )
+            d_model = self.lm()[0].config.hidden_size
+            if sae.cfg.d_in != d_model:
+                raise ProgsaeError(
+                    f"SAE {name} ({path}) has d_in={sae.cfg.d_in} but {c.model} has width {d_model}; "
+                    "pass an SAE of this model"
+                )
+            saes[name] = sae
+        return saes
+
+    def _import(self, name: str, sae: SAE) -> None:
+        """The pretrained SAE, exactly as read (its folds applied), as saes/NAME in SAELens layout."""
+        src = sae.cfg.source
+        sae.cfg.progsae["pretrained"] = {"path": self.plan[name].path, "format": src.get("format"),
+                                         "folded": src.get("folded", [])}  # fmt: skip
+        save_sae(sae, self.dir.sae(name), "saelens")
+
+    def _train(self, names: list[str]) -> None:
+        """Train the SAEs `names` of one seed: from acts/ (source cached, one at a time), or together from
+        one pass of the model (source lm), data-parallel under torchrun either way."""
+        source = self.acts() if self.cfg.source == "cached" else self.stream()
+        info = source.manifest["source"] if self.cfg.source == "cached" else source.describe()
+        meta = {k: v for k, v in info.items() if k in ("model_name", "hook_name")}
+        trainers = []
+        for name in names:
+            if self.force and dist.is_main():  # else the trainer would resume from the old run's checkpoint
+                shutil.rmtree(self.dir.sae(name), ignore_errors=True)
+            dist.barrier()
+            trainers.append(Trainer(self.cfg.train_config(self.plan[name], meta), source, self.dir.sae(name)))
+        train_together(trainers, self.progress)
+
+    def stream(self) -> LMSource:
+        """The model run on the fly over the training split (source lm), built once (every seed draws its own
+        batches from it); its description in stream.json."""
+        if self._stream is None:
+            c = self.cfg
+            sc = StreamConfig(c.model, c.layer, c.corpus, c.ctx_len, split_seed=c.seed, buffer_tokens=c.buffer_tokens)
+            self._stream = LMSource(sc, self.device, *self.lm())
+            if dist.is_main():
+                save_json(self.dir.stream, {**self._stream.describe(), "epoch_tokens": self._stream.epoch_tokens()})
+        return self._stream
+
+    def _permute(self, name: str) -> None:
+        sae = self.load(name)
+        stats = self.stats(sae, split=True)
+        if dist.is_main():
+            save_stats(self.dir.stats(name), stats, str(self.dir.sae(name)))
+            for metric in METRICS:
+                save_sae(sort_by_importance(sae, stats, metric), self.dir.sae(self.plan.sorted_copy(name, metric)))
+
+    def stats(self, sae: SAE, split: bool = False) -> dict:
+        """Importance statistics on the training activations (with each latent's E[z²] on outlier tokens);
+        `split`: every rank takes its share of the batches and the sums are reduced over the ranks."""
+        rows = ActivationDir(self.dir.acts()).iter_rows(4096, self.cfg.stats_tokens)
+        if split:
+            rows = (x[dist.rank() :: dist.world()] for x in rows)
+        if self.cfg.outliers == "exclude":
+            rows = (x[x.norm(dim=1) <= self.threshold()] for x in rows)
+        return latent_stats(sae, rows, outlier_norm=self.threshold(), reduce=split)
+
+    def granularities(self, name: str, d_sae: int) -> list[int]:
+        """Where an SAE is tabled: the run's grid up to its size; a pretrained SAE (and its sorted copies) at its
+        own N/16 .. N."""
+        spec = self.plan[name]
+        if spec.role == "pretrained":
+            return sorted({max(1, d_sae // 2**i) for i in range(5)})
+        return [g for g in self.cfg.G if g <= d_sae]
+
+    def _evaluate(self, name: str) -> None:
+        c, sae = self.cfg, self.load(name)
+        if c.lm_tokens and self._splice is None:  # one per run: the ablations run once for every SAE
+            self._splice = LMSplice(self.lm()[0], c.layer, directory_contexts(ActivationDir(self.dir.acts("test")),
+                                                                              c.lm_tokens))  # fmt: skip
+        out = {"name": name, **evaluate(sae, self.acts("test"), self.granularities(name, sae.d_sae),
+                                        rsa_tokens=c.rsa_tokens, lm=self._splice, progress=self.progress,
+                                        n_boot=c.bootstrap)}  # fmt: skip
+        if self.dir.history(name).is_file():
+            out["history"] = load_json(self.dir.history(name))
+        save_json(self.dir.eval(name), out)
+
+    def judge(self):
+        if self._judge is None:
+            c, cache = self.cfg, self.dir.llm_cache
+            if c.judge_url:
+                self._judge = ChatJudge(ChatClient(c.judge_url, c.judge, cache_dir=cache))
+            else:
+                self._judge = LocalJudge(c.judge, cache_dir=cache)
+        return self._judge
+
+    def _interp(self, name: str, settings: dict) -> None:
+        """Latent records and proxies (stats/NAME.records.safetensors), auto-interp scores of latents sampled
+        from every rank band (interp/NAME.json) and the feature browser (browse/NAME/)."""
+        c, sae, acts = self.cfg, self.load(name), ActivationDir(self.dir.acts("test"))
+        model, tok, _ = self.lm()
+        rows = TextRows(acts, c.interp_tokens, sae, tok)
+        rec = latent_records(sae, rows.x.split(4096))
+        prox = proxies(sae, rec, acts, rows.contexts, model.get_output_embeddings().weight.detach().cpu())
+        save_records(self.dir.records(name), {**rec, **prox}, sae, str(acts.path))
+        edges = sorted({g for g in self.granularities(name, sae.d_sae) if g <= sae.d_sae} | {sae.d_sae})
+        latents = stratified_latents(list(range(sae.d_sae)), rec["freq"] > 0, edges, c.interp_latents)
+        judge = self.judge() if latents else None
+        scores = score_latents(judge, rows, rec, latents, self.progress) if judge else []
+        out = {"sae": name, "judge": judge.name if judge else None, "settings": settings, "edges": edges,
+               "tokens": rows.n, "scores": scores}  # fmt: skip
+        write_site(sae, rows, rec, prox, self.dir.browser(name), f"{rows.n:,} held-out tokens of this run", out)
+        save_json(self.dir.interp(name), out)
+
+    def _judge_check(self, settings: dict) -> None:
+        rows = TextRows(ActivationDir(self.dir.acts("test")), self.cfg.interp_tokens, None, self.lm()[1])
+        save_json(self.dir.judge_check, {**judge_check(self.judge(), rows), "settings": settings})
+
+
+def trained_precision(sae: SAE) -> str:
+    """The precision an SAE was trained in (its training metadata), fp32 for any other."""
+    return sae.cfg.progsae.get("training", {}).get("precision", "fp32")
