@@ -1,14 +1,16 @@
 """Config dataclasses as the one place per option: a field's default, help, CLI flag and type check.
 
-Declare a field with `opt(default, help, min=, max=, choices=)`; `add_flags` writes each field's `--flag`
-(its name with dashes; `flag=` in `opt` renames it) and `from_dict` builds the config from a dict (a
-JSON/YAML file, flags merged over it) refusing unknown keys and values of the wrong type, then calls the
-config's `validate()`, which starts with `check_fields` (every declared range and choice, one message
-form for all) and adds the checks that tie fields together. A flag left out keeps the file's or the
-default's value.
+Declare a field with `opt(default, help, min=, max=, above=, below=, choices=)`; `add_flags` writes each
+field's `--flag` (its name with dashes; `flag=` in `opt` renames it) and `from_dict` builds the config from
+a dict (a JSON/YAML file, flags merged over it) refusing unknown keys and values of the wrong type, then
+calls the config's `validate()`, which starts with `check_fields` (every declared range and choice, one
+message form for all) and adds the checks that tie fields together. A flag left out keeps the file's or the
+default's value. Every subcommand's arguments are such a dataclass: `opt(REQUIRED, ...)` is a required
+flag, or with `positional=True` a positional argument.
 
-    int, float, str  --name VALUE          bool         --name / --no-name
-    list[int|float]  --name 1,2,3          list[str]    --name VALUE (repeatable, appends)
+    int, float, str  --name VALUE          bool         --name / --no-name (a command's own: --name)
+    list[int|float]  --name 1,2,3          list[str]    --name VALUE (repeatable, appends);
+                                                        with opt(comma=True): --name A,B,C
     X | None         as X (None only from a file or the default)
     dict             file only (no flag)
 """
@@ -22,11 +24,30 @@ from dataclasses import MISSING, field, fields
 
 from .errors import ProgsaeError
 
+REQUIRED = MISSING  # opt(REQUIRED, ...): no default; the command line must give it
 
-def opt(default, help: str, flag: str | None = None, min=None, max=None, choices=None):
-    """A config field: its default (a list or dict is copied per instance), help, optional flag name, and
-    its range: `min` / `max` (inclusive; for a list, of every item) or `choices`."""
-    meta = {"help": help, "flag": flag, "min": min, "max": max, "choices": choices}
+
+def opt(
+    default,
+    help: str,
+    flag: str | None = None,
+    min=None,
+    max=None,
+    choices=None,
+    *,
+    above=None,
+    below=None,
+    positional: bool = False,
+    comma: bool = False,
+    const=None,
+    metavar: str | None = None,
+):
+    """A config field: its default (a list or dict is copied per instance; REQUIRED: none), help, optional
+    flag name, and its range: `min` / `max` (inclusive), `above` / `below` (exclusive; for a list, of every
+    item) or `choices`. How its flag reads: `positional` (an argument, not a flag), `comma` (a list[str] as
+    A,B,C), `const` (the flag alone, without a value, means `const`), `metavar` (the value's name in --help)."""
+    meta = {"help": help, "flag": flag, "min": min, "max": max, "choices": choices, "above": above, "below": below,
+            "positional": positional, "comma": comma, "const": const, "metavar": metavar}  # fmt: skip
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,28 +81,49 @@ def flag_name(f) -> str:
     return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of `cls` (help from `opt`, the default shown); every flag's default is None."""
-    group = parser.add_argument_group(f"{cls.__name__} fields (flags override --config)")
+def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), file: bool = True) -> None:
+    """One argument per field of `cls` (help from `opt`, the default shown); every flag's default is None, so
+    `given` tells the fields set on the command line from those left to the file or the default.
+
+    file=True, a config that may also come from a file: its flags form a group saying so, and a boolean is
+    --name / --no-name (to override a file's value either way). file=False, a command's own arguments: its
+    flags sit with the command's, a boolean is a switch (--name), and `choices` are offered by argparse."""
+    target = parser.add_argument_group(f"{cls.__name__} fields (flags override --config)") if file else parser
     for f in fields(cls):
         base, is_list, _ = _kind(cls, f)
         if f.name in skip or base is dict:
             continue
-        default = f.default_factory() if f.default is MISSING else f.default
-        shown = "" if default in (None, [], "") else f" (default {default})"
-        kw = {"dest": f.name, "default": None, "help": f.metadata.get("help", "") + shown}
+        m, default = f.metadata, _default(f)
+        quiet = default in (None, [], "", MISSING) or (default is False and not file)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help = m.get("help", "") + ("" if quiet else f" (default {shown})")
+        if m.get("positional"):
+            target.add_argument(f.name, type=base, help=help)
+            continue
+        kw = {"dest": f.name, "default": None, "help": help}
+        if default is MISSING:
+            kw["required"] = True
         if base is bool:
-            group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **kw)
-        elif is_list and base in (int, float):
-            group.add_argument(flag_name(f), type=numbers(base), metavar="X,X,...", **kw)
+            target.add_argument(flag_name(f), action=argparse.BooleanOptionalAction if file else "store_true", **kw)
+        elif is_list and (base in (int, float) or m.get("comma")):
+            target.add_argument(flag_name(f), type=numbers(base), metavar="X,X,...", **kw)
         elif is_list:
-            group.add_argument(flag_name(f), action="append", type=base, metavar=base.__name__.upper(), **kw)
+            target.add_argument(flag_name(f), action="append", type=base, metavar=base.__name__.upper(), **kw)
         else:
-            group.add_argument(flag_name(f), type=base, metavar=base.__name__.upper(), **kw)
+            choices = None if file else m.get("choices")
+            if m.get("const") is not None:
+                kw.update(nargs="?", const=m["const"])
+            metavar = m.get("metavar") or (None if choices else base.__name__.upper())
+            target.add_argument(flag_name(f), type=base, choices=choices, metavar=metavar, **kw)
+
+
+def _default(f):
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
 
 
 def check_fields(cfg, what: str) -> None:
-    """Every field of `cfg` inside its declared range (`opt(min=, max=, choices=)`), else one line naming it."""
+    """Every field of `cfg` inside its declared range (`opt(min=, max=, above=, below=, choices=)`), else one
+    line naming it."""
     for f in fields(cfg):
         value, m = getattr(cfg, f.name), f.metadata
         base, is_list, _ = _kind(type(cfg), f)
@@ -91,14 +133,33 @@ def check_fields(cfg, what: str) -> None:
             if base is int and not _is(v, int):
                 raise ProgsaeError(f"{what}: {f.name} must be an integer, got {v!r}")
             if m.get("choices") is not None and v not in m["choices"]:
-                raise ProgsaeError(f"{what}: {f.name} must be one of {', '.join(map(str, m['choices']))}, got {v!r}")
-            lo, hi = m.get("min"), m.get("max")
-            if lo is not None and v < lo or hi is not None and v > hi:
-                want = (
-                    "a positive integer" if (lo, hi, base) == (1, None, int)
-                    else f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
-                )  # fmt: skip
-                raise ProgsaeError(f"{what}: {f.name} must be {want}, got {v!r}")
+                *head, last = map(repr, m["choices"])
+                raise ProgsaeError(
+                    f"{what}: {f.name} must be {', '.join(head) + ' or ' if head else ''}{last}, got {v!r}"
+                )
+            if not _inside(v, m):
+                raise ProgsaeError(f"{what}: {f.name} must be {_range(m, base)}, got {v!r}")
+
+
+def _inside(v, m) -> bool:
+    lo, hi, above, below = (m.get(k) for k in ("min", "max", "above", "below"))
+    return not (
+        lo is not None and v < lo or hi is not None and v > hi
+        or above is not None and v <= above or below is not None and v >= below
+    )  # fmt: skip
+
+
+def _range(m, base: type) -> str:
+    """A declared range in words: a positive integer, >= 0, < 1, in [0.5, 1), ..."""
+    lo, left = (m["min"], "[") if m.get("min") is not None else (m.get("above"), "(")
+    hi, right = (m["max"], "]") if m.get("max") is not None else (m.get("below"), ")")
+    if (lo, left, hi, base) == (1, "[", None, int):
+        return "a positive integer"
+    if hi is None:
+        return f"{'>=' if left == '[' else '>'} {lo}"
+    if lo is None:
+        return f"{'<=' if right == ']' else '<'} {hi}"
+    return f"in {left}{lo}, {hi}{right}"
 
 
 def given(cls, args: argparse.Namespace) -> dict:
@@ -106,8 +167,14 @@ def given(cls, args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
+def from_args(cls, args: argparse.Namespace, what: str):
+    """The `cls` of a command line: its flags over its defaults, checked (`from_dict`)."""
+    return from_dict(cls, given(cls, args), what)
+
+
 def from_dict(cls, d: dict, what: str):
-    """`cls(**d).validate()`, refusing unknown keys and values of the wrong type in one line each."""
+    """`cls(**d).validate()` (`check_fields` for a class without `validate`), refusing unknown keys and values
+    of the wrong type in one line each."""
     if not isinstance(d, dict):
         raise ProgsaeError(f"{what}: expected a mapping of settings, got {type(d).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -123,7 +190,11 @@ def from_dict(cls, d: dict, what: str):
         if not ok:
             want = f"a list of {base.__name__}" if is_list else base.__name__
             raise ProgsaeError(f"{what}: {name} must be {want}{' or null' if optional else ''}, got {value!r}")
-    return cls(**d).validate()
+    cfg = cls(**d)
+    if not hasattr(cfg, "validate"):
+        check_fields(cfg, what)
+        return cfg
+    return cfg.validate()
 
 
 def _is(v, base: type) -> bool:

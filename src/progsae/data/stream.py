@@ -12,41 +12,25 @@ share of every global batch (`sharded`), so the model's cost is split over the r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
 from .. import dist
 from ..config import opt
 from ..errors import ProgsaeError
-from .corpus import DEFAULT_CORPUS, load_corpus, pack_contexts, split_indices
-from .extract import ExtractConfig
-from .lm import DEFAULT_MODEL, check_layer, hook_name, load_lm, residual_stream
-
-
-def _as_extract(name: str) -> str:
-    return next(f for f in fields(ExtractConfig) if f.name == name).metadata["help"]
+from .hook import HookConfig
+from .lm import check_layer, hook_name, load_lm, residual_stream
 
 
 @dataclass
-class StreamConfig:
-    model: str = opt(DEFAULT_MODEL, _as_extract("model"))
-    layer: int = opt(6, _as_extract("layer"))
-    corpus: str = opt(DEFAULT_CORPUS, _as_extract("corpus"))
-    ctx_len: int = opt(128, _as_extract("ctx_len"))
-    test_frac: float = opt(0.05, _as_extract("test_frac") + " (never trained on)")
+class StreamConfig(HookConfig):
     split_seed: int = opt(0, "seeds the train/test split of the contexts, as extraction's seed")
-    buffer_tokens: int = opt(262_144, "activations shuffled together when training from the model (RAM: x d_in x 4 bytes)")
-    forward_batch: int = opt(32, "contexts per forward pass of the model")
-    keep_bos: bool = opt(False, _as_extract("keep_bos"))
+    buffer_tokens: int = opt(262_144, "activations shuffled together when training from the model (RAM: x d_in x 4 bytes)", min=1)
+    forward_batch: int = opt(32, "contexts per forward pass of the model", min=1)  # fmt: skip
 
     def validate(self) -> StreamConfig:
-        for name in ("ctx_len", "buffer_tokens", "forward_batch"):
-            if getattr(self, name) < 1:
-                raise ProgsaeError(f"stream: {name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.layer < 0 or not 0 < self.test_frac < 1:
-            raise ProgsaeError("stream: layer must be >= 0 and test_frac in (0, 1)")
-        return self
+        return super().validate("stream")
 
 
 class LMSource:
@@ -56,11 +40,11 @@ class LMSource:
             model, tokenizer, model_name = load_lm(cfg.model, device)
         check_layer(model, cfg.layer)
         self.model, self.model_name = model, model_name or cfg.model
-        packed = pack_contexts(load_corpus(cfg.corpus), tokenizer, cfg.ctx_len)
-        self.corpus_index = torch.tensor(split_indices(len(packed), "train", cfg.test_frac, cfg.split_seed))
+        packed, order = cfg.packed_split(tokenizer, "train", cfg.split_seed)
+        self.corpus_index = torch.tensor(order)
         self.contexts = packed[self.corpus_index]
         self.d_in = model.config.hidden_size
-        self.per_ctx = cfg.ctx_len - (0 if cfg.keep_bos else 1)
+        self.per_ctx = cfg.per_context
         world = dist.world()
         per_buffer = -(-cfg.buffer_tokens // self.per_ctx)
         self.per_buffer = min(-(-per_buffer // world) * world, len(self.contexts) // world * world)
@@ -121,12 +105,11 @@ class LMSource:
 
     @torch.no_grad()
     def _activations(self, which: torch.Tensor) -> torch.Tensor:
-        start = 0 if self.cfg.keep_bos else 1
         out = torch.empty(len(which) * self.per_ctx, self.d_in, device=self.model.device)
         for s in range(0, len(which), self.cfg.forward_batch):
             ids = self.contexts[which[s : s + self.cfg.forward_batch]]
-            h = residual_stream(self.model, ids.to(self.model.device), self.cfg.layer)[:, start:].float()
-            out[s * self.per_ctx : s * self.per_ctx + h.shape[0] * h.shape[1]] = h.reshape(-1, self.d_in)
+            rows = self.cfg.rows(residual_stream(self.model, ids.to(self.model.device), self.cfg.layer))
+            out[s * self.per_ctx : s * self.per_ctx + len(rows)] = rows
         bad = ~torch.isfinite(out).all(1)
         if bad.any():
             ctx = int(self.corpus_index[which[int(bad.nonzero()[0]) // self.per_ctx]])
