@@ -7,7 +7,7 @@ import pytest
 from progsae.cli import build_parser, main
 from progsae.config import flag_name
 from progsae.data.extract import ExtractConfig
-from progsae.run import RunConfig
+from progsae.study.config import RunConfig
 from progsae.train import TrainConfig
 
 COMMANDS = {"train": (TrainConfig, ["ACTS"]), "extract": (ExtractConfig, []), "run": (RunConfig, [])}

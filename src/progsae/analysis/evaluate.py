@@ -5,17 +5,40 @@ The shared body of `progsae eval` and the evaluate stage of `progsae run`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
+from ..config import REQUIRED, opt
 from ..data import ActivationDir
 from ..sae import MODES, SAE
+from ..train import PRECISIONS
+from .importance import PRECISION_HELP, SAE_HELP
 from .intervals import block_weights
 from .lm_eval import LMSplice, recaptured_loss
 from .progressive import ProgressiveEval
 from .rsa import _rank_matrix, rsa, spearman_replicates
 
 LM_KEYS = ("recaptured", "recaptured_mean", "dce", "kl", "ce")  # per G and mode, with lm
+
+
+@dataclass
+class EvalArgs:
+    """`progsae eval`'s arguments (see cli.py)."""
+
+    sae: str = opt(REQUIRED, SAE_HELP, positional=True)
+    acts: str = opt(REQUIRED, "activation directory", positional=True)
+    out: str = opt(REQUIRED, "results JSON")
+    G: list[int] | None = opt(None, "granularities to table (default powers of two up to N)", min=1)
+    tokens: int | None = opt(None, "use at most this many tokens (default all)", min=1)
+    rsa_tokens: int = opt(1000, "token sample for RSA", min=1)
+    lm_tokens: int = opt(0, "also measure recaptured LM loss and KL on this many tokens of the directory's contexts",
+                         min=0)  # fmt: skip
+    model: str | None = opt(None, "model for the LM loss (default: the one named in the activation manifest)")
+    device: str = opt("cpu", "where the SAE and the model run: cpu or cuda")
+    precision: str = opt("fp32", PRECISION_HELP, choices=PRECISIONS)
+
 
 
 def evaluate(

@@ -7,16 +7,49 @@ metadata: n_tokens, sae (the SAE's path, if known), fingerprint (`SAE.fingerprin
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import dist
+from ..config import REQUIRED, opt
 from ..errors import ProgsaeError
 from ..files import load_tensors, save_tensors, tensors_metadata
 from ..sae import SAE
+from ..train import PRECISIONS
 
 METRICS = ("e_z2", "freq", "e_z", "max")
+
+SAE_HELP = (  # what `formats.load_sae` reads: the help of every command's SAE argument
+    "SAE: a directory of progsae, SAELens, sparsify (or a sparsify run directory with one hookpoint) or "
+    "dictionary_learning (trainer_i/), a Gemma Scope params.npz, or a hub id owner/repo[/folder] (network)"
+)
+PRECISION_HELP = ("encoder GEMM and top-k of a TopK SAE: fp32, bf16 (selected values recomputed in fp32, as in "
+                  "training) or auto (bf16 where this machine's bf16 GEMM is 1.5x faster)")  # fmt: skip
+
+
+@dataclass
+class StatsArgs:
+    """`progsae stats`'s arguments (see cli.py)."""
+
+    sae: str = opt(REQUIRED, SAE_HELP, positional=True)
+    acts: str = opt(REQUIRED, "activation directory", positional=True)
+    out: str = opt(REQUIRED, "statistics file (.safetensors)")
+    tokens: int | None = opt(None, "use at most this many tokens (default all)", min=1)
+    precision: str = opt("fp32", PRECISION_HELP, choices=PRECISIONS)
+
+
+@dataclass
+class PermuteArgs:
+    """`progsae permute`'s arguments (see cli.py)."""
+
+    sae: str = opt(REQUIRED, SAE_HELP, positional=True)
+    stats: str = opt(REQUIRED, "statistics file from `progsae stats`")
+    out: str = opt(REQUIRED, "SAE directory to write")
+    by: str = opt("e_z2", "importance metric", choices=METRICS)
+    format: str | None = opt(None, "layout to write (default: the one read; dictionary_learning and Gemma Scope "
+                             "sources as saelens)", choices=("saelens", "sparsify"))  # fmt: skip
 
 
 @torch.no_grad()

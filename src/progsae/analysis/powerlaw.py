@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import REQUIRED, check_fields, opt
 from ..errors import ProgsaeError
+from .importance import METRICS
 
 
 @dataclass
@@ -20,6 +22,37 @@ class PowerLawFit:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class PowerlawArgs:
+    """`progsae powerlaw`'s arguments (see cli.py)."""
+
+    stats: str = opt(REQUIRED, "statistics file from `progsae stats`", positional=True)
+    metrics: list[str] = opt(["e_z2", "freq", "dec_cov_eigs"], "comma-separated: e_z2, freq, e_z, max, dec_cov_eigs",
+                             comma=True)  # fmt: skip
+    window: str = opt("", "rank window LO:HI, e.g. 1:1000 or 10: (default all)")
+    plot: str | None = opt(None, "write a log-log plot with the fits (PNG)")
+    json: str | None = opt(None, "write the fits as JSON")
+
+    def validate(self) -> PowerlawArgs:
+        check_fields(self, "powerlaw")
+        bad = [m for m in self.metrics if m not in (*METRICS, "dec_cov_eigs")]
+        if bad:
+            raise ProgsaeError(f"powerlaw: unknown metric {bad[0]!r}; use e_z2, freq, e_z, max or dec_cov_eigs")
+        lo, hi = self.ranks
+        if lo < 1 or hi is not None and hi < lo:
+            raise ProgsaeError(f"powerlaw: window must be LO:HI ranks with 1 <= LO <= HI, got {self.window!r}")
+        return self
+
+    @property
+    def ranks(self) -> tuple[int, int | None]:
+        """The rank window (lo, hi or None: to the last rank)."""
+        lo, _, hi = self.window.partition(":")
+        try:
+            return int(lo or 1), int(hi) if hi else None
+        except ValueError:
+            raise ProgsaeError(f"powerlaw: window must be LO:HI ranks (e.g. 1:1000 or 10:), got {self.window!r}") from None
 
 
 def fit_power_law(values, lo: int = 1, hi: int | None = None) -> PowerLawFit:

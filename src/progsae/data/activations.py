@@ -172,6 +172,14 @@ class ActivationDir:
         """What the batches are made of (a resumed training checks it): the manifest's source and counts."""
         return {"kind": "activations", "source": self.manifest.get("source"), "d_in": self.d_in, "n_tokens": self.n_tokens}
 
+    def check_sae(self, sae) -> None:
+        """Refuse an SAE that reads another width than these activations."""
+        if sae.cfg.d_in != self.d_in:
+            raise ProgsaeError(
+                f"the SAE expects d_in={sae.cfg.d_in} but {self.path} holds d_in={self.d_in}; "
+                "use activations from the layer the SAE was trained on"
+            )
+
     def _count_finite(self) -> None:
         good, first = [], None
         for i, s in enumerate(self.shards):

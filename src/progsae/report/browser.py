@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..analysis.importance import SAE_HELP
+from ..config import REQUIRED, opt
 from ..data import ActivationDir
 from ..files import fresh_dir, replace_dir
 from ..interp.proxies import proxies
@@ -34,6 +37,19 @@ td.t{text-align:left}.ctx{font-family:monospace;font-size:13px;margin:3px 0;whit
 background:#eef;border-radius:3px;font-family:monospace}.expl{background:#f6f6f0;padding:6px 10px}"""
 
 PAGE = 500  # index rows shown at a time: a 65K-latent list stays light
+
+
+@dataclass
+class BrowseArgs:
+    """`progsae browse`'s arguments (see cli.py)."""
+
+    sae: str = opt(REQUIRED, SAE_HELP, positional=True)
+    acts: str = opt(REQUIRED, "activation directory from `progsae extract` (held-out split)", positional=True)
+    out: str = opt(REQUIRED, "directory to write (index.html opens from disk)")
+    tokens: int = opt(50_000, "rows of ACTS to read", min=1)
+    model: str | None = opt(None, "model for the logit lens and the tokens (default: the one ACTS was extracted from)")
+    serve: int | None = opt(None, "then serve it on http://127.0.0.1:PORT (default 8000) until Ctrl-C",
+                            const=8000, metavar="PORT", min=0, max=65535)  # fmt: skip
 
 INDEX_JS = """function go(){const q=document.getElementById('q').value.trim();const out=document.getElementById('hits');
 out.innerHTML='';if(!q)return;if(/^\\d+$/.test(q)){location.href='latents/'+q+'.html';return;}
