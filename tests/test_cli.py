@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from progsae.cli import main
 
@@ -251,3 +252,15 @@ def test_a_device_this_machine_lacks_is_one_error_line(workdir, tmp_path, capsys
         capsys,
         "is not a device",
     )
+
+
+def test_synth_writes_what_the_synthetic_config_describes(tmp_path, capsys):
+    from progsae.data import ActivationDir, SyntheticConfig, SyntheticSource
+
+    args = ["--tokens", "300", "--d-in", "8", "--features", "16", "--mean-active", "2", "--magnitude-std", "0.5"]
+    assert main(["synth", "--out", str(tmp_path / "a"), *args, "--seed", "4"]) == 0
+    assert "wrote 300 synthetic activations (d_in=8, 16 features, alpha=1.0)" in capsys.readouterr().out
+    cfg = SyntheticConfig(d_in=8, n_features=16, mean_active=2, magnitude_std=0.5, seed=4)
+    acts = ActivationDir(tmp_path / "a")
+    assert {k: acts.manifest["source"][k] for k in ("magnitude_std", "held_out")} == {"magnitude_std": 0.5, "held_out": False}
+    assert torch.equal(torch.cat(list(acts.iter_rows(300))), SyntheticSource(cfg).sample(300, 0))

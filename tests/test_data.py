@@ -114,3 +114,44 @@ def test_synthetic_stream_is_seeded_and_has_the_promised_statistics():
     assert x.pow(2).sum(1).mean().item() == pytest.approx(expected.item(), rel=0.15)
     with pytest.raises(ProgsaeError, match="mean_active"):
         SyntheticConfig(n_features=4, mean_active=5)
+
+
+def test_write_synthetic_writes_the_streams_first_rows_and_a_held_out_stretch(tmp_path):
+    from progsae.data.synthetic import BATCH, write_synthetic
+
+    cfg = SyntheticConfig(d_in=8, n_features=32, mean_active=3, seed=2)
+    n = BATCH + 100  # a whole batch and part of the next
+    acts = ActivationDir(write_synthetic(cfg, tmp_path / "a", n, progress=False))
+    src = SyntheticSource(cfg)
+    rows = torch.cat(list(acts.iter_rows(4096)))
+    assert torch.equal(rows, torch.cat([src.sample(BATCH, 0), src.sample(100, 1)]))
+    assert acts.manifest["source"] == {**src.describe(), "held_out": False,
+                                       "note": "synthetic activations with known features (tests and demos only)"}  # fmt: skip
+    held = ActivationDir(write_synthetic(cfg, tmp_path / "h", 100, held_out=True, progress=False))
+    assert torch.equal(torch.cat(list(held.iter_rows(100))), src.sample(100, 1_000_000_000))
+    assert held.manifest["source"]["held_out"] is True
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"d_in": 0}, "synthetic: d_in must be a positive integer, got 0"),
+        ({"n_features": 0, "mean_active": 1}, "synthetic: n_features must be a positive integer, got 0"),
+        ({"mean_active": 0}, r"synthetic: mean_active must be > 0, got 0"),
+        ({"alpha": -1.0}, r"synthetic: alpha must be >= 0, got -1.0"),
+        ({"magnitude_std": -0.1}, r"synthetic: magnitude_std must be >= 0, got -0.1"),
+    ],
+)
+def test_a_synthetic_setting_out_of_range_is_refused_in_one_line(kw, match):
+    with pytest.raises(ProgsaeError, match=f"^{match}$"):
+        SyntheticConfig(**kw)
+
+
+def test_an_sae_of_another_width_is_refused_by_the_activations(tmp_path):
+    from progsae import SAE, SAEConfig
+
+    write_rows(tmp_path / "a", d=8)
+    acts = ActivationDir(tmp_path / "a")
+    acts.check_sae(SAE(SAEConfig(8, 16, 2)))
+    with pytest.raises(ProgsaeError, match=r"the SAE expects d_in=4 but .* holds d_in=8"):
+        acts.check_sae(SAE(SAEConfig(4, 16, 2)))

@@ -115,3 +115,46 @@ def test_progsae_train_from_the_model_on_the_command_line(lm, tmp_path, capsys):
     assert "give ACTS or --model" in capsys.readouterr().err
     assert main([*args[:-1], str(tmp_path / "t"), "--layer", "9"]) == 2
     assert "layer 9 does not exist" in capsys.readouterr().err
+
+
+def test_the_stream_reads_the_train_contexts_extraction_reads_in_the_same_order(lm):
+    """One place packs and splits the corpus (HookConfig.packed_split) for extraction and the stream."""
+    from progsae.data.extract import ExtractConfig, select_contexts
+
+    path, corpus = lm
+    model, tok, _ = load_lm(path)
+    for seed in (0, 5):
+        src = source(lm, split_seed=seed)
+        ex = ExtractConfig(model=path, layer=1, corpus=corpus, ctx_len=16, tokens=15 * 20, seed=seed)
+        contexts, chosen = select_contexts(ex, tok)
+        assert torch.equal(contexts, src.contexts[:20]) and chosen == src.corpus_index[:20].tolist()
+        test = ExtractConfig(model=path, layer=1, corpus=corpus, ctx_len=16, tokens=15, seed=seed, split="test")
+        assert not set(select_contexts(test, tok)[1]) & set(src.corpus_index.tolist())  # never trained on
+
+
+def test_rows_are_the_hook_outputs_from_the_first_kept_position(lm):
+    from progsae.data.hook import HookConfig
+
+    path, _ = lm
+    model, _, _ = load_lm(path)
+    ids = torch.randint(3, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    h = model(input_ids=ids, output_hidden_states=True).hidden_states[2].detach()  # the output of layer 1
+    rows = HookConfig(ctx_len=16).rows(h)
+    assert rows.shape == (3 * 15, h.shape[-1]) and torch.equal(rows, h[:, 1:].reshape(-1, h.shape[-1]))
+    assert torch.equal(HookConfig(ctx_len=16, keep_bos=True).rows(h), h.reshape(-1, h.shape[-1]))
+    src = source(lm, keep_bos=True)  # the stream keeps BOS too when asked: 16 rows a context
+    assert src.per_ctx == 16 and src._activations(torch.arange(2)).shape == (32, src.d_in)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"test_frac": 1.0}, r"stream: test_frac must be in \(0, 1\)"), ({"ctx_len": 1}, "ctx_len must be at least 2"),
+     ({"buffer_tokens": 0}, "stream: buffer_tokens must be a positive integer")],
+)  # fmt: skip
+def test_a_bad_stream_setting_is_refused_before_the_model_runs(lm, kw, match):
+    from progsae import ProgsaeError
+
+    path, corpus = lm
+    cfg = StreamConfig(**{"model": path, "layer": 1, "corpus": corpus, "ctx_len": 16, "buffer_tokens": 450, **kw})
+    with pytest.raises(ProgsaeError, match=match):
+        LMSource(cfg, "cpu", model="never loaded")
