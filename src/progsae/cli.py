@@ -114,6 +114,8 @@ def cmd_permute(ns) -> None:
 
 @dataclass
 class InspectArgs:
+    """`progsae inspect`'s arguments (beside inspect_sae, the function it calls)."""
+
     sae: str = opt(REQUIRED, SAE_HELP, positional=True)
     stats: str | None = opt(None, "statistics file: also tell whether the latents are in importance order")
     json: bool = opt(False, "print the facts as JSON")
