@@ -26,15 +26,9 @@ def save_tensors(
     """Atomically write tensors (made contiguous: safetensors stores memory as it lies) to `path`.
 
     durable: fsync the file before the rename (checkpoints, shards), so a crash leaves the old or the new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with _writing(path, tmp):
+    with atomic(path, durable) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; ours follow the user's umask
-        if durable:
-            fsync(tmp)
-        os.replace(tmp, path)
 
 
 @contextmanager

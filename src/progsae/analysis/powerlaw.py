@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config import REQUIRED, check_fields, opt
 from ..errors import ProgsaeError
+from ..files import atomic
 from .importance import METRICS
 
 
@@ -105,9 +106,7 @@ def plot_power_laws(
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -7,10 +7,11 @@ refused before anything is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from ..config import check_fields, from_dict, opt
+from ..config import from_dict, opt
 from ..data.activations import DTYPES
+from ..data.hook import HookConfig
 from ..errors import ProgsaeError
 from ..train import PRECISIONS, TrainConfig
 
@@ -19,12 +20,15 @@ INTERP_FIELDS = ("interp_tokens", "interp_latents", "judge", "judge_url")
 ADDITIVE = ("minutes_estimate", "saes", "train", *INTERP_FIELDS)
 
 
+def hook(cfg: HookConfig) -> dict:
+    """The hook settings of a config, to build another config on the same hook and contexts."""
+    return {f.name: getattr(cfg, f.name) for f in fields(HookConfig)}
+
+
 @dataclass
-class RunConfig:
-    model: str = opt("smollm2-135m", "the language model: smollm2-135m, gemma3-270m, a transformers id or a directory")
-    layer: int = opt(6, "decoder layer L whose residual stream the SAEs read", min=0)
-    corpus: str = opt("kjv", "kjv, a .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]:SPLIT")
-    ctx_len: int = opt(128, "tokens per context, BOS first", min=2)
+class RunConfig(HookConfig):
+    """The hook and its contexts (`HookConfig`: model, layer, corpus, ctx_len, test_frac, keep_bos), then the run's own."""
+
     source: str = opt("cached", "the SAEs train on: cached (train_tokens extracted to acts/ first) or lm (the model run on the fly, once per seed for all SAEs; acts/ then feeds the statistics only)", choices=("cached", "lm"))
     buffer_tokens: int = opt(262_144, "with source lm: activations shuffled together (memory: x d_in x 4 bytes, on the device)", min=1)
     train_tokens: int = opt(800_000, "activations extracted from the training split (source cached: what the SAEs train on)", min=1)
@@ -43,7 +47,7 @@ class RunConfig:
     seed: int = opt(0, "the first seed", min=0)
     seeds: int = opt(1, "every trained SAE is trained this many times (seed, seed+1, ...): intervals across seeds", min=1)
     outliers: str = opt("keep", "huge-norm tokens: keep (train and evaluate on all) or exclude", choices=("keep", "exclude"))
-    outlier_quantile: float = opt(0.99, "a token is an outlier above this quantile of the training norms")
+    outlier_quantile: float = opt(0.99, "a token is an outlier above this quantile of the training norms", min=0.5, below=1)
     bootstrap: int = opt(1000, "bootstrap replicates of every interval", min=1)
     device: str = opt("cpu", "cuda puts the model, SAE training and evaluation on the GPU")
     minutes_estimate: float | None = opt(None, "printed up front")
@@ -55,7 +59,7 @@ class RunConfig:
     train: bool = opt(True, "train the study's own SAEs (--no-train: study only the pretrained SAEs)")  # fmt: skip
 
     def validate(self) -> RunConfig:
-        check_fields(self, "run config")
+        super().validate("run config")
 
         def bad(msg: str):
             raise ProgsaeError(f"run config: {msg}")
@@ -68,8 +72,6 @@ class RunConfig:
             bad(f"judge_url must be empty or an http(s) URL, got {self.judge_url!r}")
         if self.source == "lm" and self.outliers == "exclude":
             bad("outliers 'exclude' needs source 'cached' (SAEs trained from the model see every token); set one of them")
-        if not 0.5 <= self.outlier_quantile < 1:
-            bad(f"outlier_quantile must be in [0.5, 1), got {self.outlier_quantile!r}")
         if any(g > self.d_sae for g in self.grid):
             bad(f"every G in grid must be in 1..{self.d_sae}, got {self.grid}")
         if not all(self.saes):

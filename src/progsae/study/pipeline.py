@@ -41,7 +41,7 @@ from ..interp.study import judge_check, score_latents, stratified_latents
 from ..report.browser import write_site
 from ..sae import SAE
 from ..train import Trainer, train_together
-from .config import ADDITIVE, INTERP_FIELDS, RunConfig
+from .config import ADDITIVE, INTERP_FIELDS, RunConfig, hook
 from .plan import METRICS, Plan
 from .results import analyse
 from .rundir import RunDir
@@ -149,8 +149,7 @@ class Run:
 
     def _extract(self, split: str, tokens: int) -> None:
         c = self.cfg
-        ec = ExtractConfig(model=c.model, layer=c.layer, tokens=tokens, corpus=c.corpus, ctx_len=c.ctx_len,
-                           split=split, seed=c.seed, device=c.device, dtype=c.acts_dtype)  # fmt: skip
+        ec = ExtractConfig(**hook(c), tokens=tokens, split=split, seed=c.seed, device=c.device, dtype=c.acts_dtype)
         extract(ec, self.dir.acts(split), *self.lm(), progress=self.progress)
 
     def _outliers(self) -> None:
@@ -213,7 +212,7 @@ class Run:
         batches from it); its description in stream.json."""
         if self._stream is None:
             c = self.cfg
-            sc = StreamConfig(c.model, c.layer, c.corpus, c.ctx_len, split_seed=c.seed, buffer_tokens=c.buffer_tokens)
+            sc = StreamConfig(**hook(c), split_seed=c.seed, buffer_tokens=c.buffer_tokens)
             self._stream = LMSource(sc, self.device, *self.lm())
             if dist.is_main():
                 save_json(self.dir.stream, {**self._stream.describe(), "epoch_tokens": self._stream.epoch_tokens()})
