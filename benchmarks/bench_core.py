@@ -117,7 +117,7 @@ def main() -> None:
             getattr(jr, name).copy_(getattr(sae, name))
         pre = (x[:512] - sae.b_dec) @ sae.W_enc + sae.b_enc
         jr.threshold.fill_(float(pre.flatten().kthvalue(pre.numel() - 512 * k).values))
-        l0 = float((jr.encode(x)[0] > 0).sum(1).float().mean())
+        l0 = float((jr.encode(x).values > 0).sum(1).float().mean())
     sae, saved = jr, sae
     one_jr, curve_jr = timeit(full_fvu_pass, a.repeats), timeit(curve_pass, a.repeats)
     sae = saved

@@ -64,16 +64,17 @@ def test_auxk_matches_reference_and_touches_only_dead_latents():
 
 def test_aux_code_excludes_live_latents_and_the_main_code():
     sae = make_sae()
-    x = torch.randn(32, 16)
-    dead = torch.rand(96) < 0.5
-    v, i, av, ai = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, 8)
-    assert dead[ai].all()
-    assert not (ai.unsqueeze(2) == i.unsqueeze(1)).any()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 16, generator=g)
+    dead = torch.rand(96, generator=g) < 0.5
+    code = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, 8)
+    assert dead[code.aux_indices].all()
+    assert not (code.aux_indices.unsqueeze(2) == code.indices.unsqueeze(1)).any()
 
 
 def test_encode_returns_sorted_indices_and_dense_topk_values():
     sae = make_sae()
-    x = torch.randn(40, 16)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(5))
     v, i, _, _ = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
     assert (i[:, 1:] > i[:, :-1]).all()
     z = torch.zeros(40, 96).scatter(1, i, v)
@@ -82,7 +83,7 @@ def test_encode_returns_sorted_indices_and_dense_topk_values():
 
 def test_nested_decode_bands_are_prefix_sums():
     sae = make_sae()
-    x = torch.randn(20, 16)
+    x = torch.randn(20, 16, generator=torch.Generator().manual_seed(6))
     v, i, _, _ = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
     bounds = torch.tensor([3, 50, 96])
     out = decode_nested(v, i, sae.W_dec, bounds)
@@ -93,12 +94,13 @@ def test_nested_decode_bands_are_prefix_sums():
 
 def test_nested_decode_gradients_match_dense_autograd():
     sae = make_sae()
-    x = torch.randn(20, 16)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(20, 16, generator=g)
     v, i, _, _ = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
     v = v.detach().requires_grad_()
     W = sae.W_dec.detach().clone().requires_grad_()
     bounds = torch.tensor([10, 60, 96])
-    weight = torch.randn(20, 3, 16)
+    weight = torch.randn(20, 3, 16, generator=g)
     (decode_nested(v, i, W, bounds) * weight).sum().backward()
     v2, W2 = v.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
     z = torch.zeros(20, 96).scatter(1, i, v2)
@@ -131,7 +133,7 @@ def test_bf16_selection_path_matches_the_dense_fp32_reference_in_loss_and_grads(
     w = torch.tensor(weights)
     for aux in (0, 8):  # with and without the AuxK code
         assert all(torch.equal(a, b) for a, b in zip(  # the same selection in both precisions
-            topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, 5, dead, aux, bf16=True)[1::2],
+            topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, 5, dead, aux, bf16=True)[1::2],  # indices, aux_indices
             topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, 5, dead, aux)[1::2], strict=True))  # fmt: skip
         sae.zero_grad()
         loss, *_ = sae_loss(sae, x, bounds, w, dead, aux, bf16=True)
@@ -202,8 +204,8 @@ def test_an_sae_set_to_bf16_encodes_evaluates_and_counts_as_the_fp32_one_where_n
     y = torch.randn(200, 32, generator=torch.Generator().manual_seed(6))
     rand.precision = "bf16"
     _, i = rand.encode(y)
-    assert torch.equal(i, topk_encode(y, rand.W_enc, rand.b_enc, rand.b_dec, 16, bf16=True)[1])
-    assert not torch.equal(i, topk_encode(y, rand.W_enc, rand.b_enc, rand.b_dec, 16)[1])
+    assert torch.equal(i, topk_encode(y, rand.W_enc, rand.b_enc, rand.b_dec, 16, bf16=True).indices)
+    assert not torch.equal(i, topk_encode(y, rand.W_enc, rand.b_enc, rand.b_dec, 16).indices)
     jr = SAE(SAEConfig(16, 96, None, architecture="jumprelu"))
     jr.precision = "bf16"
     with pytest.raises(ProgsaeError, match="precision bf16 selects a TopK SAE's latents.*use precision fp32"):

@@ -11,8 +11,9 @@ from reference import dense_code, make_sae
 
 def test_permuted_sae_reconstructs_identically_at_full_size():
     sae = make_sae()
-    x = torch.randn(100, 16)
-    order = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(96, generator=g)
+    x = torch.randn(100, 16, generator=g)
     perm = sae.permute(order, "test")
     torch.testing.assert_close(perm(x), sae(x), rtol=0, atol=1e-6)
     # latent j of the permuted SAE is latent order[j] of the original
@@ -23,7 +24,8 @@ def test_permuted_sae_reconstructs_identically_at_full_size():
 
 def test_permutations_compose_relative_to_the_original():
     sae = make_sae()
-    p1, p2 = torch.randperm(96), torch.randperm(96)
+    g = torch.Generator().manual_seed(1)
+    p1, p2 = torch.randperm(96, generator=g), torch.randperm(96, generator=g)
     twice = sae.permute(p1).permute(p2)
     assert twice.cfg.progsae["permutation"]["order"] == p1[p2].tolist()
     torch.testing.assert_close(twice.W_dec, sae.W_dec[p1[p2]])
@@ -37,7 +39,7 @@ def test_permute_rejects_a_non_permutation():
 @pytest.mark.parametrize("G", [1, 7, 48, 96])
 def test_prefix_mode_is_full_topk_then_drop_latents_at_or_above_G(G):
     sae = make_sae()
-    x = torch.randn(30, 16)
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(2))
     z = dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
     expected = z[:, :G] @ sae.W_dec[:G] + sae.b_dec
     torch.testing.assert_close(sae(x, G, "prefix"), expected, rtol=1e-5, atol=1e-6)
@@ -46,11 +48,13 @@ def test_prefix_mode_is_full_topk_then_drop_latents_at_or_above_G(G):
 @pytest.mark.parametrize("G", [1, 7, 48, 96])
 def test_rescaled_mode_is_topk_over_first_G_with_k_scaled(G):
     sae = make_sae()  # N=96, k=5
-    x = torch.randn(30, 16)
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(3))
     kG = max(1, round(5 * G / 96))
     z = dense_code(x, sae.W_enc[:, :G], sae.b_enc[:G], sae.b_dec, kG)
     expected = z @ sae.W_dec[:G] + sae.b_dec
     torch.testing.assert_close(sae(x, G, "rescaled"), expected, rtol=1e-5, atol=1e-6)
+    code = sae.encode(x, G, "rescaled")  # a SparseCode: named fields, or unpacked as (values, indices)
+    torch.testing.assert_close(sae.decode(code.values, code.indices), expected, rtol=1e-5, atol=1e-6)
     small = sae.truncate(G)
     assert (small.d_sae, small.k) == (G, kG)
     torch.testing.assert_close(small(x), expected, rtol=1e-5, atol=1e-6)
@@ -59,11 +63,11 @@ def test_rescaled_mode_is_topk_over_first_G_with_k_scaled(G):
 def test_bad_granularity_and_mode_and_shape_raise_clear_errors():
     sae = make_sae()
     with pytest.raises(ProgsaeError, match="G=97 is outside 1..96"):
-        sae(torch.randn(2, 16), 97)
+        sae(torch.zeros(2, 16), 97)
     with pytest.raises(ProgsaeError, match="unknown truncation mode"):
-        sae(torch.randn(2, 16), 5, "sideways")
+        sae(torch.zeros(2, 16), 5, "sideways")
     with pytest.raises(ProgsaeError, match=r"expects \[n, 16\]"):
-        sae(torch.randn(2, 15))
+        sae(torch.zeros(2, 15))
     with pytest.raises(ProgsaeError, match="exceeds d_sae"):
         SAEConfig(4, 8, 9)
 
@@ -79,7 +83,7 @@ def test_save_writes_saelens_layout_and_loads_back(tmp_path):
     assert w["W_enc"].shape == (16, 96) and w["W_dec"].shape == (96, 16)
     np.testing.assert_array_equal(w["W_enc"], sae.W_enc.detach().numpy())
     back = load_sae(tmp_path / "s")
-    x = torch.randn(10, 16)
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(back(x), sae(x), rtol=0, atol=0)
     assert back.cfg.metadata == {"hook_name": "blocks.2.hook_resid_post"}
 
@@ -107,5 +111,5 @@ def test_saved_sae_loads_in_saelens_with_identical_outputs(tmp_path):
     save_sae(sae, tmp_path / "s")
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "s"), device="cpu")
     assert theirs.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
-    x = torch.randn(20, 16)
+    x = torch.randn(20, 16, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x).detach(), rtol=1e-5, atol=1e-6)

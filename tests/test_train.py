@@ -1,10 +1,15 @@
+import importlib
+
 import pytest
 import torch
 
 from progsae import ProgsaeError, TrainConfig, Trainer, train
 from progsae.analysis import fit_power_law, latent_stats
 from progsae.data import SyntheticConfig, SyntheticSource
-from progsae.train import geometric_median, sample_granularities
+from progsae.sae import geometric_median
+from progsae.train import choose_precision, fvu, sample_granularities
+
+train_module = importlib.import_module("progsae.train")  # `progsae.train` is the function train
 
 
 def synthetic(alpha):
@@ -16,6 +21,7 @@ def small_config(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 def test_topk_sae_recovers_true_features_and_importance_exponent_tracks_alpha(alpha):
     src = synthetic(alpha)
@@ -84,6 +90,7 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
         ({"matryoshka": [64, 128], "matryoshka_sampled": 4}, "not both"),
         ({"matryoshka_sampler": "zipf"}, "matryoshka_sampler"),
         ({"lr": -1.0}, "lr must be > 0"),
+        ({"precision": "fp16"}, r"precision must be .*auto.*fp32.*bf16.*, got 'fp16'"),
     ],
 )
 def test_bad_train_config_values_are_named(kw, match):
@@ -109,24 +116,39 @@ def test_sampled_granularities_are_sorted_in_range_and_include_N(sampler):
 
 
 def test_geometric_median_resists_outliers():
-    x = torch.cat([torch.randn(200, 3) * 0.1 + 1.0, torch.full((20, 3), 100.0)])
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200, 3, generator=g) * 0.1 + 1.0, torch.full((20, 3), 100.0)])
     torch.testing.assert_close(geometric_median(x), torch.ones(3), atol=0.1, rtol=0)
 
 
-def test_bf16_selection_trains_to_the_fp32_fvu_within_one_percent_and_auto_records_its_choice():
-    from progsae.train import fvu
-
+@pytest.mark.slow
+def test_bf16_selection_trains_to_the_fp32_fvu_within_one_percent():
     src = SyntheticSource(SyntheticConfig(d_in=64, n_features=512, alpha=1.0, mean_active=8, seed=2))
     x = src.sample(16384, 99)  # held out: another seed of the same distribution
     got = {}
-    for precision in ("fp32", "bf16", "auto"):
+    for precision in ("fp32", "bf16"):
         cfg = TrainConfig(d_sae=512, k=16, tokens=512 * 600, batch_size=512, precision=precision, log_every=600)
         sae = train(src, cfg, progress=False)
         with torch.no_grad():
             got[precision] = float(fvu(x, sae(x)))
-        training = sae.cfg.progsae["training"]
-        assert training["precision"] == (precision if precision != "auto" else training["precision"])
+        assert sae.cfg.progsae["training"]["precision"] == precision
     assert abs(got["bf16"] - got["fp32"]) <= 0.01 * got["fp32"]  # seeds alone move it by ~1%; measured 0.06%
-    assert training["precision"] in ("fp32", "bf16") and training["bf16_gemm_speedup"] > 0  # auto: measured
-    with pytest.raises(ProgsaeError, match="precision must be auto, fp32 or bf16"):
-        TrainConfig(precision="fp16").validate()
+
+
+def test_auto_precision_takes_bf16_only_where_the_timed_gemm_is_1_5x_faster(monkeypatch):
+    chosen, speedup = choose_precision("auto", 32, 128, "cpu")  # measured
+    assert speedup > 0 and chosen == ("bf16" if speedup >= 1.5 else "fp32")
+    assert choose_precision("bf16", 32, 128, "cpu") == ("bf16", None)  # asked for: nothing timed
+    for timed, want in ((1.49, "fp32"), (1.5, "bf16")):
+        monkeypatch.setattr(train_module, "bf16_gemm_speedup", lambda d, N, device, s=timed: s)
+        assert choose_precision("auto", 32, 128, "cpu") == (want, timed)
+
+
+@pytest.mark.parametrize("timed,want", [(2.0, "bf16"), (1.2, "fp32")])
+def test_auto_precision_trains_in_the_precision_it_picks_and_records_it(monkeypatch, timed, want):
+    monkeypatch.setattr(train_module, "bf16_gemm_speedup", lambda d, N, device: timed)
+    auto = train(synthetic(1.0), small_config(tokens=10 * 1024, precision="auto"), progress=False)
+    training = auto.cfg.progsae["training"]
+    assert (training["precision"], training["bf16_gemm_speedup"]) == (want, timed)
+    same = train(synthetic(1.0), small_config(tokens=10 * 1024, precision=want), progress=False)
+    torch.testing.assert_close(auto.W_dec, same.W_dec, rtol=0, atol=0)

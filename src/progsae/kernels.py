@@ -1,8 +1,9 @@
 """Fast paths for the sparse half of a TopK SAE: encoder forward + top-k, and the sparse products.
 
-A batch's sparse code is `(values [B, k], indices [B, k])`, indices ascending within each row. For the
-products below it becomes a CSR matrix `S [B*g, N]` whose rows are (token, band) segments: band j of a
-token holds its active latents with `bounds[j-1] <= index < bounds[j]` (one band, g = 1, for plain TopK).
+A batch's sparse code is `SparseCode(values [B, k], indices [B, k])`, indices ascending within each row.
+For the products below it becomes a CSR matrix `S [B*g, N]` whose rows are (token, band) segments: band j
+of a token holds its active latents with `bounds[j-1] <= index < bounds[j]` (one band, g = 1, for plain
+TopK).
 
     decode           S @ W_dec                          -> band sums [B, g, d]      O(B k d)
     grad of values   sampled_addmm(S, G, W_dec^T)       -> <G[row], W_dec[index]>   O(B k d)
@@ -12,17 +13,36 @@ token holds its active latents with `bounds[j-1] <= index < bounds[j]` (one band
 
 so the only dense GEMM of a training step is the encoder's forward, 2·B·d·N FLOPs. The plain dense
 twins of these functions live in tests/reference.py, which checks losses and gradients against them.
+`bf16_gemm_speedup` times that GEMM in both precisions (what training's `precision auto` decides by).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
+from typing import NamedTuple
 
 import torch
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 ENCODE_CHUNK = 1024  # rows of the B x N pre-activation kept live at once (never stored whole); 512 and 2048 measured slower
+
+
+class SparseCode(NamedTuple):
+    """A batch's sparse code: values [B, w] and latent indices [B, w], ascending per row (zero values pad)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+class TopKCode(NamedTuple):
+    """`topk_encode`'s result: the main code and the AuxK code among dead latents (width 0 without one)."""
+
+    values: torch.Tensor  # [B, k]
+    indices: torch.Tensor  # [B, k]
+    aux_values: torch.Tensor  # [B, k_aux]
+    aux_indices: torch.Tensor  # [B, k_aux]
 
 
 def _csr(values: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -146,8 +166,8 @@ def threshold_encode(x, W_enc, b_enc, b_dec, threshold=None):
 
     The code of a JumpReLU (per-latent `threshold` [N]), a BatchTopK at inference (one threshold for every
     latent) or a ReLU SAE (threshold None): (values [B, w], indices [B, w]) with w the largest number of
-    active latents of any row; shorter rows are padded with zero values, which decode to nothing and
-    change no statistic. Latent i is active iff pre_i > max(threshold_i, 0). Indices ascend per row.
+    active latents of any row (a `SparseCode`); shorter rows are padded with zero values, which decode to
+    nothing and change no statistic. Latent i is active iff pre_i > max(threshold_i, 0). Indices ascend per row.
     Chunked like `TopKEncode`, so the [B, N] pre-activation never exists whole.
     """
     B = x.shape[0]
@@ -168,7 +188,7 @@ def threshold_encode(x, W_enc, b_enc, b_dec, threshold=None):
         w = p.values.shape[1]
         values[s : s + ENCODE_CHUNK, :w] = p.values
         indices[s : s + ENCODE_CHUNK, :w] = p.indices
-    return _sorted_code(values, indices)
+    return SparseCode(*_sorted_code(values, indices))
 
 
 def _sorted_code(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,10 +281,10 @@ def _band_grads(ctx, S, grad, values, W_dec, i_values: int, i_W: int):
     return grad_values, grad_W_dec
 
 
-def topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0, bf16=False):
-    """Functional form of `TopKEncode`: returns (values, indices, aux_values, aux_indices). `bf16`: the encoder
-    GEMM and the top-k selection in bfloat16, the selected values recomputed in float32."""
-    return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux, bf16)
+def topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0, bf16=False) -> TopKCode:
+    """Functional form of `TopKEncode`: a `TopKCode` (values, indices, aux_values, aux_indices). `bf16`: the
+    encoder GEMM and the top-k selection in bfloat16, the selected values recomputed in float32."""
+    return TopKCode(*TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux, bf16))
 
 
 def decode_nested(values, indices, W_dec, bounds=None):
@@ -275,3 +295,25 @@ def decode_nested(values, indices, W_dec, bounds=None):
 def nested_sse(values, indices, W_dec, r, bounds=None):
     """Functional form of `NestedSSE`: (sse [g], full-size residual [B, d])."""
     return NestedSSE.apply(values, indices, W_dec, r, bounds)
+
+
+def bf16_gemm_speedup(d: int, N: int, device) -> float:
+    """How many times faster the encoder's GEMM (ENCODE_CHUNK x d times d x N) runs in bfloat16 than in
+    float32 on `device`: best of 3 timings of each, after a warm-up. Its operands come from torch's global RNG."""
+    device = str(device)
+    x, W = torch.randn(ENCODE_CHUNK, d, device=device), torch.randn(N, d, device=device).t()
+    xb, Wb = x.bfloat16(), W.bfloat16()
+
+    def best(a, b):
+        times = []
+        for _ in range(4):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            a @ b
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    return best(x, W) / best(xb, Wb)

@@ -7,8 +7,8 @@
     relu     z = ReLU(pre)                                  (SAELens "standard")
     decode   x_hat = z W_dec + b_dec                         over the active rows only
 
-Every architecture encodes to the same sparse code (values [B, w], indices [B, w]; indices ascending,
-zero values are padding), which the statistics, the one-pass curve, RSA and the LM loss consume.
+Every architecture encodes to the same sparse code (`SparseCode(values [B, w], indices [B, w])`; indices
+ascending, zero values are padding), which the statistics, the one-pass curve, RSA and the LM loss consume.
 Per-latent parameters (threshold) permute and truncate with their latents.
 
 A Matryoshka SAE is a TopK SAE trained with nested losses (train.py); what differs is the order its
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ProgsaeError
-from .kernels import decode_nested, threshold_encode, topk_encode
+from .kernels import SparseCode, decode_nested, threshold_encode, topk_encode
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
 THRESHOLD_ARCHITECTURES = ("batchtopk", "jumprelu")  # those with a threshold parameter
@@ -57,6 +57,19 @@ class SAEConfig:
                 raise ProgsaeError(f"SAE config: k={self.k} exceeds d_sae={self.d_sae}; choose k <= d_sae")
         elif self.k is not None and not (isinstance(self.k, int | float) and self.k > 0):
             raise ProgsaeError(f"SAE config: k must be a positive number or absent, got {self.k!r}")
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm on the rows of x [n, d] (training's initial b_dec)."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
+        new = (w.unsqueeze(1) * x).sum(0) / w.sum()
+        if (new - m).norm() <= tol * m.norm().clamp_min(1e-8):
+            return new
+        m = new
+    return m
 
 
 def rescaled_k(k: int, G: int, N: int) -> int:
@@ -110,6 +123,18 @@ class SAE(nn.Module):
         self.b_dec.copy_(b_dec if b_dec is not None else torch.zeros(self.cfg.d_in))  # copy_ crosses devices
         return self
 
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from W_dec.grad each row's component along its decoder row (training keeps rows at unit norm)."""
+        g, W = self.W_dec.grad, self.W_dec
+        dots = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)  # <g_i, w_i>: one pass, no [N, d] temporary
+        g.addcmul_(W, dots, value=-1)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Decoder rows rescaled to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
             raise ProgsaeError(
@@ -121,14 +146,15 @@ class SAE(nn.Module):
         if not 1 <= G <= self.d_sae:
             raise ProgsaeError(f"granularity G={G} is outside 1..{self.d_sae} (the SAE's d_sae); pick G in that range")
 
-    def encode(self, x: torch.Tensor, G: int | None = None, mode: str = "prefix"):
+    def encode(self, x: torch.Tensor, G: int | None = None, mode: str = "prefix") -> SparseCode:
         """Sparse code of x [B, d_in] at granularity G (default: all N latents).
 
         prefix:   encode with all N latents, then latents >= G dropped (their values set to 0). For the
                   threshold architectures each latent fires on its own, so this is exactly the SAE of
                   the first G latents.
         rescaled: (TopK only) TopK restricted to the first G latents with k_G = max(1, round(k G / N)).
-        Returns (values [B, w], indices [B, w]), indices ascending per row, zero values as padding.
+        Returns a `SparseCode` (values [B, w], indices [B, w]): indices ascending per row, zero values as
+        padding.
         """
         self._check_input(x)
         G = self.d_sae if G is None else G
@@ -148,16 +174,15 @@ class SAE(nn.Module):
             )
         if mode == "rescaled":
             k = rescaled_k(self.k, G, self.d_sae)
-            values, indices, _, _ = topk_encode(x, self.W_enc[:, :G], self.b_enc[:G], self.b_dec, k, bf16=bf16)
-            return values, indices
+            return SparseCode(*topk_encode(x, self.W_enc[:, :G], self.b_enc[:G], self.b_dec, k, bf16=bf16)[:2])
         if self.architecture == "topk":
-            values, indices, _, _ = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, bf16=bf16)
+            code = SparseCode(*topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, bf16=bf16)[:2])
         else:
             threshold = self.threshold if self.architecture in THRESHOLD_ARCHITECTURES else None
-            values, indices = threshold_encode(x, self.W_enc, self.b_enc, self.b_dec, threshold)
+            code = threshold_encode(x, self.W_enc, self.b_enc, self.b_dec, threshold)
         if G < self.d_sae:
-            values = values * (indices < G)
-        return values, indices
+            code = SparseCode(code.values * (code.indices < G), code.indices)
+        return code
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x_hat [B, d_in] = sum of values * W_dec[indices] + b_dec."""

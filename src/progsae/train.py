@@ -1,4 +1,4 @@
-"""Training TopK and Matryoshka SAEs: losses, the loop, checkpoints that resume.
+"""Training TopK and Matryoshka SAEs: the config, the losses and the loop.
 
 Loss (all reconstruction terms normalised as FVU over the batch):
     TopK          FVU(x, x_hat)
@@ -8,9 +8,8 @@ Loss (all reconstruction terms normalised as FVU over the batch):
 Optimiser: Adam, lr = base_lr / sqrt(N / 2^14) with linear warmup; decoder rows kept at unit norm (the
 gradient's component along each row removed before the step, rows renormalised after).
 
-Checkpoints (OUT/checkpoints/step-NNNNNNNN/, the newest `keep_checkpoints` kept, each written whole
-and fsynced): sae_weights.safetensors, state.safetensors (Adam moments, dead-latent counters, sampler
-RNG), state.json (config, step, history). `train(..., out=OUT)` resumes from the newest.
+With `out`, a checkpoint is written every `checkpoint_every` steps (see `checkpoint.py`), and
+`train(..., out=OUT)` resumes from the newest.
 Data-parallel under torchrun (see `dist.py`): identical state on every rank, gradients summed.
 """
 
@@ -18,63 +17,63 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import dist
-from .config import from_dict, opt
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import check_fields, from_dict, opt
 from .errors import ProgsaeError, check_device
-from .files import fresh_dir, fsync, load_json, load_tensors, replace_dir, save_json, save_tensors
+from .files import save_json
 from .formats import write_sae
-from .kernels import ENCODE_CHUNK, nested_sse, topk_encode
-from .sae import SAE, SAEConfig
+from .kernels import bf16_gemm_speedup, nested_sse, topk_encode
+from .sae import SAE, SAEConfig, geometric_median
 
 SAMPLERS = ("uniform", "pareto")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
 class TrainConfig:
-    d_sae: int = opt(4096, "dictionary size N")
-    k: int = opt(32, "active latents per token")
-    tokens: int = opt(2_000_000, "training tokens")
-    batch_size: int = opt(4096, "tokens per step (the global batch under torchrun)")
+    d_sae: int = opt(4096, "dictionary size N", min=1)
+    k: int = opt(32, "active latents per token", min=1)
+    tokens: int = opt(2_000_000, "training tokens", min=1)
+    batch_size: int = opt(4096, "tokens per step (the global batch under torchrun)", min=1)
     lr: float | None = opt(None, "learning rate (default 2e-4 / sqrt(N / 2^14))")
-    warmup_steps: int = opt(1000, "linear learning-rate warmup, capped at a tenth of the run")
+    warmup_steps: int = opt(1000, "linear learning-rate warmup, capped at a tenth of the run", min=0)
     matryoshka: list[int] | None = opt(None, "fixed nested granularities m1 < ... < N")
     matryoshka_weights: list[float] | None = opt(None, "weight c_m of each fixed granularity (default uniform)")
-    matryoshka_sampled: int = opt(0, "draw this many granularities per step (N always added); 0: none")
-    matryoshka_sampler: str = opt("uniform", "uniform on 1..N, or pareto: P(m) ~ m^-pareto_a")
+    matryoshka_sampled: int = opt(0, "draw this many granularities per step (N always added); 0: none", min=0)
+    matryoshka_sampler: str = opt("uniform", "uniform on 1..N, or pareto: P(m) ~ m^-pareto_a", choices=SAMPLERS)
     pareto_a: float = opt(1.0, "exponent of the pareto sampler (1: log-uniform)")
-    k_aux: int | None = opt(None, "dead latents in the AuxK loss (default d_in / 2)")
-    aux_coef: float = opt(1 / 32, "weight of the AuxK loss")
-    dead_tokens: int = opt(1_000_000, "tokens without firing before a latent counts as dead")
+    k_aux: int | None = opt(None, "dead latents in the AuxK loss (default d_in / 2)", min=0)
+    aux_coef: float = opt(1 / 32, "weight of the AuxK loss", min=0)
+    dead_tokens: int = opt(1_000_000, "tokens without firing before a latent counts as dead", min=1)
     seed: int = opt(0, "seeds the initialisation, the batch order and the sampler")
     device: str = opt("cpu", "where the SAE trains: cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
-    precision: str = opt("fp32", "encoder GEMM and top-k selection: fp32, bf16 (the selected values recomputed in fp32; weights and Adam stay fp32), or auto (bf16 where a timed GEMM of the encoder's shape is 1.5x faster; a resumed run keeps its choice)")
-    log_every: int = opt(50, "steps between history entries")
-    checkpoint_every: int = opt(500, "steps between checkpoints")
-    keep_checkpoints: int = opt(2, "checkpoints kept (the newest K)")
+    precision: str = opt("fp32", "encoder GEMM and top-k selection: fp32, bf16 (the selected values recomputed in fp32; weights and Adam stay fp32), or auto (bf16 where a timed GEMM of the encoder's shape is 1.5x faster; a resumed run keeps its choice)", choices=PRECISIONS)
+    log_every: int = opt(50, "steps between history entries", min=1)
+    checkpoint_every: int = opt(500, "steps between checkpoints", min=1)
+    keep_checkpoints: int = opt(2, "checkpoints kept (the newest K)", min=1)
     skip_nonfinite: bool = opt(False, "leave activation rows holding NaN or Inf out, with a warning (default: stop, naming them)")
     metadata: dict = opt({}, "passed into the SAE's cfg (model_name, hook_name, ...)")
 
     def validate(self) -> TrainConfig:
+        """The declared ranges and choices (`check_fields`), then the checks that tie fields together."""
+        check_fields(self, "train config")
+
         def bad(msg):
             raise ProgsaeError(f"train config: {msg}")
 
-        for name in ("d_sae", "k", "tokens", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "dead_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.k > self.d_sae:
             bad(f"k={self.k} exceeds d_sae={self.d_sae}")
         if self.lr is not None and not self.lr > 0:
             bad(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.matryoshka_sampled < 0 or self.aux_coef < 0:
-            bad("warmup_steps, matryoshka_sampled and aux_coef must be >= 0")
         if self.matryoshka is not None:
             m = self.matryoshka
             if self.matryoshka_sampled:
@@ -87,12 +86,6 @@ class TrainConfig:
                 bad(f"matryoshka_weights needs {len(m)} non-negative numbers, one per granularity")
         elif self.matryoshka_weights is not None:
             bad("matryoshka_weights given without fixed granularities")
-        if self.matryoshka_sampler not in SAMPLERS:
-            bad(f"matryoshka_sampler must be one of {', '.join(SAMPLERS)}, got {self.matryoshka_sampler!r}")
-        if self.k_aux is not None and self.k_aux < 0:
-            bad("k_aux must be >= 0")
-        if self.precision not in PRECISIONS:
-            bad(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         return self
 
     @property
@@ -109,6 +102,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         return from_dict(cls, d, "train config")
+
+    def jsonable(self) -> dict:
+        """The fields as JSON values (what a checkpoint and the SAE's training record hold)."""
+        return json.loads(json.dumps(asdict(self)))
 
 
 # -- losses --------------------------------------------------------------------------------------------
@@ -143,6 +140,16 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
+class Loss(NamedTuple):
+    """What `sae_loss` returns; every number is this rank's share under torchrun."""
+
+    loss: torch.Tensor  # the training loss, to backpropagate
+    fvu: torch.Tensor  # the FVU at full size (detached)
+    aux: torch.Tensor | None  # the AuxK FVU (None without dead latents or k_aux)
+    values: torch.Tensor  # the batch's code [B, k] (detached)
+    indices: torch.Tensor  # [B, k], ascending per row
+
+
 def sae_loss(
     sae: SAE,
     x: torch.Tensor,
@@ -153,10 +160,9 @@ def sae_loss(
     aux_coef: float = 1 / 32,
     total_var: torch.Tensor | None = None,
     bf16: bool = False,
-):
-    """Training loss for one batch x [B, d_in].
+) -> Loss:
+    """Training loss for one batch x [B, d_in], with the batch's code (a `Loss`).
 
-    Returns (loss, fvu at full size, aux FVU or None, values [B, k], indices [B, k]).
     bounds/weights: the Matryoshka granularities and their c_m (None: plain TopK).
     Data-parallel: x is this rank's share of the global batch and total_var the global batch's
     sum ||x - mean||^2; every returned number is this rank's share, summing over the ranks to the
@@ -164,11 +170,9 @@ def sae_loss(
     """
     n_dead = int(dead.sum()) if dead is not None else 0
     k_aux = min(k_aux, n_dead)
-    values, indices, aux_values, aux_indices = topk_encode(
-        x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead if k_aux else None, k_aux, bf16
-    )
+    code = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead if k_aux else None, k_aux, bf16)
     b = None if bounds is None or bounds == [sae.d_sae] else torch.tensor(bounds, device=x.device)
-    sse, residual = nested_sse(values, indices, sae.W_dec, x - sae.b_dec, b)  # [g], [B, d]
+    sse, residual = nested_sse(code.values, code.indices, sae.W_dec, x - sae.b_dec, b)  # [g], [B, d]
     if total_var is None:
         total_var = (x - x.mean(0)).pow(2).sum()
     w = torch.ones(1, device=x.device) if weights is None else weights.to(x.device)
@@ -176,65 +180,21 @@ def sae_loss(
     full_fvu = sse[-1].detach() / total_var
     aux = None
     if k_aux:  # AuxK: dead latents reconstruct the (detached) residual, without b_dec
-        aux_sse, _ = nested_sse(aux_values, aux_indices, sae.W_dec, residual)
+        aux_sse, _ = nested_sse(code.aux_values, code.aux_indices, sae.W_dec, residual)
         mean = dist.all_sum(residual.sum(0)) / (residual.shape[0] * dist.world())  # every rank holds an equal share
         aux = aux_sse[0] / dist.all_sum((residual - mean).pow(2).sum())
         loss = loss + aux_coef * aux
-    return loss, full_fvu, aux, values.detach(), indices
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
+    return Loss(loss, full_fvu, aux, code.values.detach(), code.indices)
 
 
 def choose_precision(precision: str, d: int, N: int, device: str) -> tuple[str, float | None]:
     """("fp32" | "bf16", the measured bf16 speedup or None). auto: time a GEMM of the encoder's shape in each
-    precision (best of 3 after a warm-up) and take bf16 only where it is clearly (1.5x) faster; under torchrun
-    rank 0's measurement decides for every rank."""
+    precision (`kernels.bf16_gemm_speedup`) and take bf16 only where it is clearly (1.5x) faster; under
+    torchrun rank 0's measurement decides for every rank."""
     if precision != "auto":
         return precision, None
-    device = str(device)
-    x, W = torch.randn(ENCODE_CHUNK, d, device=device), torch.randn(N, d, device=device).t()
-    xb, Wb = x.bfloat16(), W.bfloat16()
-
-    def best(a, b):
-        times = []
-        for _ in range(4):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            a @ b
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return min(times[1:])
-
-    speedup = best(x, W) / best(xb, Wb)
+    speedup = bf16_gemm_speedup(d, N, device)
     return ("bf16" if dist.agree(speedup >= 1.5) else "fp32"), speedup
-
-
-@torch.no_grad()
-def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's algorithm on the rows of x [n, d]."""
-    m = x.mean(0)
-    for _ in range(iters):
-        w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
-        new = (w.unsqueeze(1) * x).sum(0) / w.sum()
-        if (new - m).norm() <= tol * m.norm().clamp_min(1e-8):
-            return new
-        m = new
-    return m
-
-
-@torch.no_grad()
-def _project_decoder_grad(sae: SAE) -> None:
-    g, W = sae.W_dec.grad, sae.W_dec
-    dots = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)  # <g_i, w_i>: one pass, no [N, d] temporary
-    g.addcmul_(W, dots, value=-1)
-
-
-@torch.no_grad()
-def _normalize_decoder(sae: SAE) -> None:
-    sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
 # -- the loop --------------------------------------------------------------------------------------------
@@ -278,7 +238,7 @@ class Trainer:
         self.elapsed = 0.0
         ck = latest_checkpoint(self.out) if self.out is not None else None
         if ck is not None:
-            self._load_checkpoint(ck)  # its precision too: auto is measured once, when the run begins
+            load_checkpoint(self, ck)  # its precision too: auto is measured once, when the run begins
         else:
             self.precision, self.bf16_speedup = choose_precision(cfg.precision, d_in, cfg.d_sae, self.device)
             t0 = time.perf_counter()
@@ -309,20 +269,20 @@ class Trainer:
             x = x[self.rank * share : (self.rank + 1) * share]
         bounds = sample_granularities(cfg, self.gen)
         dead = self.since_fired >= cfg.dead_tokens
-        loss, full_fvu, aux, values, indices = sae_loss(
+        res = sae_loss(
             sae, x, bounds, granularity_weights(cfg, bounds), dead, self.k_aux, cfg.aux_coef, total_var,
             self.precision == "bf16",
         )
         sae.zero_grad(set_to_none=True)
-        loss.backward()
-        fired = indices[values > 0]
+        res.loss.backward()
+        fired = res.indices[res.values > 0]
         if self.world > 1:
             for p in sae.parameters():
                 dist.all_sum(p.grad)
             mask = torch.zeros(cfg.d_sae, device=self.device)
             mask[fired] = 1
             fired = dist.all_sum(mask).nonzero().flatten()
-        _project_decoder_grad(sae)
+        sae.project_decoder_grad()
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         views = [(a, p) for a, p in zip(self.adam_params, sae.parameters(), strict=True) if a is not p]
@@ -331,20 +291,18 @@ class Trainer:
         self.opt.step()
         for a, _ in views:
             a.grad = None
-        _normalize_decoder(sae)
+        sae.normalize_decoder()
         self.since_fired += cfg.batch_size
         self.since_fired[fired] = 0
         self.step += 1
-        zero = torch.zeros((), device=self.device)
-        numbers = torch.stack(
-            [loss.detach(), full_fvu, zero if aux is None else aux.detach(), (values > 0).sum().float()]
-        )
+        aux = torch.zeros((), device=self.device) if res.aux is None else res.aux.detach()
+        numbers = torch.stack([res.loss.detach(), res.fvu, aux, (res.values > 0).sum().float()])
         loss_, fvu_, aux_, active = dist.all_sum(numbers).tolist()
         return {
             "step": self.step,
             "loss": loss_,
             "fvu": fvu_,
-            "aux_fvu": None if aux is None else aux_,
+            "aux_fvu": None if res.aux is None else aux_,
             "l0": active / cfg.batch_size,
             "dead_frac": float(dead.float().mean()),
             "lr": self.lr_at(self.step - 1),
@@ -375,7 +333,7 @@ class Trainer:
             "seconds": round(self.elapsed, 2),
             "precision": self.precision,
             **({"bf16_gemm_speedup": round(self.bf16_speedup, 2)} if self.bf16_speedup else {}),
-            "config": _jsonable(cfg),
+            "config": cfg.jsonable(),
             **({"ranks": self.world} if self.world > 1 else {}),
         }
         if self.out is not None and dist.is_main():  # cfg.json, written last, says the SAE is whole
@@ -384,96 +342,9 @@ class Trainer:
         dist.barrier()  # the SAE is on disk before any rank returns
         return self.sae
 
-    # -- checkpoints ---------------------------------------------------------------------------------
-
     def save_checkpoint(self) -> None:
-        """OUT/checkpoints/step-NNNNNNNN/, written as .tmp with every file fsynced, renamed whole; the
-        newest `keep_checkpoints` are kept. A failed write (a full disk) leaves the earlier ones intact."""
-        root = self.out / "checkpoints"
-        final = root / f"step-{self.step:08d}"
-        tmp = fresh_dir(root / f"step-{self.step:08d}.tmp")
-        try:
-            save_tensors(tmp / "sae_weights.safetensors", dict(self.sae.named_parameters()), durable=True)
-            state = {"since_fired": self.since_fired, "rng": self.gen.get_state()}
-            params = list(self.sae.parameters())
-            for i, st in self.opt.state_dict()["state"].items():
-                for name, t in st.items():  # moments in their parameter's shape
-                    state[f"adam.{i}.{name}"] = t.t() if self.adam_params[i] is not params[i] and t.dim() else t
-            save_tensors(tmp / "state.safetensors", state, durable=True)
-            meta = {"config": _jsonable(self.cfg), "step": self.step, "elapsed": self.elapsed, "history": self.history,
-                    "precision": self.precision, "bf16_speedup": self.bf16_speedup}  # fmt: skip
-            meta["source"] = _describe(self.source)
-            if hasattr(self.source, "position"):  # where in the corpus the next batch comes from
-                meta["source_position"] = self.source.position(self.cfg.batch_size, self.step)
-            save_json(tmp / "state.json", meta, durable=True)
-            fsync(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        replace_dir(tmp, final)
-        fsync(root)
-        for old in _checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-
-    def _load_checkpoint(self, ck: Path) -> None:
-        meta = load_json(ck / "state.json")
-        ours, theirs = _jsonable(self.cfg), {**_jsonable(TrainConfig()), **meta["config"]}
-        diff = sorted(k for k in ours if k not in RESUMABLE and theirs[k] != ours[k])
-        if diff:
-            raise ProgsaeError(
-                f"{self.out} holds a checkpoint of a different run (differs in {', '.join(diff)}); "
-                "use another --out, or --force to start over"
-            )
-        weights = load_tensors(ck / "sae_weights.safetensors")
-        if weights["W_dec"].shape != self.sae.W_dec.shape:
-            raise ProgsaeError(
-                f"{self.out} holds a checkpoint for d_in={weights['W_dec'].shape[1]}, but these activations have "
-                f"d_in={self.sae.cfg.d_in}; use another --out, or --force to start over"
-            )
-        if meta.get("source", _describe(self.source)) != _describe(self.source):
-            raise ProgsaeError(
-                f"{self.out} holds a checkpoint trained on other data (its source: {json.dumps(meta['source'])[:300]}); "
-                "train on the same data, or use another --out, or --force to start over"
-            )
-        state = load_tensors(ck / "state.safetensors")
-        with torch.no_grad():
-            for name, p in self.sae.named_parameters():
-                p.copy_(weights[name])
-        opt_state = {}
-        for i, (a, p) in enumerate(zip(self.adam_params, self.sae.parameters(), strict=True)):
-            if f"adam.{i}.step" in state:  # moments take Adam's view of the parameter (W_enc's [N, d] block)
-                opt_state[i] = {"step": state[f"adam.{i}.step"]} | {
-                    n: torch.empty_like(p).copy_(state[f"adam.{i}.{n}"]).t() if a is not p
-                    else torch.empty_like(p).copy_(state[f"adam.{i}.{n}"])
-                    for n in ("exp_avg", "exp_avg_sq")
-                }
-        self.opt.load_state_dict({"state": opt_state, "param_groups": self.opt.state_dict()["param_groups"]})
-        self.since_fired = state["since_fired"].to(self.device)
-        self.gen.set_state(state["rng"])
-        self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta["history"]
-        # auto's choice as measured when the run began (checkpoints before precision existed were fp32)
-        self.precision, self.bf16_speedup = meta.get("precision", "fp32"), meta.get("bf16_speedup")
-
-
-# settings a run may change between a checkpoint and its resumption
-RESUMABLE = ("device", "log_every", "checkpoint_every", "keep_checkpoints")
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    """OUT's complete checkpoints, oldest first (a `.tmp` one was never finished)."""
-    root = out / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if root.is_dir() else []
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = _checkpoints(out)
-    return found[-1] if found else None
-
-
-def _describe(source) -> dict | None:
-    """What a source's batches are made of (JSON), checked when a checkpoint resumes."""
-    d = source.describe() if hasattr(source, "describe") else None
-    return json.loads(json.dumps(d)) if d is not None else None
+        """This step's checkpoint in OUT/checkpoints/ (see `checkpoint.save_checkpoint`)."""
+        save_checkpoint(self)
 
 
 def train_together(trainers: list[Trainer], progress: bool = True) -> list[SAE]:
@@ -491,14 +362,8 @@ def train_together(trainers: list[Trainer], progress: bool = True) -> list[SAE]:
     if precisions != ["fp32"]:  # bf16 chosen or asked for: say so
         speedup = [t.bf16_speedup for t in trainers if t.bf16_speedup]
         desc += f" [{'/'.join(precisions)}" + (f"; bf16 GEMM {speedup[0]:.1f}x fp32" if speedup else "") + "]"
-    bar = tqdm(
-        total=end,
-        initial=start,
-        disable=not (progress and main),
-        unit="step",
-        desc=desc if first.world == 1 else f"{desc} ({first.world} ranks)",
-        dynamic_ncols=True,
-    )
+    desc += "" if first.world == 1 else f" ({first.world} ranks)"
+    bar = tqdm(total=end, initial=start, disable=not (progress and main), unit="step", desc=desc, dynamic_ncols=True)
     batches = first.source.batches(cfg.batch_size, cfg.seed, start) if start < end else iter(())
     with bar:  # closed before an error is printed
         for step in range(start, end):
@@ -517,10 +382,6 @@ def train_together(trainers: list[Trainer], progress: bool = True) -> list[SAE]:
                 bar.set_postfix(fvu=f"{m['fvu']:.4f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.3f}")
             bar.update(1)
     return [t.finish() for t in trainers]
-
-
-def _jsonable(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg)))
 
 
 def train(source, cfg: TrainConfig, out: str | Path | None = None, progress: bool = True) -> SAE:
