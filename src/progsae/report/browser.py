@@ -26,9 +26,8 @@ from ..data import ActivationDir
 from ..files import fresh_dir, replace_dir
 from ..interp.proxies import proxies
 from ..interp.records import TextRows, latent_records, non_activating, quantile_rows
+from ..interp.study import WINDOW  # the tokens shown around an activation, as the judge sees them
 from ..sae import SAE
-
-WINDOW = (12, 3)  # tokens shown before and after the activating one
 
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
