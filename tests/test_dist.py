@@ -51,13 +51,13 @@ def rank_errors(logs) -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def acts(tmp_path_factory):
-    w = tmp_path_factory.mktemp("dist")
-    assert main(["synth", "--out", str(w / "acts"), "--tokens", "30000", "--d-in", "32", "--features", "96"]) == 0
-    return w / "acts"
+@pytest.fixture
+def acts(make_synth_acts):
+    """30 000 synthetic rows of 32 dimensions from 96 features (made once in the session)."""
+    return make_synth_acts(30_000, 32, 96)
 
 
+@pytest.mark.slow  # ~30 s: one process and torchrun
 def test_two_gloo_ranks_train_what_one_process_trains_on_the_same_global_batches(acts, tmp_path):
     steps = ["--tokens", str(512 * 30), "--log-every", "1"]
     assert main(["train", str(acts), "--out", str(tmp_path / "one"), *TRAIN, *steps]) == 0
@@ -81,6 +81,7 @@ def test_two_gloo_ranks_train_what_one_process_trains_on_the_same_global_batches
     assert load_json(tmp_path / "two" / "cfg.json")["metadata"]["progsae"]["training"]["ranks"] == 2
 
 
+@pytest.mark.slow  # ~1 min: three torchrun trainings
 def test_a_killed_torchrun_training_resumes_from_its_checkpoint_to_the_same_weights(acts, tmp_path):
     steps = ["--tokens", str(512 * 400), "--checkpoint-every", "20", "--keep-checkpoints", "2"]
     whole = torchrun("train", str(acts), "--out", str(tmp_path / "whole"), *TRAIN, *steps)
@@ -132,12 +133,9 @@ def rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
-def test_two_ranks_extract_the_bytes_of_one_process_and_a_killed_rank_loses_nothing(tmp_path):
-    from lm_fixtures import TEXT, tiny_lm
-
-    tiny_lm(tmp_path / "lm")
-    (tmp_path / "text.txt").write_text(TEXT * 150)
-    cmd = ["extract", "--model", str(tmp_path / "lm"), "--layer", "1", "--corpus", str(tmp_path / "text.txt"),
+@pytest.mark.slow  # ~50 s: four extractions, three under torchrun
+def test_two_ranks_extract_the_bytes_of_one_process_and_a_killed_rank_loses_nothing(tiny_lm_dir, text_corpus, tmp_path):
+    cmd = ["extract", "--model", str(tiny_lm_dir), "--layer", "1", "--corpus", str(text_corpus(150)),
            "--ctx-len", "16", "--tokens", "15000", "--shard-tokens", "600", "--batch-size", "2", "--out"]  # fmt: skip
     assert main([*cmd, str(tmp_path / "one")]) == 0
     p = torchrun(*cmd, str(tmp_path / "two"))

@@ -24,11 +24,12 @@ from progsae.files import ProgsaeError, load_tensors, save_tensors
 TRAIN = ["--d-sae", "256", "--k", "4", "--batch-size", "256", "--matryoshka", "64,256", "--dead-tokens", "1024"]
 
 
-@pytest.fixture(scope="module")
-def acts(tmp_path_factory):
-    w = tmp_path_factory.mktemp("faults")
-    assert main(["synth", "--out", str(w / "acts"), "--tokens", "20000", "--d-in", "16", "--features", "64"]) == 0
-    return w / "acts"
+def kill_rng() -> random.Random:
+    """The generator of the random kill moments: seeded from PROGSAE_KILL_SEED when set (to replay a failure),
+    else from a fresh seed. The seed is printed: pytest shows it with a failure."""
+    seed = int(os.environ.get("PROGSAE_KILL_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"kill timings seed {seed} (replay with PROGSAE_KILL_SEED={seed})")
+    return random.Random(seed)
 
 
 def full_disk_after(monkeypatch, n_ok: int, name: str):
@@ -47,9 +48,11 @@ def full_disk_after(monkeypatch, n_ok: int, name: str):
     monkeypatch.setattr(progsae.files, "save_file", save_file)
 
 
+@pytest.mark.slow  # ~15 s: three training runs
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_resumes(
-    acts, tmp_path, monkeypatch, capsys
+    synth_acts, tmp_path, monkeypatch, capsys
 ):
+    acts = synth_acts
     args = [*TRAIN, "--tokens", str(256 * 30), "--checkpoint-every", "10"]
     assert main(["train", str(acts), "--out", str(tmp_path / "whole"), *args]) == 0
     capsys.readouterr()
@@ -74,7 +77,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_rerun_re
 
 
 def test_a_full_disk_during_a_shard_write_keeps_the_shards_before_it_and_the_writer_resumes(tmp_path, monkeypatch):
-    rows = torch.randn(1000, 8)
+    rows = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
     source = {"kind": "test"}
 
     def write(resume_from_state: bool):
@@ -135,11 +138,13 @@ def test_nan_rows_are_skipped_with_a_warning_when_asked_and_the_rest_trains_as_i
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_training_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrupted_bytes(acts, tmp_path):
+@pytest.mark.slow  # minutes: 2000 steps, run twice and killed twice
+def test_training_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrupted_bytes(synth_acts, tmp_path):
+    acts = synth_acts
     args = [*TRAIN, "--tokens", str(256 * 2000), "--checkpoint-every", "50"]
     cmd = [sys.executable, "-m", "progsae", "train", str(acts), *args, "--out"]
     assert subprocess.run([*cmd, str(tmp_path / "whole")], capture_output=True).returncode == 0
-    rng, resumed_at = random.Random(), []
+    rng, resumed_at = kill_rng(), []
     for _ in range(2):  # two kills at random moments once a checkpoint exists
         p = subprocess.Popen(
             [*cmd, str(tmp_path / "cut")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -160,16 +165,15 @@ def test_training_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrup
         assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
 
 
-def test_extraction_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrupted_files(tmp_path):
-    from lm_fixtures import TEXT, tiny_lm
-
-    tiny_lm(tmp_path / "lm")
-    (tmp_path / "text.txt").write_text(TEXT * 150)
-    cmd = [sys.executable, "-m", "progsae", "extract", "--model", str(tmp_path / "lm"), "--layer", "1", "--corpus",
-           str(tmp_path / "text.txt"), "--ctx-len", "16", "--tokens", "15000", "--shard-tokens", "600",
+@pytest.mark.slow  # ~1 min: 15 000 tokens extracted twice, killed twice
+def test_extraction_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrupted_files(
+    tiny_lm_dir, text_corpus, tmp_path
+):
+    cmd = [sys.executable, "-m", "progsae", "extract", "--model", str(tiny_lm_dir), "--layer", "1", "--corpus",
+           str(text_corpus(150)), "--ctx-len", "16", "--tokens", "15000", "--shard-tokens", "600",
            "--batch-size", "2", "--out"]  # fmt: skip
     assert subprocess.run([*cmd, str(tmp_path / "whole")], capture_output=True).returncode == 0
-    rng, resumed = random.Random(), []
+    rng, resumed = kill_rng(), []
     for _ in range(2):
         p = subprocess.Popen([*cmd, str(tmp_path / "cut")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         part, t0 = tmp_path / "cut.partial", time.monotonic()
@@ -194,10 +198,13 @@ def one_line(capsys, match: str) -> None:
     assert err.count("progsae: error") == 1 and match in err.splitlines()[-1], err
 
 
-def test_bad_files_and_settings_are_one_line_and_exit_2_with_nothing_half_written(acts, tmp_path, capsys):
+def test_bad_files_and_settings_are_one_line_and_exit_2_with_nothing_half_written(
+    synth_acts, tiny_lm_dir, tmp_path, capsys
+):
     import json
     import shutil
 
+    acts = synth_acts
     train = ["--d-sae", "32", "--k", "4", "--tokens", "2560", "--batch-size", "256"]
     # a shard truncated after the manifest was written: named when it is read, no SAE
     cut = tmp_path / "cut"
@@ -239,9 +246,6 @@ def test_bad_files_and_settings_are_one_line_and_exit_2_with_nothing_half_writte
     one_line(capsys, "run config: unknown field(s) layers")
     assert main(["run", "--out", str(tmp_path / "r"), "--outlier-quantile", "1.5"]) == 2
     one_line(capsys, "outlier_quantile must be in [0.5, 1)")
-    from lm_fixtures import tiny_lm
-
-    tiny_lm(tmp_path / "lm")
-    assert main(["run", "--out", str(tmp_path / "r"), "--model", str(tmp_path / "lm"), "--layer", "99"]) == 2
+    assert main(["run", "--out", str(tmp_path / "r"), "--model", str(tiny_lm_dir), "--layer", "99"]) == 2
     one_line(capsys, "layer 99 does not exist")
     assert not (tmp_path / "r").exists()

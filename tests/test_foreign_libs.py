@@ -2,8 +2,8 @@
 
 For each kind of SAE a library writes: build one in the library with random weights (non-zero biases, decoder
 norms not 1, thresholds that some but not all latents pass), save it with the library's own saver, load it
-with `progsae.SAE.load` and compare its reconstruction with the library's own forward pass. Then permute it,
-write it with `progsae.formats.save` and read it back in the library: the library must reconstruct as the
+with `progsae.load_sae` and compare its reconstruction with the library's own forward pass. Then permute it,
+write it with `progsae.save_sae` and read it back in the library: the library must reconstruct as the
 original did. Kinds progsae cannot compute exactly must be refused with a one-line ProgsaeError.
 
 Each library's tests skip when it is not installed, so in CI (none installed) every test here skips. To run

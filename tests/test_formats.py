@@ -14,7 +14,6 @@ from progsae.cli import main
 from progsae.formats import detect, load_sae, save_sae
 
 D, N, K = 12, 40, 5
-RNG = np.random.default_rng(0)
 
 
 def weights(seed: int = 0, dec_norm: float = 1.0) -> dict[str, np.ndarray]:
@@ -31,7 +30,7 @@ def weights(seed: int = 0, dec_norm: float = 1.0) -> dict[str, np.ndarray]:
     }
 
 
-X = RNG.normal(size=(64, D)).astype(np.float32) * 2
+X = np.random.default_rng(0).normal(size=(64, D)).astype(np.float32) * 2
 
 
 # -- the libraries' definitions, in numpy float64 ----------------------------------------------------------
@@ -77,6 +76,20 @@ def rel_err(a, b) -> float:
 def recon(sae: SAE, x: np.ndarray = X) -> np.ndarray:
     with torch.no_grad():
         return sae(torch.from_numpy(x)).numpy()
+
+
+def dense_recon(sae: SAE, x: np.ndarray, G: int | None = None, mode: str = "prefix") -> np.ndarray:
+    """An SAE's reconstruction at granularity G from its weights, in numpy float64: the code of all latents
+    with those from G on dropped (prefix), or TopK over the first G alone with k_G = max(1, round(k G / N))."""
+    G = sae.d_sae if G is None else G
+    w = {n: getattr(sae, n).detach().double().numpy() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    pre = (x.astype(np.float64) - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if mode == "rescaled":
+        z = topk_rows(np.maximum(pre[:, :G], 0), max(1, round(sae.k * G / sae.d_sae)))
+    else:
+        thr = sae.threshold.detach().double().numpy() if hasattr(sae, "threshold") else None
+        z = act({"topk": "topk", "relu": "relu"}.get(sae.architecture, "jumprelu"), pre, sae.k, thr)[:, :G]
+    return z @ w["W_dec"][:G] + w["b_dec"]
 
 
 # -- writers of the foreign layouts (as the libraries lay them out) ----------------------------------------
@@ -207,14 +220,16 @@ def test_saelens_fields_progsae_cannot_compute_are_refused_in_one_line(tmp_path,
 def test_saelens_round_trip_keeps_unknown_fields_sparsity_and_is_exact(tmp_path):
     cfg = saelens_cfg("topk", k=K, rescale_acts_by_decoder_norm=True, neuronpedia_id="gpt2/3-res")
     cfg["metadata"]["context_size"] = 128
-    sparsity = RNG.normal(size=N).astype(np.float32)
-    write_saelens(tmp_path / "s", cfg, saelens_weights(BASE), sparsity)
+    sparsity = np.random.default_rng(1).normal(size=N).astype(np.float32)
+    w = saelens_weights(BASE)
+    write_saelens(tmp_path / "s", cfg, w, sparsity)
     sae = load_sae(tmp_path / "s")
     order = torch.randperm(N, generator=torch.Generator().manual_seed(1))
     perm = sae.permute(order, "e_z2")
     save_sae(perm, tmp_path / "p")
     back = load_sae(tmp_path / "p")
     np.testing.assert_array_equal(recon(back), recon(perm))
+    assert rel_err(recon(back), ref_saelens(cfg, w, X)) < 1e-5  # what SAELens computes from the original
     out = json.loads((tmp_path / "p" / "cfg.json").read_text())
     assert out["neuronpedia_id"] == "gpt2/3-res" and out["metadata"]["context_size"] == 128
     assert out["rescale_acts_by_decoder_norm"] is False and out["metadata"]["progsae"]["permutation"]["metric"] == "e_z2"
@@ -296,14 +311,15 @@ def test_sparsify_variants_progsae_cannot_compute_are_refused(tmp_path, extra, t
 
 
 def test_sparsify_round_trip_in_its_own_format(tmp_path):
-    write_sparsify(tmp_path / "s", {"custom_field": 7})
+    t = write_sparsify(tmp_path / "s", {"custom_field": 7})
     sae = load_sae(tmp_path / "s")
-    perm = sae.permute(torch.randperm(N))
+    perm = sae.permute(torch.randperm(N, generator=torch.Generator().manual_seed(0)))
     save_sae(perm, tmp_path / "p")  # the format it was read in
     assert detect(tmp_path / "p")[0] == "sparsify"
     back = load_sae(tmp_path / "p")
     np.testing.assert_array_equal(recon(back), recon(perm))
     np.testing.assert_allclose(recon(back), recon(sae), rtol=1e-5, atol=1e-5)
+    assert rel_err(recon(back), ref_sparsify(t, X)) < 1e-5  # what sparsify computes from the original
     cfg = json.loads((tmp_path / "p" / "cfg.json").read_text())
     assert cfg["custom_field"] == 7 and cfg["num_latents"] == N and cfg["d_in"] == D
     assert back.cfg.progsae["permutation"]["order"] == perm.cfg.progsae["permutation"]["order"]
@@ -425,11 +441,15 @@ def test_permutation_is_exact_at_full_size_and_truncation_is_the_prefix_for_ever
         order = torch.randperm(N, generator=torch.Generator().manual_seed(2))
         perm = sae.permute(order)
         torch.testing.assert_close(perm(x), sae(x), rtol=1e-5, atol=1e-5, msg=name)
+        cfg, names = SAELENS_CASES[name]
+        assert rel_err(recon(perm), ref_saelens(cfg, saelens_weights(names), X)) < 1e-5, name  # as SAELens defines
         for G in (1, 17, N):
             small = perm.truncate(G)
             assert small.d_sae == G
             mode = "rescaled" if sae.architecture == "topk" else "prefix"  # TopK: k scaled to k G / N
             torch.testing.assert_close(small(x), perm(x, G, mode), rtol=1e-5, atol=1e-5, msg=name)
+            # against numpy from the permuted weights: the first G latents of the permuted order
+            np.testing.assert_allclose(recon(small), dense_recon(perm, X, G, mode), rtol=1e-4, atol=1e-5, err_msg=name)
         if sae.architecture != "topk":
             with pytest.raises(ProgsaeError, match="use mode prefix"):
                 sae(x, 10, "rescaled")
@@ -446,6 +466,8 @@ def test_truncating_a_trained_topk_sae_without_granularities(tmp_path):
     x = src.sample(256, 99)
     assert small.d_sae == 16 and small.k == 1
     torch.testing.assert_close(small(x), sae(x, 16, "rescaled"))
+    expected = dense_recon(sae, x.numpy(), 16, "rescaled")  # numpy: TopK-1 over the first 16 latents
+    np.testing.assert_allclose(recon(small, x.numpy()), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_one_pass_curve_and_statistics_of_threshold_saes_match_brute_force(tmp_path):
@@ -455,8 +477,12 @@ def test_one_pass_curve_and_statistics_of_threshold_saes_match_brute_force(tmp_p
         curve = progressive_eval(sae, batches)
         Gs = [1, 5, 20, 33, N]
         brute = fvu_at(sae, batches, Gs, "prefix")
+        xn = x.double().numpy()
+        var = ((xn - xn.mean(0)) ** 2).sum()
         for G in Gs:
             assert curve.fvu[G - 1] == pytest.approx(brute[G], rel=1e-6, abs=1e-9), (name, G)
+            expected = ((xn - dense_recon(sae, xn, G)) ** 2).sum() / var  # numpy, from the weights
+            assert curve.fvu[G - 1] == pytest.approx(expected, rel=1e-5), (name, G)
         # statistics against the dense code
         with torch.no_grad():
             pre = (x.double() - sae.b_dec.double()) @ sae.W_enc.double() + sae.b_enc.double()

@@ -118,6 +118,7 @@ def test_explain_simulate_detect_scores_a_latent_whose_rule_is_known(tmp_path, m
         assert 0 < r["malformed"] < 50 and r["simulation"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # ~40 s: the embedded 135M model on the CPU
 def test_the_embedded_model_judges_from_its_probabilities_well_formed_batched_and_cached(tmp_path):
     pytest.importorskip("gguf")
     from progsae.interp.autointerp import score_latent

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from lm_fixtures import TEXT, tiny_lm
 from progsae import SAE, ProgsaeError, SAEConfig, save_sae
 from progsae.analysis.lm_eval import LMSplice, recaptured_loss
 from progsae.analysis.rsa import _rank, rsa
@@ -19,18 +18,15 @@ pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-lm")
-    tiny_lm(path)
-    model, tok, name = load_lm(str(path))
-    corpus = tmp_path_factory.mktemp("corpus") / "text.txt"
-    corpus.write_text(TEXT * 4)
-    return model, tok, str(corpus), str(path)
+def lm(tiny_lm_dir, text_corpus):
+    """(model, tokenizer, corpus path, model directory): the shared tiny LM loaded, and TEXT 4 times."""
+    model, tok, _ = load_lm(str(tiny_lm_dir))
+    return model, tok, str(text_corpus(4)), str(tiny_lm_dir)
 
 
 def test_hooked_residual_stream_equals_hidden_states(lm):
     model, tok, *_ = lm
-    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     hs = model(input_ids=ids, output_hidden_states=True).hidden_states
     for layer in (0, 1):  # the last layer's hidden_states entry is after the final norm
         torch.testing.assert_close(residual_stream(model, ids, layer), hs[layer + 1], rtol=0, atol=0)
@@ -43,9 +39,10 @@ def test_layer_that_does_not_exist_is_named(lm):
 
 def test_splicing_unchanged_activations_reproduces_clean_logits(lm):
     model, *_ = lm
-    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     sp = Splicer(model, 1)
     h, logits = sp.clean(ids)
+    torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=0, atol=0)  # the model's own forward
     torch.testing.assert_close(sp.logits(h), logits, rtol=0, atol=0)
     torch.testing.assert_close(sp._full_forward(h), logits, rtol=0, atol=0)
     changed = h.clone()
@@ -111,7 +108,7 @@ def test_latent_records_point_at_the_tokens_that_made_them(lm, tmp_path):
     model, tok, corpus, _ = lm
     cfg = ExtractConfig(model="tiny", layer=1, tokens=300, corpus=corpus, ctx_len=16, batch_size=4, shard_tokens=100)
     acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False))
-    sae = SAE(SAEConfig(acts.d_in, 40, 4)).init_tied()
+    sae = SAE(SAEConfig(acts.d_in, 40, 4)).init_tied(torch.Generator().manual_seed(0))
     rec = latent_records(sae, acts.iter_rows(64), n_top=5)
     save_records(tmp_path / "records.safetensors", rec, sae, str(acts.path))
     rec = load_records(tmp_path / "records.safetensors", sae)
@@ -135,7 +132,7 @@ def test_latent_records_point_at_the_tokens_that_made_them(lm, tmp_path):
     q = counts.double() / counts.sum()
     assert float(p["token_entropy"][i]) == pytest.approx(float(-(q * q.log()).sum()))
     assert p["logit_lens"].shape == (40, 5) and 0 <= float(p["lens_agreement"][i]) <= 1
-    other = SAE(SAEConfig(acts.d_in, 40, 4)).init_tied()
+    other = SAE(SAEConfig(acts.d_in, 40, 4)).init_tied(torch.Generator().manual_seed(1))
     with pytest.raises(ProgsaeError, match="records of another SAE"):
         load_records(tmp_path / "records.safetensors", other.permute(torch.arange(40).flip(0)))
 
@@ -262,11 +259,12 @@ def test_recaptured_loss_equals_full_forwards_with_the_layer_replaced_and_reuses
 
 
 def test_rsa_is_one_for_identical_and_scaled_geometry_and_lower_for_noise():
-    x = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 8, generator=g)
     same = rsa(x, 2 * x)
     for m in ("cosine", "euclidean"):
         assert same[m]["pearson"] == pytest.approx(1.0) and same[m]["spearman"] == pytest.approx(1.0)
-    noisy = rsa(x, x + torch.randn(60, 8))
+    noisy = rsa(x, x + torch.randn(60, 8, generator=g))
     assert 0 < noisy["cosine"]["spearman"] < 0.95
 
 
@@ -331,13 +329,11 @@ def test_an_unknown_model_id_is_one_line_at_once_when_the_hub_is_unreachable(tmp
     assert not (tmp_path / "a").exists()
 
 
-def test_cli_extracts_trains_and_measures_recaptured_loss_end_to_end(lm, tmp_path, capsys):
+def test_cli_extracts_trains_and_measures_recaptured_loss_end_to_end(lm, text_corpus, tmp_path, capsys):
     from progsae.cli import main
 
     _, _, _, model_dir = lm
-    corpus = tmp_path / "more.txt"
-    corpus.write_text(TEXT * 40)
-    common = ["--model", model_dir, "--layer", "1", "--corpus", str(corpus), "--ctx-len", "16"]
+    common = ["--model", model_dir, "--layer", "1", "--corpus", str(text_corpus(40)), "--ctx-len", "16"]
     assert main(["extract", *common, "--tokens", "3000", "--out", str(tmp_path / "acts")]) == 0
     assert main(["extract", *common, "--tokens", "200", "--split", "test", "--out", str(tmp_path / "test")]) == 0
     assert (
@@ -397,19 +393,20 @@ def test_browser_lists_latents_in_importance_order_and_works_in_headless_chromiu
     import urllib.parse
     import urllib.request
 
-    from progsae.analysis import latent_stats
     from progsae.cli import main
+    from reference import dense_code
 
     model, tok, corpus, model_dir = lm
     cfg = ExtractConfig(model=model_dir, layer=1, tokens=400, corpus=corpus, ctx_len=16, batch_size=4)
     acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False))
-    sae = SAE(SAEConfig(acts.d_in, 24, 3, progsae={"granularities": [8, 24]})).init_tied()
+    sae = SAE(SAEConfig(acts.d_in, 24, 3, progsae={"granularities": [8, 24]})).init_tied(torch.Generator().manual_seed(0))
     save_sae(sae, tmp_path / "sae")
     assert main(["browse", str(tmp_path / "sae"), str(acts.path), "--out", str(tmp_path / "site")]) == 0
     site = tmp_path / "site"
     listing = json.loads((site / "latents.js").read_text().removeprefix("window.LATENTS=").removesuffix(";"))
     listed = [row[0] for row in listing]
-    e_z2 = latent_stats(sae, acts.iter_rows(100))["e_z2"]
+    x = torch.cat(list(acts.iter_rows(1000)))  # E[z^2] from the dense code, not the library's statistics
+    e_z2 = dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach().double().pow(2).mean(0)
     assert listed == torch.sort(e_z2, descending=True, stable=True).indices.tolist()  # importance order
     top = listed[0]
     latent = (site / "latents" / f"{top}.html").read_text()
@@ -485,8 +482,7 @@ def test_auto_interp_contexts_come_from_the_records_and_the_judge_check_tells_a_
     model, tok, corpus, model_dir = lm
     cfg = ExtractConfig(model=model_dir, layer=1, tokens=420, corpus=corpus, ctx_len=16, batch_size=4)
     acts = ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False))
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(acts.d_in, 24, 3)).init_tied()
+    sae = SAE(SAEConfig(acts.d_in, 24, 3)).init_tied(torch.Generator().manual_seed(0))
     rows = TextRows(acts, 10_000, sae, tok)
     rec = latent_records(sae, rows.x.split(100), n_top=10, n_sample=10, n_random_rows=200)
     dense = dense_code(rows.x, sae.W_enc, sae.b_enc, sae.b_dec, 3)  # the latents' activations, independently
