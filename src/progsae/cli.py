@@ -33,7 +33,7 @@ from .errors import ProgsaeError, check_device
 from .files import check_output_dir, check_output_file, save_json
 from .formats import load_sae, save_sae
 from .report.browser import BrowseArgs, browse, server
-from .train import TrainConfig, Trainer, choose_precision
+from .train import TrainArgs, TrainConfig, Trainer, choose_precision
 
 
 def cmd_synth(ns) -> None:
@@ -54,9 +54,10 @@ def cmd_extract(ns) -> None:
     extract(cfg, a.out)
 
 
-def cmd_train(a) -> None:
-    cfg = TrainConfig.from_dict({**(load_file(a.config) if a.config else {}), **given(TrainConfig, a)})
-    stream = given(StreamConfig, a)
+def cmd_train(ns) -> None:
+    a = from_args(TrainArgs, ns, "train")
+    cfg = TrainConfig.from_dict({**(load_file(a.config) if a.config else {}), **given(TrainConfig, ns)})
+    stream = given(StreamConfig, ns)
     if a.acts and stream:
         raise ProgsaeError(f"give ACTS or --{next(iter(stream)).replace('_', '-')} (training from the model), not both")
     if a.acts:
@@ -260,12 +261,13 @@ def cmd_eval(ns) -> None:
     print(f"results ({results['n_tokens']} tokens; full FVU curve over G=1..{sae.d_sae}) written to {a.out}")
 
 
-def cmd_run(a) -> None:
+def cmd_run(ns) -> None:
     from .report.page import write_report
-    from .study.config import PRESETS, RunConfig
+    from .study.config import PRESETS, RunArgs, RunConfig
     from .study.pipeline import Run
 
-    base = {**asdict(PRESETS[a.preset]), **(load_file(a.config) if a.config else {}), **given(RunConfig, a)}
+    a = from_args(RunArgs, ns, "run")
+    base = {**asdict(PRESETS[a.preset]), **(load_file(a.config) if a.config else {}), **given(RunConfig, ns)}
     cfg = RunConfig.from_dict(base)
     results = Run(cfg, a.out, force=a.force).run()
     if not dist.is_main():  # under torchrun rank 0 alone writes the report
@@ -290,7 +292,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .study.config import PRESETS, RunConfig
+    from .study.config import RunArgs, RunConfig
 
     p = _Parser(
         prog="progsae",
@@ -306,17 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         return s
 
-    s = command("run", "the paper's study end to end: activations, SAEs, permutation, evaluation, report", cmd_run)
-    s.add_argument(
-        "--preset",
-        choices=list(PRESETS),
-        default="demo",
-        help="demo: SmolLM2-135M on 2 CPU cores (default); paper: Gemma-2-2b, N up to 65,536 on a GPU",
-    )
-    s.add_argument("--config", help="JSON or YAML file of run settings overriding the preset; flags override it")
-    s.add_argument("--out", required=True, help="run directory: every stage's output, results.json, report.html")
+    s = command("run", "the paper's study end to end: activations, SAEs, permutation, evaluation, report", cmd_run,
+                RunArgs)  # fmt: skip
     add_flags(s, RunConfig, skip=("minutes_estimate",))
-    s.add_argument("--force", action="store_true", help="redo finished stages")
 
     command("synth", "write synthetic activations with known features (tests and demos)", cmd_synth,
             SynthArgs, SyntheticConfig)  # fmt: skip
@@ -326,17 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(s, ExtractConfig)
 
     s = command("train", "train a TopK or Matryoshka SAE on an activation directory, or straight from the model "
-                "(no ACTS)", cmd_train)  # fmt: skip
-    s.add_argument(
-        "acts", nargs="?", help="activation directory; without it the model runs on the fly (StreamConfig flags)"
-    )
-    s.add_argument(
-        "--out",
-        required=True,
-        help="SAE directory to write (SAELens layout), with history.json and checkpoints/ (a rerun resumes from the newest)",
-    )
-    s.add_argument("--config", help="JSON or YAML file of TrainConfig fields; flags override it")
-    s.add_argument("--force", action="store_true", help="discard an existing run directory instead of resuming")
+                "(no ACTS)", cmd_train, TrainArgs)  # fmt: skip
     add_flags(s, TrainConfig)
     add_flags(s, StreamConfig)
 

@@ -97,8 +97,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), 
         quiet = default in (None, [], "", MISSING) or (default is False and not file)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help = m.get("help", "") + ("" if quiet else f" (default {shown})")
-        if m.get("positional"):
-            target.add_argument(f.name, type=base, help=help)
+        if m.get("positional"):  # an optional one (a default given) may be left out
+            target.add_argument(f.name, type=base, help=help, **({} if default is MISSING else {"nargs": "?"}))
             continue
         kw = {"dest": f.name, "default": None, "help": help}
         if default is MISSING:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import check_fields, from_dict, opt
+from .config import REQUIRED, check_fields, from_dict, opt
 from .errors import ProgsaeError, check_device
 from .files import save_json
 from .formats import write_sae
@@ -44,10 +44,10 @@ class TrainConfig:
     k: int = opt(32, "active latents per token", min=1)
     tokens: int = opt(2_000_000, "training tokens", min=1)
     batch_size: int = opt(4096, "tokens per step (the global batch under torchrun)", min=1)
-    lr: float | None = opt(None, "learning rate (default 2e-4 / sqrt(N / 2^14))")
+    lr: float | None = opt(None, "learning rate (default 2e-4 / sqrt(N / 2^14))", above=0)
     warmup_steps: int = opt(1000, "linear learning-rate warmup, capped at a tenth of the run", min=0)
-    matryoshka: list[int] | None = opt(None, "fixed nested granularities m1 < ... < N")
-    matryoshka_weights: list[float] | None = opt(None, "weight c_m of each fixed granularity (default uniform)")
+    matryoshka: list[int] | None = opt(None, "fixed nested granularities m1 < ... < N", min=1)
+    matryoshka_weights: list[float] | None = opt(None, "weight c_m of each fixed granularity (default uniform)", min=0)
     matryoshka_sampled: int = opt(0, "draw this many granularities per step (N always added); 0: none", min=0)
     matryoshka_sampler: str = opt("uniform", "uniform on 1..N, or pareto: P(m) ~ m^-pareto_a", choices=SAMPLERS)
     pareto_a: float = opt(1.0, "exponent of the pareto sampler (1: log-uniform)")
@@ -72,17 +72,13 @@ class TrainConfig:
 
         if self.k > self.d_sae:
             bad(f"k={self.k} exceeds d_sae={self.d_sae}")
-        if self.lr is not None and not self.lr > 0:
-            bad(f"lr must be > 0, got {self.lr}")
         if self.matryoshka is not None:
             m = self.matryoshka
             if self.matryoshka_sampled:
                 bad("give fixed granularities or a sampled count, not both")
-            if not m or any(b <= a for a, b in zip(m, m[1:], strict=False)) or m[0] < 1 or m[-1] != self.d_sae:
+            if not m or any(b <= a for a, b in zip(m, m[1:], strict=False)) or m[-1] != self.d_sae:
                 bad(f"granularities must be increasing, >= 1 and end at d_sae={self.d_sae}; got {m}")
-            if self.matryoshka_weights is not None and (
-                len(self.matryoshka_weights) != len(m) or min(self.matryoshka_weights) < 0
-            ):
+            if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(m):
                 bad(f"matryoshka_weights needs {len(m)} non-negative numbers, one per granularity")
         elif self.matryoshka_weights is not None:
             bad("matryoshka_weights given without fixed granularities")
@@ -106,6 +102,17 @@ class TrainConfig:
     def jsonable(self) -> dict:
         """The fields as JSON values (what a checkpoint and the SAE's training record hold)."""
         return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass
+class TrainArgs:
+    """`progsae train`'s arguments besides TrainConfig's and StreamConfig's (see cli.py)."""
+
+    out: str = opt(REQUIRED, "SAE directory to write (SAELens layout), with history.json and checkpoints/ (a rerun resumes from the newest)")
+    acts: str | None = opt(None, "activation directory; without it the model runs on the fly (StreamConfig flags)",
+                           positional=True)  # fmt: skip
+    config: str | None = opt(None, "JSON or YAML file of TrainConfig fields; flags override it")
+    force: bool = opt(False, "discard an existing run directory instead of resuming")
 
 
 # -- losses --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..config import from_dict, opt
+from ..config import REQUIRED, from_dict, opt
 from ..data.activations import DTYPES
 from ..data.hook import HookConfig
 from ..errors import ProgsaeError
@@ -140,3 +140,14 @@ PRESETS = {
         minutes_estimate=None,
     ),
 }
+
+
+@dataclass
+class RunArgs:
+    """`progsae run`'s arguments besides RunConfig's (see cli.py)."""
+
+    out: str = opt(REQUIRED, "run directory: every stage's output, results.json, report.html")
+    preset: str = opt("demo", "demo: SmolLM2-135M on 2 CPU cores; paper: Gemma-2-2b, N up to 65,536 on a GPU",
+                      choices=tuple(PRESETS))  # fmt: skip
+    config: str | None = opt(None, "JSON or YAML file of run settings overriding the preset; flags override it")
+    force: bool = opt(False, "redo finished stages")
