@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,10 +12,10 @@ TRAIN = ["--d-sae", "128", "--k", "4", "--tokens", "20000", "--batch-size", "102
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, synth_acts):
     """synth -> train -> stats -> permute, shared by the tests below (small sizes, a few seconds)."""
     w = tmp_path_factory.mktemp("cli")
-    assert main(["synth", "--out", str(w / "acts"), "--tokens", "20000", "--d-in", "16", "--features", "64"]) == 0
+    shutil.copytree(synth_acts, w / "acts")
     assert main(["train", str(w / "acts"), "--out", str(w / "sae"), *TRAIN]) == 0
     assert main(["stats", str(w / "sae"), str(w / "acts"), "--out", str(w / "stats.safetensors")]) == 0
     assert (

@@ -10,7 +10,7 @@ from progsae.analysis.evaluate import EvalArgs
 from progsae.analysis.importance import PermuteArgs, StatsArgs
 from progsae.analysis.powerlaw import PowerlawArgs
 from progsae.cli import InspectArgs, build_parser, main
-from progsae.config import check_fields, flag_name, from_args
+from progsae.config import check_fields, flag_name, from_args, load_file
 from progsae.data.extract import ExtractArgs, ExtractConfig
 from progsae.data.hook import HookConfig
 from progsae.data.stream import StreamConfig
@@ -244,3 +244,24 @@ def test_command_arguments_of_every_kind_reach_their_dataclass():
     assert (a.G, a.tokens, a.rsa_tokens, a.lm_tokens, a.device, a.precision) == ([16, 64], None, 1000, 0, "cpu", "fp32")
     a = from_args(InspectArgs, p.parse_args(["inspect", "s", "--json"]), "inspect")
     assert (a.sae, a.stats, a.json) == ("s", None, True)
+
+
+# a run's config.json as the release before the study/ package wrote it (progsae.run.RunConfig's defaults)
+OLD_RUN_CONFIG = {"model": "smollm2-135m", "layer": 6, "corpus": "kjv", "ctx_len": 128, "source": "cached",
+                  "buffer_tokens": 262144, "train_tokens": 800000, "acts_dtype": "float32", "test_tokens": 40000,
+                  "d_sae": 4096, "k": 32, "sae_tokens": 2000000, "batch_size": 4096, "precision": "fp32",
+                  "matryoshka_sampled": 8, "grid": [], "stats_tokens": 200000, "rsa_tokens": 1000, "lm_tokens": 2048,
+                  "seed": 0, "seeds": 1, "outliers": "keep", "outlier_quantile": 0.99, "bootstrap": 1000,
+                  "device": "cpu", "minutes_estimate": None, "interp_tokens": 40000, "interp_latents": 3,
+                  "judge": "smollm2-135m", "judge_url": "", "saes": [], "train": True}  # fmt: skip
+
+
+def test_a_config_file_of_the_release_before_loads_to_the_same_settings(tmp_path):
+    """Every key the old RunConfig had is still a key with the same default; fields added since keep theirs."""
+    import json
+    from dataclasses import asdict
+
+    (tmp_path / "old.json").write_text(json.dumps(OLD_RUN_CONFIG))
+    cfg = RunConfig.from_dict(load_file(tmp_path / "old.json"))
+    assert {k: v for k, v in asdict(cfg).items() if k in OLD_RUN_CONFIG} == OLD_RUN_CONFIG
+    assert asdict(cfg) == asdict(RunConfig())  # the new fields (test_frac, keep_bos) at their defaults

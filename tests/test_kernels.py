@@ -9,7 +9,7 @@ from reference import dense_code, dense_loss, make_sae
 
 def fast_and_dense_grads(sae, x, bounds, weights, dead=None, k_aux=0):
     sae.zero_grad()
-    loss, *_ = sae_loss(sae, x, bounds, weights, dead, k_aux)
+    loss, *_ = sae_loss(sae, x, bounds=bounds, weights=weights, dead=dead, k_aux=k_aux)
     loss.backward()
     fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
     ref = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
@@ -36,7 +36,7 @@ def test_matryoshka_loss_equals_naive_sum_of_per_granularity_fvus():
     sae = make_sae()
     x = torch.randn(50, 16, generator=torch.Generator().manual_seed(2))
     bounds, w = [10, 30, 96], torch.tensor([0.5, 0.25, 0.25])
-    loss, *_ = sae_loss(sae, x, bounds, w)
+    loss, *_ = sae_loss(sae, x, bounds=bounds, weights=w)
     with torch.no_grad():
         z = dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k)
         var = ((x - x.mean(0)) ** 2).sum()
@@ -136,7 +136,7 @@ def test_bf16_selection_path_matches_the_dense_fp32_reference_in_loss_and_grads(
             topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, 5, dead, aux, bf16=True)[1::2],  # indices, aux_indices
             topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, 5, dead, aux)[1::2], strict=True))  # fmt: skip
         sae.zero_grad()
-        loss, *_ = sae_loss(sae, x, bounds, w, dead, aux, bf16=True)
+        loss, *_ = sae_loss(sae, x, bounds=bounds, weights=w, dead=dead, k_aux=aux, bf16=True)
         loss.backward()
         fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
         ref = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}

@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from lm_fixtures import TEXT, rule_judge_server, tiny_lm
+from lm_fixtures import rule_judge_server
 from progsae import ProgsaeError, load_sae
 from progsae.cli import main
 from progsae.report.tables import fmt_ci
@@ -18,11 +18,11 @@ pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_lm_dir, text_corpus):
     """A whole `progsae run` on a tiny random LM: every stage, at toy sizes (~20 s)."""
     w = tmp_path_factory.mktemp("run")
-    tiny_lm(w / "lm")
-    (w / "text.txt").write_text(TEXT * 60)
+    (w / "lm").symlink_to(tiny_lm_dir, target_is_directory=True)
+    (w / "text.txt").symlink_to(text_corpus(60))
     cfg = {
         "model": str(w / "lm"),
         "layer": 1,

@@ -7,7 +7,6 @@ from itertools import islice
 import pytest
 import torch
 
-from lm_fixtures import TEXT, tiny_lm
 from progsae.data.lm import load_lm
 from progsae.data.stream import LMSource, StreamConfig
 from progsae.train import TrainConfig, Trainer, train_together
@@ -16,12 +15,8 @@ B = 100
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-lm")
-    tiny_lm(path)
-    corpus = tmp_path_factory.mktemp("corpus") / "text.txt"
-    corpus.write_text(TEXT * 12)
-    return str(path), str(corpus)
+def lm(tiny_lm_dir, text_corpus):
+    return str(tiny_lm_dir), str(text_corpus(12))
 
 
 def source(lm, **kw):

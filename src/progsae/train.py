@@ -160,6 +160,7 @@ class Loss(NamedTuple):
 def sae_loss(
     sae: SAE,
     x: torch.Tensor,
+    *,
     bounds: list[int] | None = None,
     weights: torch.Tensor | None = None,
     dead: torch.Tensor | None = None,
@@ -276,10 +277,8 @@ class Trainer:
             x = x[self.rank * share : (self.rank + 1) * share]
         bounds = sample_granularities(cfg, self.gen)
         dead = self.since_fired >= cfg.dead_tokens
-        res = sae_loss(
-            sae, x, bounds, granularity_weights(cfg, bounds), dead, self.k_aux, cfg.aux_coef, total_var,
-            self.precision == "bf16",
-        )
+        res = sae_loss(sae, x, bounds=bounds, weights=granularity_weights(cfg, bounds), dead=dead, k_aux=self.k_aux,
+                       aux_coef=cfg.aux_coef, total_var=total_var, bf16=self.precision == "bf16")  # fmt: skip
         sae.zero_grad(set_to_none=True)
         res.loss.backward()
         fired = res.indices[res.values > 0]
