@@ -1,8 +1,12 @@
-"""Fixtures shared by the test modules: a synthetic activation directory, and a tiny LM with its corpus.
+"""Fixtures shared by the test modules: a synthetic activation directory, a tiny LM with its corpus, and the
+seeded generator of random kill moments.
 
 Each is made once per session and is read-only: a test that changes one copies it first (shutil.copytree).
 A module's own fixture of the same name overrides these (pytest looks in the module before conftest.py).
 """
+
+import os
+import random
 
 import pytest
 import torch
@@ -57,3 +61,12 @@ def text_corpus(tmp_path_factory):
         return made[repeats]
 
     return make
+
+
+@pytest.fixture
+def kill_rng() -> random.Random:
+    """The generator of a test's random kill moments: seeded from PROGSAE_KILL_SEED when set (to replay a
+    failure), else from a fresh seed. The seed is printed: pytest shows it with a failure."""
+    seed = int(os.environ.get("PROGSAE_KILL_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"kill timings seed {seed} (replay with PROGSAE_KILL_SEED={seed})")
+    return random.Random(seed)

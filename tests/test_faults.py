@@ -5,7 +5,6 @@ uninterrupted run writes; every resume test checks that the rerun resumed rather
 """
 
 import os
-import random
 import re
 import signal
 import subprocess
@@ -22,14 +21,6 @@ from progsae.data import ActivationDir, ActivationWriter, SyntheticConfig, Synth
 from progsae.files import ProgsaeError, load_tensors, save_tensors
 
 TRAIN = ["--d-sae", "256", "--k", "4", "--batch-size", "256", "--matryoshka", "64,256", "--dead-tokens", "1024"]
-
-
-def kill_rng() -> random.Random:
-    """The generator of the random kill moments: seeded from PROGSAE_KILL_SEED when set (to replay a failure),
-    else from a fresh seed. The seed is printed: pytest shows it with a failure."""
-    seed = int(os.environ.get("PROGSAE_KILL_SEED") or random.SystemRandom().randrange(2**32))
-    print(f"kill timings seed {seed} (replay with PROGSAE_KILL_SEED={seed})")
-    return random.Random(seed)
 
 
 def full_disk_after(monkeypatch, n_ok: int, name: str):
@@ -139,12 +130,12 @@ def test_nan_rows_are_skipped_with_a_warning_when_asked_and_the_rest_trains_as_i
 
 
 @pytest.mark.slow  # minutes: 2000 steps, run twice and killed twice
-def test_training_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrupted_bytes(synth_acts, tmp_path):
+def test_training_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrupted_bytes(synth_acts, tmp_path, kill_rng):
     acts = synth_acts
     args = [*TRAIN, "--tokens", str(256 * 2000), "--checkpoint-every", "50"]
     cmd = [sys.executable, "-m", "progsae", "train", str(acts), *args, "--out"]
     assert subprocess.run([*cmd, str(tmp_path / "whole")], capture_output=True).returncode == 0
-    rng, resumed_at = kill_rng(), []
+    rng, resumed_at = kill_rng, []
     for _ in range(2):  # two kills at random moments once a checkpoint exists
         p = subprocess.Popen(
             [*cmd, str(tmp_path / "cut")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -167,13 +158,13 @@ def test_training_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrup
 
 @pytest.mark.slow  # ~1 min: 15 000 tokens extracted twice, killed twice
 def test_extraction_killed_with_sigkill_at_random_moments_reruns_to_the_uninterrupted_files(
-    tiny_lm_dir, text_corpus, tmp_path
+    tiny_lm_dir, text_corpus, tmp_path, kill_rng
 ):
     cmd = [sys.executable, "-m", "progsae", "extract", "--model", str(tiny_lm_dir), "--layer", "1", "--corpus",
            str(text_corpus(150)), "--ctx-len", "16", "--tokens", "15000", "--shard-tokens", "600",
            "--batch-size", "2", "--out"]  # fmt: skip
     assert subprocess.run([*cmd, str(tmp_path / "whole")], capture_output=True).returncode == 0
-    rng, resumed = kill_rng(), []
+    rng, resumed = kill_rng, []
     for _ in range(2):
         p = subprocess.Popen([*cmd, str(tmp_path / "cut")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         part, t0 = tmp_path / "cut.partial", time.monotonic()

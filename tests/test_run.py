@@ -486,15 +486,14 @@ def comparable(out) -> dict:
     return files
 
 
-def test_a_whole_run_killed_at_random_moments_reruns_to_what_an_uninterrupted_run_writes(run, tmp_path):
-    import random
+def test_a_whole_run_killed_at_random_moments_reruns_to_what_an_uninterrupted_run_writes(run, tmp_path, kill_rng):
     import signal
     import time
 
     cmd = [sys.executable, "-m", "progsae", "run", "--config", str(run / "cfg.yaml"), "--out"]
     whole = subprocess.run([*cmd, str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    cut, rng, killed = tmp_path / "cut", random.Random(), 0
+    cut, rng, killed = tmp_path / "cut", kill_rng, 0
     for _ in range(3):
         p = subprocess.Popen([*cmd, str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()

@@ -1,5 +1,5 @@
 """Auto-interp over a sample of an SAE's latents, stratified by importance rank, with contexts built from its
-latent records (analysis/records.py), and a check of the judge itself on latents whose rule is known.
+latent records (records.py), and a check of the judge itself on latents whose rule is known.
 
 Per latent: the explainer sees its even-ranked top contexts and contexts at evenly spaced quantiles of its
 activations; simulation and detection are scored on held-out contexts: its odd-ranked top contexts and random
