@@ -355,7 +355,7 @@ def test_run_studies_pretrained_saes_beside_and_instead_of_its_own(run, tmp_path
     assert "mine" in res["power_laws"] and len(res["findings"]) == 10
     assert [b["hi"] for b in res["interpretability"]["saes"]["mine-by-e_z2"]["bands"]] == [3, 6, 12, 24, 48]
     # the imported copy computes exactly what the sparsify file does; permuting leaves G = N unchanged
-    x = torch.randn(50, 32)
+    x = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(load_sae(out / "saes" / "mine")(x), load_sae(sp)(x), rtol=0, atol=0)
     a, b = res["saes"]["mine"]["table"][-1], res["saes"]["mine-by-e_z2"]["table"][-1]
     assert a["fvu_prefix"] == pytest.approx(b["fvu_prefix"], rel=1e-5)
