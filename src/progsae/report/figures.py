@@ -70,10 +70,10 @@ def _trained(res: dict) -> list[str]:
     return [f for f, v in res["families"].items() if v["role"] != "pretrained"]
 
 
-def figures(res: dict, run_dir: Path) -> dict[str, Path]:
+def figures(res: dict, out: Path) -> dict[str, Path]:
+    """Every figure of the report, as PNG files in the directory `out`: name -> path."""
     plt = _plt()
     st = styles(res)
-    out = run_dir / "figures"
     figs = {}
     fams = _trained(res)
     first_native = next((f for f in fams if res["families"][f]["role"] == "native"), None)

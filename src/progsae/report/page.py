@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..files import write_text
 from ..study import results
+from ..study.rundir import RunDir
 from .figures import figures, sorted_copy
 from .tables import RECONSTRUCTION, RESULT_COLUMNS, fmt, fmt_ci, html_table, result_rows, seconds, write_csv
 
@@ -22,9 +23,9 @@ def _img(path: Path, alt: str) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Tables, figures and report.html for the run in `run_dir`, from its results.json alone."""
-    run_dir = Path(run_dir)
-    res = results.load(run_dir)
-    write_csv(run_dir / "tables" / "results.csv", result_rows(res, with_ci=False))
+    d = RunDir(run_dir)
+    res = results.load(d.root)
+    write_csv(d.tables / "results.csv", result_rows(res, with_ci=False))
     pl_rows = [
         {"sae": n, "metric": m, "window": w, **{k: f[m][w][k] for k in ("exponent", "r2", "lo", "hi")},
          "outlier_latents": f["outlier_latents"]["count"]}
@@ -32,21 +33,21 @@ def write_report(run_dir: str | Path) -> Path:
         for m in ("e_z2", "freq", "dec_cov_eigs")
         for w in (("full", "robust") if m != "dec_cov_eigs" else ("full",))
     ]  # fmt: skip
-    write_csv(run_dir / "tables" / "power_laws.csv", pl_rows)
+    write_csv(d.tables / "power_laws.csv", pl_rows)
     if res["feature_splitting"]:
-        write_csv(run_dir / "tables" / "feature_splitting.csv", res["feature_splitting"])
+        write_csv(d.tables / "feature_splitting.csv", res["feature_splitting"])
     sc_rows = [{"sae": n, **v} for n, v in res["scaling"].items()]
     if "scaling_over_N" in res:
         f = res["scaling_over_N"]
         sc_rows.append({"sae": "native SAEs over N (FVU at their own size)", **{k: v for k, v in f.items() if k not in ("N", "fvu")}})
     if sc_rows:
-        write_csv(run_dir / "tables" / "scaling.csv", sc_rows)
+        write_csv(d.tables / "scaling.csv", sc_rows)
     tr_rows = [{"sae": n, **v} for n, v in res.get("training", {}).items()]
     if tr_rows:
-        write_csv(run_dir / "tables" / "training.csv", tr_rows)
+        write_csv(d.tables / "training.csv", tr_rows)
     if _interp_rows(res):
-        write_csv(run_dir / "tables" / "interpretability.csv", _interp_rows(res))
-    figs = figures(res, run_dir)
+        write_csv(d.tables / "interpretability.csv", _interp_rows(res))
+    figs = figures(res, d.figures)
 
     rows = result_rows(res)
     c, src = res["config"], res["source"]
@@ -140,7 +141,7 @@ def write_report(run_dir: str | Path) -> Path:
         "td.t,th{text-align:left}img{max-width:100%}figure{margin:1em 0}"
         "figcaption{font-size:13px;color:#555}</style></head><body>" + "\n".join(parts) + _SELF_CHECK + "</body></html>"
     )
-    return write_text(run_dir / "report.html", page)
+    return write_text(d.report, page)
 
 
 def _interp_rows(res: dict) -> list[dict]:
