@@ -295,6 +295,38 @@ def test_rsa_equals_a_numpy_computation_of_all_four_correlations():
     assert 0.2 < got["cosine"]["spearman"] < 0.95  # a value, not just a correlation's range
 
 
+def test_rsa_with_identical_reconstructions_equals_numpy_with_exact_ties():
+    """Many tokens decoding to the same vector (b_dec alone, at small G): their pairs are exactly 0 apart and
+    exactly as far from any third token, so Spearman ranks them as tie groups, as a computation pair by pair
+    does (a GEMM over all rows leaves them ±1e-16 apart: 8e-5 off scipy at 1000 tokens)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 64, generator=g)
+    y = x + 0.5 * torch.randn(300, 64, generator=g)
+    y[::3] = torch.randn(64, generator=g)  # 100 identical reconstructions
+    iu = np.triu_indices(300, 1)
+
+    def dists(a):  # pair by pair: products summed in one order, symmetric in the pair to the last bit
+        a = a.double().numpy()
+        norm = np.linalg.norm(a, axis=1)
+        cos = 1 - (a[:, None] * a[None]).sum(-1) / (norm[:, None] * norm[None])
+        euc = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
+        same = (a[:, None] == a[None]).all(-1)
+        return {"cosine": np.where(same, 0.0, cos)[iu], "euclidean": np.where(same, 0.0, euc)[iu]}
+
+    def ranks(v):  # 0-based, ties at the mean of their positions
+        _, group, count = np.unique(v, return_inverse=True, return_counts=True)
+        return (np.cumsum(count) - count + (count - 1) / 2)[group]
+
+    dx, dy = dists(x), dists(y)
+    assert (dy["cosine"] == 0).sum() == 100 * 99 // 2
+    got = rsa(x, y)
+    for m in ("cosine", "euclidean"):
+        assert got[m]["spearman"] == pytest.approx(np.corrcoef(ranks(dx[m]), ranks(dy[m]))[0, 1], abs=1e-12)
+        assert got[m]["pearson"] == pytest.approx(np.corrcoef(dx[m], dy[m])[0, 1], abs=1e-9)
+
+
 def test_ranks_average_ties():
     v = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0], dtype=torch.float64)
     assert _rank(v).tolist() == [3.0, 0.0, 3.0, 1.0, 3.0]

@@ -12,17 +12,23 @@ import torch
 
 
 def dissimilarities(x: torch.Tensor, metric: str) -> torch.Tensor:
-    """Upper triangle (i < j, row-major) of the pairwise dissimilarity matrix of the rows of x, float64."""
-    x = x.double()
+    """Upper triangle (i < j, row-major) of the pairwise dissimilarity matrix of the rows of x, float64.
+
+    Computed once per distinct row and gathered, so identical rows (at small G many tokens decode to b_dec
+    alone) are exactly 0 apart and exactly as far from any third row: a product over all rows leaves those
+    ties ±1e-16 apart, and Spearman would rank them arbitrarily."""
+    uniq, same = torch.unique(x.double(), dim=0, return_inverse=True)  # same[i]: which distinct row x[i] is
     if metric == "cosine":
-        u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        u = uniq / uniq.norm(dim=1, keepdim=True).clamp_min(1e-12)
         d = 1 - u @ u.t()
     elif metric == "euclidean":
-        d = torch.cdist(x, x)
+        d = torch.cdist(uniq, uniq)
     else:
         raise ValueError(f"unknown metric {metric!r}")
+    d.fill_diagonal_(0)
     i, j = torch.triu_indices(len(x), len(x), offset=1)
-    return d[i, j]
+    a, b = same[i], same[j]
+    return d[torch.minimum(a, b), torch.maximum(a, b)]  # one value per pair of distinct rows (d is not symmetric)
 
 
 def _rank(v: torch.Tensor) -> torch.Tensor:
