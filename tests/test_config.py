@@ -137,6 +137,15 @@ def test_the_synth_flags_default_to_the_synthetic_config_and_reach_it():
         assert shown[flag_name(f)].endswith(f"(default {f.default})"), f.name
 
 
+def test_run_help_shows_the_default_presets_values():
+    """`progsae run` without --preset runs the demo preset: its help gives the demo's values, not RunConfig's."""
+    from progsae.study.config import PRESETS
+
+    shown = {a.option_strings[0]: a.help for a in subparser("run")._actions if a.option_strings}
+    assert shown["--seeds"].endswith("(default 2)") and shown["--precision"].endswith("(default auto)")
+    assert PRESETS["demo"].seeds == 2 and RunConfig().seeds == 1  # the two differ: the help follows the preset
+
+
 def test_extract_stream_and_run_declare_the_hook_once():
     for cls in (ExtractConfig, StreamConfig):
         assert issubclass(cls, HookConfig)

@@ -292,7 +292,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .study.config import RunArgs, RunConfig
+    from .study.config import PRESETS, RunArgs, RunConfig
 
     p = _Parser(
         prog="progsae",
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("run", "the paper's study end to end: activations, SAEs, permutation, evaluation, report", cmd_run,
                 RunArgs)  # fmt: skip
-    add_flags(s, RunConfig, skip=("minutes_estimate",))
+    add_flags(s, RunConfig, skip=("minutes_estimate",), preset=("demo", PRESETS["demo"]))
 
     command("synth", "write synthetic activations with known features (tests and demos)", cmd_synth,
             SynthArgs, SyntheticConfig)  # fmt: skip

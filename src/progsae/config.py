@@ -81,19 +81,23 @@ def flag_name(f) -> str:
     return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), file: bool = True) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), file: bool = True, preset: tuple | None = None
+) -> None:
     """One argument per field of `cls` (help from `opt`, the default shown); every flag's default is None, so
     `given` tells the fields set on the command line from those left to the file or the default.
 
     file=True, a config that may also come from a file: its flags form a group saying so, and a boolean is
     --name / --no-name (to override a file's value either way). file=False, a command's own arguments: its
-    flags sit with the command's, a boolean is a switch (--name), and `choices` are offered by argparse."""
-    target = parser.add_argument_group(f"{cls.__name__} fields (flags override --config)") if file else parser
+    flags sit with the command's, a boolean is a switch (--name), and `choices` are offered by argparse.
+    preset: (its name, an instance of cls) whose values the help shows as the defaults, instead of the class's."""
+    title = f"{cls.__name__} fields (flags override --config" + (f"; defaults of the {preset[0]} preset)" if preset else ")")
+    target = parser.add_argument_group(title) if file else parser
     for f in fields(cls):
         base, is_list, _ = _kind(cls, f)
         if f.name in skip or base is dict:
             continue
-        m, default = f.metadata, _default(f)
+        m, default = f.metadata, getattr(preset[1], f.name) if preset else _default(f)
         quiet = default in (None, [], "", MISSING) or (default is False and not file)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help = m.get("help", "") + ("" if quiet else f" (default {shown})")
