@@ -125,7 +125,7 @@ def figures(res: dict, out: Path) -> dict[str, Path]:
             axes[1].loglog(np.arange(1, len(c) + 1), c, color=st[fam]["color"], ls=st[fam]["ls"], lw=1, alpha=0.5)
             axes[1].loglog(G, predict(f, G), color=st[fam]["color"], lw=2.2, alpha=0.8,
                            label=f"{fam}: {f['a']:.2f}·G^-{f['b']:.2f} + {f['c']:.3f} (R² {f['r2']:.3f})")  # fmt: skip
-    nat = [(f, v) for f, v in res["families"].items() if v["role"] in ("native", "vanilla") and "-by-" not in f]
+    nat = [(f, v) for f, v in res["families"].items() if v["role"] in ("native", "vanilla") and not res["plan"][f]["metric"]]
     for fam, v in nat:
         colour = st[fam]["color"] if v["role"] == "native" else plt.cm.Greens(0.95)
         axes[0].plot(v["d_sae"], v["table"][-1]["fvu_prefix"], MARKER_NATIVE, color=colour, ms=6)

@@ -274,7 +274,7 @@ class Run:
         rec = latent_records(sae, rows.x.split(4096))
         prox = proxies(sae, rec, acts, rows.contexts, model.get_output_embeddings().weight.detach().cpu())
         save_records(self.dir.records(name), {**rec, **prox}, sae, str(acts.path))
-        edges = sorted({g for g in self.granularities(name, sae.d_sae) if g <= sae.d_sae} | {sae.d_sae})
+        edges = sorted(set(self.granularities(name, sae.d_sae)) | {sae.d_sae})
         latents = stratified_latents(list(range(sae.d_sae)), rec["freq"] > 0, edges, c.interp_latents)
         judge = self.judge() if latents else None
         scores = score_latents(judge, rows, rec, latents, self.progress) if judge else []
