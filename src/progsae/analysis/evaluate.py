@@ -12,12 +12,14 @@ from tqdm.auto import tqdm
 
 from ..config import REQUIRED, opt
 from ..data import ActivationDir
+from ..data.truth import load_truth
 from ..sae import MODES, SAE
 from ..train import PRECISIONS
 from .importance import PRECISION_HELP, SAE_HELP
 from .intervals import block_weights
 from .lm_eval import LMSplice, recaptured_loss
 from .progressive import ProgressiveEval
+from .recovery import TruthEval
 from .rsa import _rank_matrix, rsa, spearman_replicates
 
 LM_KEYS = ("recaptured", "recaptured_mean", "dce", "kl", "ce")  # per G and mode, with lm
@@ -54,6 +56,7 @@ def evaluate(
 ) -> dict:
     """{"n_tokens", "d_sae", "k", "rsa_tokens", "table", "curve"[, "lm"]}.
 
+    truth: where the directory holds `truth.safetensors`, the known-answer metrics (`recovery.TruthEval`).
     table: per G in Gs, fvu_prefix, fvu_rescaled, l0 (prefix), l0_rescaled, dead_frac, rsa_prefix, rsa_rescaled
     and, with lm (the model, layer and contexts to splice into), recaptured_* (against zero ablation), recaptured_mean_*,
     dce_* (CE_sae - CE_clean, nats), kl_*, ce_* per mode.
@@ -70,9 +73,13 @@ def evaluate(
     src = acts.manifest.get("source", {})
     block = src["ctx_len"] - (0 if src.get("keep_bos") else 1) if src.get("kind") == "lm" else 128  # ~ a context
     acc = ProgressiveEval(sae, Gs if "rescaled" in modes else (), block_G=Gs, block_size=block)
+    truth = load_truth(acts)
+    known = TruthEval(sae, truth, Gs) if truth is not None else None
     stride, picked, at = max(1, n // rsa_tokens), [], 0  # the RSA sample: every stride-th row, across the set
     for x in tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="eval", unit="batch", disable=not progress):
         acc.update(x)
+        if known is not None:
+            known.update(x)
         picked.append(x[(-at) % stride :: stride])
         at += len(x)
     r = acc.result()
@@ -102,6 +109,8 @@ def evaluate(
         "blocks": r.blocks,
         "rsa_boot": rsa_boot,  # bootstrap replicates of the cosine-Spearman RSA over the sample's tokens
     }
+    if known is not None:
+        out["truth"] = known.result()
     if lm is not None:
         res = recaptured_loss(lm, {"sae": sae}, Gs, modes, progress)
         out["lm"] = {k: v for k, v in res.items() if k != "saes"}
