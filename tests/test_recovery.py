@@ -220,6 +220,8 @@ def test_firing_metrics_and_absorption_equal_plain_loops_in_both_modes(tmp_path)
     first = first_match(ev.C, 0.9)
     for row in res["table"]:
         assert row["recovered_depth"] == [float((first[depth == d] <= row["G"]).mean()) for d in range(3)]
+        parents = sorted(set(truth.parent[truth.parent >= 0].tolist()))
+        assert row["recovered_parents"] == np.mean([first[q] <= row["G"] for q in parents])
 
 
 def test_eval_adds_the_known_answers_whenever_the_directory_has_truth(tmp_path):

@@ -8,7 +8,8 @@ and a `Truth` (data/truth.py), with C = |cos| between decoder rows and true feat
     uniqueness(G)  distinct best-matching true features among the first G latents, over G (SAELens'
                    `feature_uniqueness` at G = N)
     recovered(G)   share of true features whose best match among the first G latents has C >= 0.9 (and 0.8),
-                   overall, by depth in the hierarchy and by decile of true firing frequency (most frequent first)
+                   overall, by depth in the hierarchy, of the parents (features with children) and by decile
+                   of true firing frequency (most frequent first)
 and, where the held-out rows carry their true codes, per truncation mode:
     precision, recall, f1(G)  each of the first G latents as a detector of its best-matching true feature
                    (argmax of C over all F), on the held-out rows; means over the G latents, a latent's score 0
@@ -157,7 +158,7 @@ class TruthEval:
     def result(self) -> dict:
         """{"n_features", "thresholds", "depth_counts", "curve": {"recovered", "recovered_0.8"} at every G,
         "table": per G of Gs: G, mcc, uniqueness, recovered, recovered_0.8, recovered_depth[_0.8] (a share
-        per depth), and with the true codes recovered_decile and precision_/recall_/f1_/absorption_MODE}."""
+        per depth), recovered_parents (None without a hierarchy), and with the true codes recovered_decile and precision_/recall_/f1_/absorption_MODE}."""
         F, N = self.truth.n_features, self.sae.d_sae
         first = {th: first_match(self.C, th) for th in THRESHOLDS}
         depths = np.bincount(self.depth)
@@ -173,6 +174,8 @@ class TruthEval:
                 row[key[th]] = float((f <= G).mean())
                 row[key[th].replace("recovered", "recovered_depth")] = [
                     float((f[self.depth == d] <= G).mean()) for d in range(len(depths))]  # fmt: skip
+            parents = first[THRESHOLDS[0]][self.parents.numpy()]
+            row["recovered_parents"] = float((parents <= G).mean()) if len(parents) else None
             if self.has_codes:
                 row["recovered_decile"] = [float((first[THRESHOLDS[0]][d] <= G).mean()) for d in decile]
                 for mode in self.modes:

@@ -13,7 +13,13 @@ from ..files import write_text
 from ..study import results
 from ..study.rundir import RunDir
 from .figures import figures, sorted_copy
+from .known import known_section
 from .tables import RECONSTRUCTION, RESULT_COLUMNS, fmt, fmt_ci, html_table, result_rows, seconds, write_csv
+
+
+def _synthetic(src: dict) -> str:
+    tree = f", {src['trees']} trees of depth {src['depth']} and branching {src['branching']}" if src.get("trees") else ""
+    return f"{src['n_features']} features in {src['d_in']} dimensions, {src['mean_active']} active per row{tree}"
 
 
 def _img(path: Path, alt: str) -> str:
@@ -55,10 +61,13 @@ def write_report(run_dir: str | Path) -> Path:
     seeds = c.get("seeds", 1)
     parts = [
         "<h1>progsae: progressive coding with sparse autoencoders</h1>",
-        f"<p>Model <b>{html.escape(src.get('model_name', c['model']))}</b>, hook <code>{html.escape(src.get('hook_name', ''))}</code>, "
-        f"corpus <code>{html.escape(c['corpus'])}</code> (contexts of {c['ctx_len']} tokens). "
-        + (f"SAEs trained straight from the model ({c['train_tokens']:,} training activations extracted for the "
-           "statistics), " if c.get("source") == "lm" else f"{c['train_tokens']:,} training activations, ")
+        (f"<p>Synthetic activations with known features ({html.escape(_synthetic(src))}); SAEs trained on the "
+         f"generator's rows as they are drawn ({c['train_tokens']:,} rows kept for the statistics), "
+         if c.get("source") == "synthetic" else
+         f"<p>Model <b>{html.escape(src.get('model_name', c['model']))}</b>, hook <code>{html.escape(src.get('hook_name', ''))}</code>, "
+         f"corpus <code>{html.escape(c['corpus'])}</code> (contexts of {c['ctx_len']} tokens). "
+         + (f"SAEs trained straight from the model ({c['train_tokens']:,} training activations extracted for the "
+           "statistics), " if c.get("source") == "lm" else f"{c['train_tokens']:,} training activations, "))
         + f"{c['test_tokens']:,} held-out; each SAE trained on {c['sae_tokens']:,} tokens, "
         f"{seeds} seed{'s' if seeds > 1 else ''}. N = {c['d_sae']}, k = {c['k']} (native smaller SAEs: k·G/N). "
         f"Run time {seconds(res.get('seconds', 0))} ({res.get('seconds', 0) / 60:.0f} minutes).</p>",
@@ -73,6 +82,7 @@ def write_report(run_dir: str | Path) -> Path:
         html_table(res["findings"], ["paper", "ours", "verdict", "rule"])
         if res["findings"]
         else "<p>No SAEs were trained in this run (train: false), so the paper's comparisons are not made.</p>",
+        *known_section(res, d.tables, d.figures, _img),
         *_outlier_section(res, figs),
         "<h2>Results at each granularity (held-out activations)</h2>",
         "<p>FVU: fraction of variance unexplained. Recaptured: (CE<sub>zero</sub> − CE<sub>SAE</sub>) / (CE<sub>zero</sub> − CE<sub>clean</sub>); "

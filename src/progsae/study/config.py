@@ -12,11 +12,13 @@ from dataclasses import dataclass, fields
 from ..config import REQUIRED, from_dict, opt
 from ..data.activations import DTYPES
 from ..data.hook import HookConfig
+from ..data.synthetic import SyntheticConfig
 from ..errors import ProgsaeError
 from ..train import PRECISIONS, TrainConfig
 
 # the fields a finished run may change: SAEs added or dropped, another judge (their own stages only)
 INTERP_FIELDS = ("interp_tokens", "interp_latents", "judge", "judge_url")
+ON_THE_FLY = ("lm", "synthetic")  # sources the SAEs train from as they are made, every SAE of a seed together
 ADDITIVE = ("minutes_estimate", "saes", "train", *INTERP_FIELDS)
 
 
@@ -29,7 +31,8 @@ def hook(cfg: HookConfig) -> dict:
 class RunConfig(HookConfig):
     """The hook and its contexts (`HookConfig`: model, layer, corpus, ctx_len, test_frac, keep_bos), then the run's own."""
 
-    source: str = opt("cached", "the SAEs train on: cached (train_tokens extracted to acts/ first) or lm (the model run on the fly, once per seed for all SAEs; acts/ then feeds the statistics only)", choices=("cached", "lm"))
+    source: str = opt("cached", "the SAEs train on: cached (train_tokens extracted to acts/ first), lm (the model run on the fly, once per seed for all SAEs; acts/ then feeds the statistics only) or synthetic (known answers: the generator of `synthetic` instead of a model, run on the fly like lm)", choices=("cached", *ON_THE_FLY))
+    synthetic: dict = opt({}, "with source synthetic: the generator's settings, SyntheticConfig's fields (see progsae synth --help); config file only")
     buffer_tokens: int = opt(262_144, "with source lm: activations shuffled together (memory: x d_in x 4 bytes, on the device)", min=1)
     train_tokens: int = opt(800_000, "activations extracted from the training split (source cached: what the SAEs train on)", min=1)
     acts_dtype: str = opt("float32", "extracted activations on disk: float32, or bfloat16 (half the disk; read as float32)", choices=DTYPES)
@@ -70,8 +73,14 @@ class RunConfig(HookConfig):
             bad(f"judge must name a model, got {self.judge!r}")
         if self.judge_url and not self.judge_url.startswith(("http://", "https://")):
             bad(f"judge_url must be empty or an http(s) URL, got {self.judge_url!r}")
-        if self.source == "lm" and self.outliers == "exclude":
-            bad("outliers 'exclude' needs source 'cached' (SAEs trained from the model see every token); set one of them")
+        if self.source in ON_THE_FLY and self.outliers == "exclude":
+            bad("outliers 'exclude' needs source 'cached' (SAEs trained on the fly see every token); set one of them")
+        if self.source == "synthetic":
+            self.synthetic_config()
+            if self.lm_tokens:
+                bad("lm_tokens must be 0 with source synthetic (no language model reads synthetic activations)")
+        elif self.synthetic:
+            bad("synthetic settings are given but source is not synthetic; set source: synthetic or drop them")
         if any(g > self.d_sae for g in self.grid):
             bad(f"every G in grid must be in 1..{self.d_sae}, got {self.grid}")
         if not all(self.saes):
@@ -100,6 +109,9 @@ class RunConfig(HookConfig):
             **spec.train,
         )
 
+    def synthetic_config(self) -> SyntheticConfig:
+        return from_dict(SyntheticConfig, self.synthetic, "run config synthetic")
+
     @property
     def G(self) -> list[int]:
         """The granularities every SAE is tabled at: the grid (default N/16 .. N) with N/4, N/2 and N."""
@@ -116,6 +128,23 @@ PRESETS = {
     # SmolLM2-135M and the KJV corpus; two seeds; interpretability (records, browsers, the local judge on 15
     # latents per SAE) ~4 minutes
     "demo": RunConfig(seeds=2, precision="auto", minutes_estimate=27),
+    # known answers, a few minutes on 2 CPU cores: the paper's methods trained on hierarchical synthetic data
+    # (16 trees of a root, 3 children and 9 grandchildren among 256 Zipfian features in 64 dimensions)
+    "synthetic": RunConfig(
+        source="synthetic",
+        synthetic={"d_in": 64, "n_features": 256, "mean_active": 8, "trees": 16, "depth": 2, "branching": 3},
+        train_tokens=50_000,
+        test_tokens=20_000,
+        d_sae=256,
+        k=8,
+        batch_size=1024,
+        sae_tokens=500_000,
+        lm_tokens=0,
+        stats_tokens=50_000,
+        interp_latents=0,
+        seeds=3,
+        minutes_estimate=5,
+    ),
     # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; GPUs and tens of millions of tokens. The SAEs
     # train straight from the model (50M tokens of float32 at d = 2304 would be 460 GB of shards); 2M tokens
     # are extracted, in bfloat16 (9 GB), for the outlier profile and the importance statistics
@@ -147,7 +176,7 @@ class RunArgs:
     """`progsae run`'s arguments besides RunConfig's (see cli.py)."""
 
     out: str = opt(REQUIRED, "run directory: every stage's output, results.json, report.html")
-    preset: str = opt("demo", "demo: SmolLM2-135M on 2 CPU cores; paper: Gemma-2-2b, N up to 65,536 on a GPU",
+    preset: str = opt("demo", "demo: SmolLM2-135M on 2 CPU cores; synthetic: known answers on 2 CPU cores; paper: Gemma-2-2b, N up to 65,536 on a GPU",
                       choices=tuple(PRESETS))  # fmt: skip
     config: str | None = opt(None, "JSON or YAML file of run settings overriding the preset; flags override it")
     force: bool = opt(False, "redo finished stages")

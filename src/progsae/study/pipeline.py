@@ -1,6 +1,7 @@
 """The stage graph of `progsae run`; each stage a few lines calling the library.
 
-    extract    acts/ and acts-test/             LM activations (train split, held-out split)
+    extract    acts/ and acts-test/             LM activations (train split, held-out split); source synthetic: the
+                                                generator's rows, acts-test/ with its true codes (truth.safetensors)
     outliers   outliers.json                    the norm profile and the outlier threshold (acts-typical/ if excluded)
     train      saes/NAME (the plan's trained)   one SAE at a time from acts/, or every SAE of a seed from one
                                                 pass of the model (source lm)
@@ -29,6 +30,7 @@ from ..data import ActivationDir, write_activations
 from ..data.extract import ExtractConfig, extract
 from ..data.lm import check_layer, load_lm
 from ..data.stream import LMSource, StreamConfig
+from ..data.synthetic import SyntheticSource, write_synthetic
 from ..errors import ProgsaeError, check_device
 from ..files import load_json, save_json, sweep_leftovers
 from ..formats import load_sae, save_sae
@@ -41,7 +43,7 @@ from ..interp.study import judge_check, score_latents, stratified_latents
 from ..report.browser import write_site
 from ..sae import SAE
 from ..train import Trainer, train_together
-from .config import ADDITIVE, INTERP_FIELDS, RunConfig, hook
+from .config import ADDITIVE, INTERP_FIELDS, ON_THE_FLY, RunConfig, hook
 from .plan import METRICS, Plan
 from .results import analyse
 from .rundir import RunDir
@@ -76,13 +78,15 @@ class Run:
         est = f", about {c.minutes_estimate:.0f} minutes on 2 CPU cores" if c.minutes_estimate else ""
         if st.timings and not self.force:
             est = f"; resuming ({len(st.timings)} stages already done)"
+        what = "synthetic activations with known features" if c.source == "synthetic" else f"{c.model} layer {c.layer}"
         st.say(
-            f"progsae run: {c.model} layer {c.layer}, {c.train_tokens:,} training activations, "
+            f"progsae run: {what}, {c.train_tokens:,} training activations, "
             f"N = {c.d_sae}, k = {c.k}, {len(plan.specs)} SAEs -> {self.out}{est}"
         )
         self.device = check_device(dist.init(c.device))  # under torchrun: cuda:LOCAL_RANK
         self.progress = st.progress = self.progress and dist.is_main()  # rank 0 alone shows progress
-        check_layer(self.lm()[0], c.layer)  # before anything is written
+        if c.source != "synthetic":
+            check_layer(self.lm()[0], c.layer)  # before anything is written
         pretrained = self._check_pretrained()
         if dist.is_main():
             sweep_leftovers(self.out)  # a killed invocation's half-written files
@@ -101,9 +105,10 @@ class Run:
             elif c.source == "cached":
                 st.stage(f"train {name}", d.sae(name) / "cfg.json", lambda n=name: self._train([n]), everyone=True)
         trained = [plan[n] for n in plan.names("vanilla", "native", "matryoshka")]
-        for s in sorted({sp.seed for sp in trained}) if c.source == "lm" else []:  # one pass of the model per seed
+        for s in sorted({sp.seed for sp in trained}) if c.source in ON_THE_FLY else []:  # one pass per seed
             names = [sp.name for sp in trained if sp.seed == s]
-            st.stage(f"train seed {c.seed + s} from the model", d.sae(names[-1]) / "cfg.json",
+            st.stage(f"train seed {c.seed + s} from the {'generator' if c.source == 'synthetic' else 'model'}",
+                     d.sae(names[-1]) / "cfg.json",
                      lambda ns=names: self._train(ns), everyone=True)  # fmt: skip
         for name in plan.names("vanilla", "pretrained"):
             st.stage(f"permute {name}", d.sae(plan.sorted_copy(name, METRICS[-1])) / "cfg.json", lambda n=name: self._permute(n),
@@ -149,6 +154,9 @@ class Run:
 
     def _extract(self, split: str, tokens: int) -> None:
         c = self.cfg
+        if c.source == "synthetic":  # the held-out split carries its true codes
+            write_synthetic(c.synthetic_config(), self.dir.acts(split), tokens, split == "test", self.progress)
+            return
         ec = ExtractConfig(**hook(c), tokens=tokens, split=split, seed=c.seed, device=c.device, dtype=c.acts_dtype)
         extract(ec, self.dir.acts(split), *self.lm(), progress=self.progress)
 
@@ -177,7 +185,7 @@ class Run:
                     f"SAE {name} ({path}) reads {theirs} but this run extracts {hook}; set layer to match, or pass "
                     "an SAE of this layer"
                 )
-            d_model = self.lm()[0].config.hidden_size
+            d_model = c.synthetic_config().d_in if c.source == "synthetic" else self.lm()[0].config.hidden_size
             if sae.cfg.d_in != d_model:
                 raise ProgsaeError(
                     f"SAE {name} ({path}) has d_in={sae.cfg.d_in} but {c.model} has width {d_model}; "
@@ -207,9 +215,11 @@ class Run:
             trainers.append(Trainer(self.cfg.train_config(self.plan[name], meta), source, self.dir.sae(name)))
         train_together(trainers, self.progress)
 
-    def stream(self) -> LMSource:
+    def stream(self) -> LMSource | SyntheticSource:
         """The model run on the fly over the training split (source lm), built once (every seed draws its own
-        batches from it); its description in stream.json."""
+        batches from it); its description in stream.json. Source synthetic: the generator."""
+        if self._stream is None and self.cfg.source == "synthetic":
+            self._stream = SyntheticSource(self.cfg.synthetic_config())
         if self._stream is None:
             c = self.cfg
             sc = StreamConfig(**hook(c), split_seed=c.seed, buffer_tokens=c.buffer_tokens)

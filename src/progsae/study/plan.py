@@ -83,7 +83,7 @@ class Plan:
 
     def __init__(self, cfg):
         N = cfg.d_sae
-        self.N = N
+        self.N, self.text = N, cfg.source != "synthetic"  # synthetic rows have no tokens to interpret
         self.specs: list[SAESpec] = []
         if cfg.train:
             for s in range(cfg.seeds):
@@ -125,7 +125,10 @@ class Plan:
 
     def interp(self) -> list[str]:
         """The SAEs whose latents are recorded, browsed and auto-interpreted (first seed, latents in rank
-        order): the vanilla SAE sorted by E[z²], every Matryoshka family, each pretrained SAE sorted by E[z²]."""
+        order): the vanilla SAE sorted by E[z²], every Matryoshka family, each pretrained SAE sorted by E[z²];
+        none where the activations carry no text."""
+        if not self.text:
+            return []
         trained = [self.vanilla("e_z2")] if self.vanilla() else []
         trained += [sp.name for sp in self.specs if sp.role == "matryoshka" and sp.seed == 0]
         return trained + [self.sorted_copy(n, "e_z2") for n in self.names("pretrained")]

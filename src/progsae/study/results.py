@@ -9,6 +9,7 @@ report reads this file alone (`load`).
     outliers, power_laws     the norm profile; per SAE the power-law fits (full and robust windows)
     series                   per SAE with power laws: e_z2, freq, dec_cov_eigs as computed (the fits' data)
     feature_splitting, scaling, scaling_over_N, training, history, stream, pretrained, interpretability
+    known_answers            where the held-out activations carry truth: recovery metrics per family (known.py)
     findings                 the paper's findings beside ours, each with its verdict and rule (findings.py)
     stage_seconds, seconds, seconds_this_invocation
 """
@@ -32,6 +33,7 @@ from ..formats import load_sae
 from ..interp import bands
 from ..interp.records import load_records
 from .findings import findings, interpretability_findings
+from .known import known_answers, known_findings
 from .rundir import RunDir
 
 CONVERGED = 0.01  # converged: one more doubling of the tokens is projected to lower FVU by < 1% of its value
@@ -80,6 +82,7 @@ def analyse(run) -> dict:
     if c.source == "lm" and c.train:  # the stream the SAEs trained on (source cached: acts/)
         res["stream"] = load_json(d.stream)
     pool = res["stream"]["epoch_tokens"] if "stream" in res else c.train_tokens  # tokens of one pass
+    pool = c.sae_tokens if c.source == "synthetic" else pool  # the generator never repeats a row
     for n in plan.names("vanilla", "native", "matryoshka", "pretrained"):
         sae, role = run.load(n), plan[n].role
         if role == "pretrained":
@@ -101,6 +104,7 @@ def analyse(run) -> dict:
             if len(G) > 32:
                 res["scaling"][fam] = fit_scaling(G, np.asarray(res["curves"][fam]["fvu_prefix"]), lo=16)
     res["interpretability"] = interpretability(run)
+    res["known_answers"] = known_answers(evals, families, c.seed)
     if not c.train:
         res["findings"] = []
         return res
@@ -114,6 +118,8 @@ def analyse(run) -> dict:
     sizes, fvus = [plan[n].d_sae for n in own], [res["families"][n]["table"][-1]["fvu_prefix"] for n in own]
     res["scaling_over_N"] = {"N": sizes, "fvu": fvus, **fit_scaling(sizes, fvus)}
     res["findings"] = findings(agg, res, plan)
+    if res["known_answers"]:
+        res["findings"] += known_findings(res["known_answers"], plan, c.G)
     study, check = res["interpretability"]["saes"], res["interpretability"]["check"]
     if check:
         matryoshkas = [n for n in plan.interp() if plan[n].role == "matryoshka"]
