@@ -248,7 +248,7 @@ def _lm_definitions(lm: dict | None) -> str:
     """What the LM-loss columns are: SAELens' ce_loss_score (the headline) and progsae's recaptured, with the
     cross-entropies they are made of."""
     ratio = "(CE<sub>ablated</sub> − CE<sub>SAE</sub>) / (CE<sub>ablated</sub> − CE<sub>clean</sub>)"
-    special = f" (ids {', '.join(map(str, lm['special_token_ids']))})" if lm and "special_token_ids" in lm else ""
+    special = f": ids {', '.join(map(str, lm['special_token_ids']))}" if lm and "special_token_ids" in lm else ""
     text = (
         f"<b>ce_loss_score</b> is SAELens' and Neuronpedia's number, defined as theirs: {ratio}, with layer L's output "
         "zeroed at every position, BOS included, for CE<sub>ablated</sub>; the SAE spliced in at every position but "
