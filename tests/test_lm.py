@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from progsae import SAE, ProgsaeError, SAEConfig, save_sae
-from progsae.analysis.lm_eval import LMSplice, recaptured_loss
+from progsae.analysis.lm_eval import LMSplice, recaptured_loss, special_token_ids
 from progsae.analysis.rsa import _rank, rsa
 from progsae.data import ActivationDir
 from progsae.data.corpus import load_corpus, pack_contexts, split_indices
@@ -196,12 +196,13 @@ def identity_sae(d):
 def test_recaptured_loss_is_one_for_a_perfect_reconstruction(lm):
     model, tok, corpus, _ = lm
     contexts = pack_contexts(load_corpus(corpus), tok, 16)[:6]
-    r = recaptured_loss(LMSplice(model, 1, contexts), {"perfect": identity_sae(32)}, [64], progress=False)
+    r = recaptured_loss(LMSplice(model, 1, contexts, (1, 2)), {"perfect": identity_sae(32)}, [64], progress=False)
     row = r["saes"]["perfect"]["prefix"][0]
     assert row["recaptured"] == pytest.approx(1.0, abs=1e-5) and row["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert row["ce_loss_score"] == pytest.approx(1.0, abs=1e-5) and row["kl_div_with_sae"] == pytest.approx(0, abs=1e-5)
     assert r["ce_zero"] != r["ce_clean"] and r["n_tokens"] == 6 * 15
     # a truncated reconstruction changes the model's predictions
-    r2 = recaptured_loss(LMSplice(model, 1, contexts), {"perfect": identity_sae(32)}, [8], progress=False)
+    r2 = recaptured_loss(LMSplice(model, 1, contexts, (1, 2)), {"perfect": identity_sae(32)}, [8], progress=False)
     assert r2["saes"]["perfect"]["rescaled"][0]["kl"] > 1e-4
 
 
@@ -215,6 +216,7 @@ def test_recaptured_loss_equals_full_forwards_with_the_layer_replaced_and_reuses
 
     model, tok, corpus, _ = lm
     contexts = pack_contexts(load_corpus(corpus), tok, 16)[:10]
+    contexts[5, 7] = tok.eos_token_id  # a document ends inside the second batch only
     d = model.config.hidden_size
     saes = [SAE(SAEConfig(d, 48, 6)).init_tied(torch.Generator().manual_seed(s)) for s in (1, 2)]
     h = residual_stream(model, contexts, 1)
@@ -237,15 +239,16 @@ def test_recaptured_loss_equals_full_forwards_with_the_layer_replaced_and_reuses
         ce = -logp.gather(-1, contexts[:, 1:].unsqueeze(-1)).mean()
         return float(ce), float((clean.exp() * (clean - logp)).sum(-1).mean())
 
-    splice, runs = LMSplice(model, 1, contexts, batch_size=4), []
+    splice, runs = LMSplice(model, 1, contexts, (tok.bos_token_id, tok.eos_token_id), batch_size=4), []
     real_logits = Splicer.logits
     Splicer.logits = lambda self, x: runs.append(1) or real_logits(self, x)
     try:
         got = [recaptured_loss(splice, {"s": sae}, [24, 48], progress=False) for sae in saes]
     finally:
         Splicer.logits = real_logits
-    batches = 3  # 10 contexts in batches of 4
-    assert len(runs) == batches * (3 + 2) + batches * 3  # (prefix 24, 48, rescaled 24) + ablations, then none
+    # per batch: (prefix 24, 48, rescaled 24), again in the batch whose EOS makes SAELens' splice another, + the
+    # ablations (zero, mean, SAELens' zero at every position) the first time, then none
+    assert len(runs) == (3 + 6 + 3) + 3 * 3 + (3 + 6 + 3)
     for key, replace in (("zero", torch.zeros_like), ("mean", lambda x: mean.expand_as(x))):
         ce, kl = reference(replace)
         for r in got:
@@ -257,6 +260,63 @@ def test_recaptured_loss_equals_full_forwards_with_the_layer_replaced_and_reuses
                 assert row["ce"] == pytest.approx(ce, rel=1e-5) and row["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
         assert r["saes"]["s"]["rescaled"][1] == r["saes"]["s"]["prefix"][1]  # G = N: the same code
 
+
+def test_saelens_ce_loss_score_and_kl_div_equal_a_hand_computation_with_bos_and_eos_inside(lm):
+    """SAELens' definition computed by hand in float64 from full forwards with layer 1's output swapped by a hook:
+    the special tokens (the tokenizer's BOS and EOS; it has no pad) are not spliced and the predictions made at them
+    are not counted, CE over positions 0..T-2 and KL over 0..T-1; zero ablation zeroes every position. Contexts
+    with BOS and EOS inside, and EOS last (its KL is left out)."""
+    import torch.nn.functional as F
+
+    from progsae.data.lm import decoder_layers
+
+    model, tok, corpus, _ = lm
+    bos, eos = 1, 2  # "<s>", "</s>" in tests/lm_fixtures.py
+    assert special_token_ids(tok) == (bos, eos)
+    contexts = pack_contexts(load_corpus(corpus), tok, 16)[:7]
+    contexts[1, 6], contexts[3, 15], contexts[4, 9], contexts[6, 3], contexts[6, 4] = bos, eos, bos, eos, eos
+    keep = (contexts != bos) & (contexts != eos)
+    d = model.config.hidden_size
+    sae = SAE(SAEConfig(d, 48, 6)).init_tied(torch.Generator().manual_seed(3))
+
+    @torch.no_grad()
+    def log_probs(replace=None):
+        def swap(module, args, output):
+            new = replace(output[0] if isinstance(output, tuple) else output)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = decoder_layers(model)[1].register_forward_hook(swap) if replace else None
+        try:
+            return F.log_softmax(model(input_ids=contexts).logits.double(), -1)
+        finally:
+            if handle:
+                handle.remove()
+
+    clean = log_probs()
+
+    def ce(logp):  # mean CE of the predictions made at non-special positions
+        return float(-logp[:, :-1].gather(-1, contexts[:, 1:, None])[..., 0][keep[:, :-1]].mean())
+
+    def kl(logp):
+        return float((clean.exp() * (clean - logp)).sum(-1)[keep].mean())
+
+    zeroed = log_probs(torch.zeros_like)
+    r = recaptured_loss(LMSplice(model, 1, contexts, (bos, eos), batch_size=3), {"s": sae}, [24, 48], progress=False)
+    assert r["n_tokens_saelens"] == int(keep[:, :-1].sum()) < r["n_tokens"]
+    assert r["ce_loss_without_sae"] == pytest.approx(ce(clean), rel=1e-5)
+    assert r["ce_loss_with_ablation"] == pytest.approx(ce(zeroed), rel=1e-5)
+    assert r["ce_loss_with_ablation"] == pytest.approx(np.log(model.config.vocab_size), rel=1e-6)  # zeros: uniform
+    assert r["kl_div_with_ablation"] == pytest.approx(kl(zeroed), rel=1e-4)
+    for mode in ("prefix", "rescaled"):
+        for row in r["saes"]["s"][mode]:
+            G = row["G"]
+            spliced = log_probs(lambda h, G=G, m=mode: torch.where(keep[..., None], sae(h.reshape(-1, d), G, m).view(h.shape), h))
+            score = (ce(zeroed) - ce(spliced)) / (ce(zeroed) - ce(clean))
+            assert row["ce_loss_with_sae"] == pytest.approx(ce(spliced), rel=1e-5)
+            assert row["ce_loss_score"] == pytest.approx(score, abs=1e-5)
+            assert row["kl_div_with_sae"] == pytest.approx(kl(spliced), rel=1e-4)
+            assert row["kl_div_score"] == pytest.approx(1 - kl(spliced) / kl(zeroed), abs=1e-5)
+            assert abs(row["ce_loss_score"] - row["recaptured"]) > 1e-3  # progsae's is another number
 
 def test_rsa_is_one_for_identical_and_scaled_geometry_and_lower_for_noise():
     g = torch.Generator().manual_seed(0)

@@ -108,7 +108,8 @@ def test_run_writes_every_artifact(run):
         assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     # every table number of a family has its interval, and the interval holds the mean
     row = res["families"]["topk-64-by-e_z2"]["table"][1]
-    for key in ("fvu_prefix", "fvu_rescaled", "recaptured_prefix", "recaptured_mean_rescaled", "dce_prefix", "kl_rescaled"):
+    for key in ("fvu_prefix", "fvu_rescaled", "ce_loss_score_prefix", "kl_div_with_sae_rescaled", "recaptured_prefix",
+                "recaptured_mean_rescaled", "dce_prefix", "kl_rescaled"):
         lo, hi = row[f"{key}_ci"]
         assert lo <= row[key] <= hi, key
     for name in ("results", "power_laws", "feature_splitting", "scaling", "training"):

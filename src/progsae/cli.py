@@ -20,7 +20,7 @@ from . import dist
 from .analysis import default_grid, fit_power_law, load_stats, plot_power_laws, save_stats, sort_by_importance
 from .analysis.evaluate import EvalArgs
 from .analysis.importance import SAE_HELP, PermuteArgs, StatsArgs
-from .analysis.lm_eval import LMSplice, directory_contexts
+from .analysis.lm_eval import LMSplice, directory_contexts, special_token_ids
 from .analysis.powerlaw import PowerlawArgs
 from .analysis.rsa import spearman
 from .config import REQUIRED, add_flags, from_args, from_dict, given, load_file, opt
@@ -231,11 +231,12 @@ def cmd_eval(ns) -> None:
     if a.lm_tokens:  # load the model first: a bad one fails before the long passes
         contexts = directory_contexts(acts, a.lm_tokens)
         source = acts.manifest["source"]
-        lm = LMSplice(load_lm(a.model or source["model"], a.device)[0], source["layer"], contexts)
+        model, tok, _ = load_lm(a.model or source["model"], a.device)
+        lm = LMSplice(model, source["layer"], contexts, special_token_ids(tok))
     results = {"sae": str(a.sae), "acts": str(a.acts),
                **evaluate(sae, acts, Gs, max_tokens=a.tokens, rsa_tokens=a.rsa_tokens, lm=lm)}  # fmt: skip
     save_json(a.out, results)
-    head = "  recaptured prefix/rescaled" if lm else ""
+    head = "  ce_loss_score prefix/rescaled  recaptured prefix/rescaled" if lm else ""
 
     def num(v, spec: str) -> str:  # rescaled values are None for SAEs without a rescaled mode
         return "—" if v is None else format(v, spec)
@@ -247,7 +248,8 @@ def cmd_eval(ns) -> None:
             f"{row['dead_frac']:>6.3f} {row['rsa_prefix']['cosine']['spearman']:>6.3f}"
         )
         if lm:
-            line += f"  {row['recaptured_prefix']:>10.3f} / {num(row['recaptured_rescaled'], '.3f')}"
+            line += f"  {row['ce_loss_score_prefix']:>13.4f} / {num(row['ce_loss_score_rescaled'], '<8.4f')}"
+            line += f"  {row['recaptured_prefix']:>10.4f} / {num(row['recaptured_rescaled'], '.4f')}"
         print(line)
     if "rescaled" not in sae.modes:
         print(f"rescaled mode: none for a {sae.architecture} SAE (its first G latents are the prefix mode)")
@@ -255,7 +257,9 @@ def cmd_eval(ns) -> None:
         r = results["lm"]
         print(
             f"LM cross-entropy over {r['n_tokens']} tokens: clean {r['ce_clean']:.3f}, "
-            f"zero-ablated {r['ce_zero']:.3f}, mean-ablated {r['ce_mean']:.3f}"
+            f"zero-ablated {r['ce_zero']:.3f}, mean-ablated {r['ce_mean']:.3f} (progsae: every prediction, "
+            f"BOS kept); SAELens' count ({r['n_tokens_saelens']} predictions, none at special tokens "
+            f"{r['special_token_ids']}): clean {r['ce_loss_without_sae']:.3f}, zero-ablated {r['ce_loss_with_ablation']:.3f}"
         )
     print(f"RSA: Spearman correlation of cosine dissimilarities over {results['rsa_tokens']} tokens (prefix mode)")
     print(f"results ({results['n_tokens']} tokens; full FVU curve over G=1..{sae.d_sae}) written to {a.out}")

@@ -1,10 +1,10 @@
 """A run's SAEs grouped into families (one SAE per training seed), each table number a mean over seeds with
 a 95% interval: a block bootstrap over held-out tokens nested in a bootstrap over seeds (see intervals.py).
 
-FVU, RSA, recaptured loss (against zero and mean ablation), delta CE and KL are bootstrapped (RSA over its
-token sample, by replicates drawn at evaluation); L0 and the dead fraction get an interval across seeds only
-(none with one seed). Comparisons of two families are paired:
-every SAE is resampled with the same blocks and contexts.
+FVU, RSA, SAELens' ce_loss_score and kl_div_with_sae, recaptured loss (against zero and mean ablation), delta CE
+and KL are bootstrapped (RSA over its token sample, by replicates drawn at evaluation); L0 and the dead fraction
+get an interval across seeds only (none with one seed). Comparisons of two families are paired: every SAE is
+resampled with the same blocks and contexts.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from ..sae import MODES
 from .intervals import block_weights, interval, over_seeds, ratio, seed_interval
 
-BOOTSTRAPPED = ("fvu", "rsa", "recaptured", "recaptured_mean", "dce", "kl")
+BOOTSTRAPPED = ("fvu", "rsa", "ce_loss_score", "kl_div_with_sae", "recaptured", "recaptured_mean", "dce", "kl")
 SEED_ONLY = ("l0", "dead_frac")
 
 
@@ -52,6 +52,11 @@ class Aggregate:
         if key in ("fvu", "rsa") or hit is None:
             return None
         pc, sae = lm["per_context"], np.asarray(hit["ce"])
+        if key == "ce_loss_score":  # SAELens' sums: special tokens' predictions left out, every position ablated
+            abl, lens = np.asarray(pc["ce_loss_with_ablation"]), np.asarray(hit["ce_loss_with_sae"])
+            return ratio(abl - lens, abl - np.asarray(pc["ce_loss_without_sae"]), self.Wc)
+        if key == "kl_div_with_sae":
+            return ratio(hit["kl_div_with_sae"], pc["n_kl_div"], self.Wc)
         clean, tpc = np.asarray(pc["clean"]), np.full(len(pc["clean"]), float(lm["tokens_per_context"]))
         if key == "recaptured":
             return ratio(np.asarray(pc["zero"]) - sae, np.asarray(pc["zero"]) - clean, self.Wc)

@@ -22,7 +22,9 @@ from .progressive import ProgressiveEval
 from .recovery import TruthEval
 from .rsa import _rank_matrix, rsa, spearman_replicates
 
-LM_KEYS = ("recaptured", "recaptured_mean", "dce", "kl", "ce")  # per G and mode, with lm
+# per G and mode, with lm: SAELens' ce_loss_score and kl_div_with_sae, then progsae's (see lm_eval.py)
+LM_KEYS = ("ce_loss_score", "kl_div_with_sae", "kl_div_score", "ce_loss_with_sae", "recaptured", "recaptured_mean",
+           "dce", "kl", "ce")  # fmt: skip
 
 
 @dataclass
@@ -58,8 +60,9 @@ def evaluate(
 
     truth: where the directory holds `truth.safetensors`, the known-answer metrics (`recovery.TruthEval`).
     table: per G in Gs, fvu_prefix, fvu_rescaled, l0 (prefix), l0_rescaled, dead_frac, rsa_prefix, rsa_rescaled
-    and, with lm (the model, layer and contexts to splice into), recaptured_* (against zero ablation), recaptured_mean_*,
-    dce_* (CE_sae - CE_clean, nats), kl_*, ce_* per mode.
+    and, with lm (the model, layer and contexts to splice into), per mode: SAELens' ce_loss_score_*, kl_div_with_sae_*,
+    kl_div_score_*, ce_loss_with_sae_*; progsae's recaptured_* (against zero ablation), recaptured_mean_*, dce_*
+    (CE_sae - CE_clean, nats), kl_*, ce_*.
     curve: fvu_prefix, l0, dead_frac at every G = 1..N. RSA: on `rsa_tokens` rows taken evenly across the set;
     rsa_boot: its bootstrap replicates over those tokens (`rsa.spearman_replicates`).
     blocks: per block of about one context of held-out rows, the squared residual at each G (both modes)

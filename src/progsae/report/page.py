@@ -74,7 +74,7 @@ def write_report(run_dir: str | Path) -> Path:
         "<p><b>How to read the numbers.</b> Every number is measured on held-out activations. A number in a table is "
         f"the mean over the {seeds} seed{'s' if seeds > 1 else ''} with its 95% interval in brackets: a block bootstrap "
         f"({c.get('bootstrap', 1000)} replicates) over held-out tokens in blocks of one context (FVU) or over the "
-        "LM-loss contexts (recaptured loss, ΔCE, KL), nested in a bootstrap over seeds; RSA and L0 have intervals "
+        "LM-loss contexts (ce_loss_score, kl_div_with_sae, recaptured, ΔCE, KL), nested in a bootstrap over seeds; RSA and L0 have intervals "
         "across seeds only (none with one seed). Comparisons are paired: both SAEs are resampled with the same "
         "tokens. A verdict counts a G as won only when the interval of the difference excludes the reverse.</p>",
         *_pretrained_section(res, figs),
@@ -85,16 +85,8 @@ def write_report(run_dir: str | Path) -> Path:
         *known_section(res, d.tables, d.figures, _img),
         *_outlier_section(res, figs),
         "<h2>Results at each granularity (held-out activations)</h2>",
-        "<p>FVU: fraction of variance unexplained. Recaptured: (CE<sub>zero</sub> − CE<sub>SAE</sub>) / (CE<sub>zero</sub> − CE<sub>clean</sub>); "
-        "recaptured vs mean: the same against mean ablation, (CE<sub>mean</sub> − CE<sub>SAE</sub>) / (CE<sub>mean</sub> − CE<sub>clean</sub>), "
-        "the stricter baseline; ΔCE = CE<sub>SAE</sub> − CE<sub>clean</sub> in nats; KL(clean ‖ spliced) in nats per token"
-        + (
-            f". CE clean {fmt(lm['ce_clean'])}, zero-ablated {fmt(lm['ce_zero'])}, mean-ablated {fmt(lm['ce_mean'])} nats over {lm['n_tokens']} tokens "
-            f"(a uniform guess over the vocabulary would be {fmt(lm.get('ce_uniform'))})"
-            if lm
-            else ""
-        )
-        + ". RSA: Spearman correlation of the cosine-dissimilarity matrices of original and reconstructed activations. "
+        "<p>FVU: fraction of variance unexplained. " + _lm_definitions(lm)
+        + " RSA: Spearman correlation of the cosine-dissimilarity matrices of original and reconstructed activations. "
         "prefix: TopK over all N latents, then those ≥ G dropped (its L0 falls with G); rescaled: TopK over the first G "
         "with k·G/N, the paper's constant K/G (L0 = k·G/N, matched across SAEs). Native SAEs are meaningful at their own "
         "size; their rows at smaller G are truncations.</p>",
@@ -260,6 +252,32 @@ _SELF_CHECK = (
     "<script>window.addEventListener('load',()=>{const i=[...document.images];"
     "document.body.dataset.images=i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length;});</script>"
 )
+
+
+def _lm_definitions(lm: dict | None) -> str:
+    """What the LM-loss columns are: SAELens' ce_loss_score (the headline) and progsae's recaptured, with the
+    cross-entropies they are made of."""
+    ratio = "(CE<sub>ablated</sub> − CE<sub>SAE</sub>) / (CE<sub>ablated</sub> − CE<sub>clean</sub>)"
+    special = f": ids {', '.join(map(str, lm['special_token_ids']))}" if lm and "special_token_ids" in lm else ""
+    text = (
+        f"<b>ce_loss_score</b> is SAELens' and Neuronpedia's number, defined as theirs: {ratio}, with layer L's output "
+        "zeroed at every position, BOS included, for CE<sub>ablated</sub>; the SAE spliced in at every position but "
+        f"the tokenizer's special tokens (BOS, EOS, pad{special}); and the predictions made at special tokens left "
+        "out. <b>kl_div_with_sae</b>: SAELens' mean KL(clean ‖ spliced) in nats over the same positions (the last "
+        f"one's prediction included). <b>recaptured</b> is progsae's (the paper's): the same ratio {ratio} with "
+        "the zero ablation and the SAE at every position but the first (BOS) and every prediction counted; "
+        "recaptured vs mean: against mean ablation, (CE<sub>mean</sub> − CE<sub>SAE</sub>) / (CE<sub>mean</sub> − "
+        "CE<sub>clean</sub>), the stricter baseline; ΔCE = CE<sub>SAE</sub> − CE<sub>clean</sub> in nats; kl: "
+        "KL(clean ‖ spliced) in nats per token, progsae's positions."
+    )
+    if lm and "ce_loss_without_sae" in lm:
+        text += (f" SAELens' count: CE clean {fmt(lm['ce_loss_without_sae'])}, zero-ablated "
+                 f"{fmt(lm['ce_loss_with_ablation'])} nats over {lm['n_tokens_saelens']} predictions.")  # fmt: skip
+    if lm:
+        text += (f" progsae's: CE clean {fmt(lm['ce_clean'])}, zero-ablated {fmt(lm['ce_zero'])}, mean-ablated "
+                 f"{fmt(lm['ce_mean'])} nats over {lm['n_tokens']} tokens (a uniform guess over the vocabulary would "
+                 f"be {fmt(lm.get('ce_uniform'))}).")  # fmt: skip
+    return text
 
 
 def _pretrained_section(res: dict, figs: dict) -> list[str]:

@@ -14,7 +14,11 @@ RESULT_COLUMNS = (
     ("fvu_rescaled", "fvu_rescaled"),
     ("l0_prefix", "l0"),
     ("l0_rescaled", "l0_rescaled"),
-    ("recaptured_prefix", "recaptured_prefix"),
+    ("ce_loss_score_prefix", "ce_loss_score_prefix"),  # SAELens' definition: the headline LM number
+    ("ce_loss_score_rescaled", "ce_loss_score_rescaled"),
+    ("kl_div_with_sae_prefix", "kl_div_with_sae_prefix"),
+    ("kl_div_with_sae_rescaled", "kl_div_with_sae_rescaled"),
+    ("recaptured_prefix", "recaptured_prefix"),  # progsae's definition (see analysis/lm_eval.py)
     ("recaptured_rescaled", "recaptured_rescaled"),
     ("recaptured_vs_mean_prefix", "recaptured_mean_prefix"),
     ("recaptured_vs_mean_rescaled", "recaptured_mean_rescaled"),

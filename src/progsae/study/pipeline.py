@@ -24,7 +24,7 @@ from pathlib import Path
 from .. import dist
 from ..analysis import latent_stats, save_stats, sort_by_importance
 from ..analysis.evaluate import evaluate
-from ..analysis.lm_eval import LMSplice, directory_contexts
+from ..analysis.lm_eval import LMSplice, directory_contexts, special_token_ids
 from ..analysis.outliers import norm_profile
 from ..data import ActivationDir, write_activations
 from ..data.extract import ExtractConfig, extract
@@ -257,8 +257,9 @@ class Run:
     def _evaluate(self, name: str) -> None:
         c, sae = self.cfg, self.load(name)
         if c.lm_tokens and self._splice is None:  # one per run: the ablations run once for every SAE
-            self._splice = LMSplice(self.lm()[0], c.layer, directory_contexts(ActivationDir(self.dir.acts("test")),
-                                                                              c.lm_tokens))  # fmt: skip
+            model, tok, _ = self.lm()
+            contexts = directory_contexts(ActivationDir(self.dir.acts("test")), c.lm_tokens)
+            self._splice = LMSplice(model, c.layer, contexts, special_token_ids(tok))
         out = {"name": name, **evaluate(sae, self.acts("test"), self.granularities(name, sae.d_sae),
                                         rsa_tokens=c.rsa_tokens, lm=self._splice, progress=self.progress,
                                         n_boot=c.bootstrap)}  # fmt: skip
