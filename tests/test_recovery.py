@@ -10,6 +10,7 @@ import torch
 
 from progsae import ProgsaeError
 from progsae.analysis.recovery import TruthEval, first_match, linear_sum_assignment, mcc, uniqueness
+from progsae.analysis.recovery import abs_cosines as abs_cos
 from progsae.data import ActivationDir
 from progsae.data.synthetic import SyntheticConfig, SyntheticSource, write_synthetic
 from progsae.data.truth import TRUTH_FILE, load_truth
@@ -242,3 +243,14 @@ def test_eval_adds_the_known_answers_whenever_the_directory_has_truth(tmp_path):
     C = np.abs(torch.nn.functional.normalize(sae.W_dec.detach().double(), dim=1).numpy()
                @ torch.nn.functional.normalize(load_truth(ActivationDir(tmp_path / "acts")).feature_vectors.double(), dim=1).numpy().T)  # fmt: skip
     assert row["mcc"] == pytest.approx(mcc(C), abs=1e-12)
+
+
+def test_no_small_training_seed_starts_an_sae_on_the_true_features():
+    """SAE.init_tied draws randn [N, d] from torch's generator seeded with the training seed; the generator's
+    features must not be that draw (they once were, for seed 0: the SAE started on the answer)."""
+    for seed in range(3):
+        V = SyntheticSource(SyntheticConfig(d_in=32, n_features=64, mean_active=3, seed=seed)).directions
+        for train_seed in range(10):
+            sae = SAE(SAEConfig(d_in=32, d_sae=128, k=4)).init_tied(torch.Generator().manual_seed(train_seed))
+            C = first_match(abs_cos(sae.W_dec, V), 0.9)
+            assert (C > 128).all(), (seed, train_seed)

@@ -37,6 +37,9 @@ from .truth import TRUTH_FILE, Truth, depths
 
 BATCH = 8192  # rows per batch of a written stream (fewer when F is large: see rows_per_batch)
 DRAWN = 2**24  # at most this many [rows x features] numbers drawn at once
+# the features' generator is seeded apart from every small seed: an SAE initialised from torch's generator
+# with the same seed (SAE.init_tied: randn [N, d]) would otherwise start exactly on the true features
+FEATURE_SEED = 0x5EED_FEA7_0000
 
 
 @dataclass
@@ -106,7 +109,7 @@ class SyntheticSource:
     def __init__(self, cfg: SyntheticConfig | None = None):
         self.cfg = cfg = cfg or SyntheticConfig()
         self.d_in = cfg.d_in
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(FEATURE_SEED + cfg.seed)
         D = torch.randn(cfg.n_features, cfg.d_in, generator=gen)
         if cfg.orthogonal:
             D = torch.linalg.qr(D.t().double()).Q.t().float()  # [F, d] orthonormal rows
