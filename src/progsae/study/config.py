@@ -129,16 +129,17 @@ PRESETS = {
     # latents per SAE) ~4 minutes
     "demo": RunConfig(seeds=2, precision="auto", minutes_estimate=27),
     # known answers, a few minutes on 2 CPU cores: the paper's methods trained on hierarchical synthetic data
-    # (16 trees of a root, 3 children and 9 grandchildren among 256 Zipfian features in 64 dimensions)
+    # (8 trees of a root, 3 children and 9 grandchildren among 128 Zipfian features in 64 dimensions: twice as
+    # many features as dimensions), N = 128 latents, one per true feature
     "synthetic": RunConfig(
         source="synthetic",
-        synthetic={"d_in": 64, "n_features": 256, "mean_active": 8, "trees": 16, "depth": 2, "branching": 3},
+        synthetic={"d_in": 64, "n_features": 128, "mean_active": 6, "trees": 8, "depth": 2, "branching": 3},
         train_tokens=50_000,
         test_tokens=20_000,
-        d_sae=256,
-        k=8,
+        d_sae=128,
+        k=6,
         batch_size=1024,
-        sae_tokens=500_000,
+        sae_tokens=600_000,
         lm_tokens=0,
         stats_tokens=50_000,
         interp_latents=0,
