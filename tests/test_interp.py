@@ -205,7 +205,8 @@ def test_the_lexical_judge_passes_the_judge_check_and_scores_shuffled_activation
     toks = [[rows.text(int(rows.token_ids[i])) for i in w] for w in windows]
     acts = [[float(rows.token_ids[i] == word) for i in w] for w in windows]
     half = len(windows) // 2
-    planted = score_latent(LexicalJudge(), list(zip(toks, acts))[:half], list(zip(toks, acts))[half:])
+    examples = list(zip(toks, acts, strict=True))
+    planted = score_latent(LexicalJudge(), examples[:half], examples[half:])
     assert planted["explanation"] == f'the word "{rows.text(word).strip()}"' and planted["simulation"] > 0.95
     sims = []
     for _ in range(10):
