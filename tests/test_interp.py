@@ -1,6 +1,7 @@
 """The auto-interp LLM path against a loopback server that speaks the OpenAI chat-completions protocol."""
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -215,3 +216,30 @@ def test_the_lexical_judge_passes_the_judge_check_and_scores_shuffled_activation
         examples = [(t, a.tolist()) for t, a in zip(toks, shuffled, strict=True)]
         sims.append(score_latent(LexicalJudge(), examples[:half], examples[half:])["simulation"])
     assert all(s is not None for s in sims) and abs(np.mean(sims)) < 0.1 and max(map(abs, sims)) < 0.3
+
+
+def test_the_findings_are_decided_by_a_judge_that_passes_its_check_and_say_which():
+    import numpy as np
+
+    from progsae.study.findings import interpretability_findings as findings
+
+    N, rng = 64, np.random.default_rng(0)
+
+    def scores(level, slope):
+        return [{"latent": i, "simulation": level - slope * i / N + rng.normal(0, 0.02)} for i in range(0, N, 2)]
+
+    llm = {"van": {"scores": scores(0.6, 0.0)}, "mat": {"scores": scores(0.8, 0.0)}}  # the reverse of the paper
+    lex = {"van": {"scores": scores(0.8, 0.0)}, "mat": {"scores": scores(0.6, 0.4)}}  # the paper's findings
+    good, weak = {"judge": "llm", "simulation": 0.9}, {"judge": "llm", "simulation": 0.1}
+    lexical = {"judge": "lookup", "check": {"judge": "lookup", "simulation": 1.0}, "saes": lex}
+    by_llm = findings(llm, "van", ["mat"], N, good, 500, lexical=lexical)
+    assert [x["verdict"] for x in by_llm] == ["not reproduced", "not reproduced"]  # the LLM's scores decide
+    assert all("decided by judge llm" in x["ours"] and "lookup" in x["ours"] for x in by_llm)
+    by_lexical = findings(llm, "van", ["mat"], N, weak, 500, lexical=lexical)
+    assert [x["verdict"] for x in by_lexical] == ["reproduced (by the lexical judge)"] * 2
+    assert all("decided by the lexical judge (lookup)" in x["ours"] and "llm: 0.10" in x["ours"] for x in by_lexical)
+    shown = re.search(r"mat: ([\d.]+) vs ([\d.]+)", by_lexical[0]["ours"]).groups()  # the lexical judge's means
+    assert shown == tuple(f"{np.mean([s['simulation'] for s in lex[n]['scores']]):.3f}" for n in ("van", "mat"))
+    both_weak = {**lexical, "check": {"simulation": 0.2}}
+    assert all(x["verdict"].startswith("undecided (judge too weak")
+               for x in findings(llm, "van", ["mat"], N, weak, 500, lexical=both_weak))  # fmt: skip
