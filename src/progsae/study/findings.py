@@ -164,7 +164,7 @@ def _sims(scores: list[dict], lo: int = 0, hi: int | None = None) -> list:
 
 
 def interpretability_findings(study: dict, vanilla: str, matryoshkas: list[str], N: int, check: dict,
-                              n_boot: int = 1000, seed: int = 0, lexical: dict | None = None) -> list[dict]:  # fmt: skip
+                              n_boot: int = 1000, seed: int = 0, lexical: dict | None = None) -> list[dict]:
     """The paper's two interpretability findings with verdicts (interp/bands.py: the differences), decided by the
     run's judge when it passes its own check (simulation at least JUDGE_MIN on known-word latents), else by the
     lexical judge when it passes (`lexical`: {"judge", "check", "saes"}, results.json's; a weaker, lexical

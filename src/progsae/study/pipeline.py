@@ -111,7 +111,8 @@ class Run:
             st.stage(f"permute {name}", d.sae(plan.sorted_copy(name, METRICS[-1])) / "cfg.json", lambda n=name: self._permute(n),
                      everyone=True)  # fmt: skip
         st.spread([(f"evaluate {n}", d.eval(n), lambda n=n: self._evaluate(n)) for n in plan.names()])
-        settings = {**{k: self.resolved[k] for k in INTERP_FIELDS}, LEXICAL: LexicalJudge.name}  # a run before the lexical judge redoes these
+        settings = {k: self.resolved[k] for k in INTERP_FIELDS}
+        settings[LEXICAL] = LexicalJudge.name  # a run made before the lexical judge redoes these stages
         for name in plan.interp():
             self._stale(d.interp(name), settings)  # other interp settings: redo this stage only (answers are cached)
             st.stage(f"interp {name}", d.interp(name), lambda n=name: self._interp(n, settings))

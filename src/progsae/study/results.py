@@ -146,7 +146,8 @@ def interpretability(run) -> dict:
         }
         if out[LEXICAL] and LEXICAL in it:
             lex = it[LEXICAL]["scores"]
-            out[LEXICAL]["saes"][name] = {"scores": lex, "bands": bands.bands(lex, prox, it["edges"], c.bootstrap, c.seed)}
+            out[LEXICAL]["saes"][name] = {"scores": lex,
+                                          "bands": bands.bands(lex, prox, it["edges"], c.bootstrap, c.seed)}  # fmt: skip
     return out
 
 
