@@ -174,6 +174,8 @@ def test_the_lexical_judge_explains_a_planted_token_or_bigram_exactly_and_simula
                             for c, _ in pair[10:]])  # fmt: skip
     acts = np.concatenate([a for _, a in pair[10:]])
     assert r["simulation"] == pytest.approx(np.corrcoef(named, acts)[0, 1], abs=1e-12)
+    # a latent that fired once still gets its best lookup (the held-out contexts then score it)
+    assert judge.explain([([" a", " mat", " sat", " on"], [0.0, 0.0, 2.0, 0.0])]) == ('the word "sat"', None)
     # a lookup that names no held-out token predicts nothing: simulation 0, not unscored
     absent = [(["x"] * 4, [0.0, 1.0, 0.0, 0.0]), (["y"] * 4, [0.0] * 4)]
     assert score_latent(judge, [], absent, explanation='the word "cat"')["simulation"] == 0.0

@@ -4,8 +4,10 @@ explain:  the set of words (tokens without their surrounding whitespace) and wor
           before it) whose presence best predicts the latent on the explanation contexts. Chosen greedily: each
           step adds the item that most raises the Pearson correlation, over every token of those contexts,
           between "this token is named" and the latent's activation; at most MAX_ITEMS items, each firing at
-          least MIN_SUPPORT times there, a word chosen over a pair when they predict the same. Written
-          'the word "God"' or 'the words "God", ["the", "LORD"]' (a pair as a JSON list).
+          least MIN_SUPPORT times there (or, where no item does, as often as the most frequent one: a rare
+          latent gets its best lookup, scored on held-out contexts like any other, rather than none), a word
+          chosen over a pair when they predict the same. Written 'the word "God"' or
+          'the words "God", ["the", "LORD"]' (a pair as a JSON list).
 simulate: 1 on every token the explanation names (a word, or the second word of a named pair), 0 elsewhere;
 detect:   a context fires when any of its tokens is named.
 
@@ -48,7 +50,8 @@ def explain_items(examples, max_items: int = MAX_ITEMS, min_support: int = MIN_S
     named = np.zeros((len(acts), len(cands)), bool)  # [tokens, candidates]
     for i, pair in enumerate(at):
         named[i, [col[x] for x in pair if x is not None]] = True
-    usable = (named & (acts > 0)[:, None]).sum(0) >= min_support
+    support = (named & (acts > 0)[:, None]).sum(0)
+    usable = support >= min(min_support, support.max())
     a = acts - acts.mean()
     chosen, cur, best = [], np.zeros(len(acts), bool), 0.0
     for _ in range(max_items):
@@ -63,7 +66,7 @@ def explain_items(examples, max_items: int = MAX_ITEMS, min_support: int = MIN_S
         chosen.append(j)
         cur, best = cur | named[:, j], float(r[j])
     if not chosen:
-        return [], f"no word or word pair fires {min_support} times and predicts the activations"
+        return [], "no word or word pair predicts the activations"
     return [cands[j] for j in chosen], None
 
 
