@@ -236,10 +236,12 @@ def test_the_findings_are_decided_by_a_judge_that_passes_its_check_and_say_which
     lexical = {"judge": "lookup", "check": {"judge": "lookup", "simulation": 1.0}, "saes": lex}
     by_llm = findings(llm, "van", ["mat"], N, good, 500, lexical=lexical)
     assert [x["verdict"] for x in by_llm] == ["not reproduced", "not reproduced"]  # the LLM's scores decide
-    assert all("decided by judge llm" in x["ours"] and "lookup" in x["ours"] for x in by_llm)
+    assert all("decided by judge llm (simulation on known-rule latents: judge llm 0.90, the lexical judge 1.00)"
+               in x["ours"] for x in by_llm)  # fmt: skip
     by_lexical = findings(llm, "van", ["mat"], N, weak, 500, lexical=lexical)
     assert [x["verdict"] for x in by_lexical] == ["reproduced (by the lexical judge)"] * 2
-    assert all("decided by the lexical judge (lookup)" in x["ours"] and "llm: 0.10" in x["ours"] for x in by_lexical)
+    assert all("decided by the lexical judge, lookup (simulation on known-rule latents: judge llm 0.10, the lexical "
+               "judge 1.00)" in x["ours"] for x in by_lexical)  # fmt: skip
     shown = re.search(r"mat: ([\d.]+) vs ([\d.]+)", by_lexical[0]["ours"]).groups()  # the lexical judge's means
     assert shown == tuple(f"{np.mean([s['simulation'] for s in lex[n]['scores']]):.3f}" for n in ("van", "mat"))
     both_weak = {**lexical, "check": {"simulation": 0.2}}

@@ -100,7 +100,7 @@ class LexicalJudge:
     """The judge interface of autointerp.py by token lookup: no model, no calls, deterministic. A lookup that
     names no token of the held-out contexts predicts no activation, which scores 0 (constant_is_zero)."""
 
-    name = f"token lookup (lexical, no LLM: at most {MAX_ITEMS} words or word pairs)"
+    name = f"token lookup of at most {MAX_ITEMS} words or word pairs (no LLM)"
     calls = 0
     constant_is_zero = True
 

@@ -171,18 +171,20 @@ def interpretability_findings(study: dict, vanilla: str, matryoshkas: list[str],
     notion, named in the verdict), else undecided; study: name -> {"scores": [...]}."""
     judges = [(f"judge {check.get('judge', '?')}", check, study)]
     if lexical:
-        judges.append((f"the lexical judge ({lexical['judge']})", lexical["check"], lexical["saes"]))
-    checks = "; ".join(f"{n}: {'not checked' if c.get('simulation') is None else format(c['simulation'], '.2f')}"
+        judges.append(("the lexical judge", lexical["check"], lexical["saes"]))
+    checks = ", ".join(f"{n} {'not checked' if c.get('simulation') is None else format(c['simulation'], '.2f')}"
                        for n, c, _ in judges)  # fmt: skip
     passing = [(n, s) for n, c, s in judges if c.get("simulation") is not None and c["simulation"] >= JUDGE_MIN]
     weak, by_lexical = not passing, bool(passing) and passing[0][0] != judges[0][0]
     gate = (
-        f"undecided (judge too weak: simulation on known-rule latents below {JUDGE_MIN}; {checks})"
+        f"undecided (judge too weak: simulation on known-rule latents below {JUDGE_MIN}: {checks})"
         if any(c.get("simulation") is not None for _, c, _ in judges)
         else "undecided (the judge could not be checked)"
     )
     judge, study = passing[0] if passing else (judges[0][0], study)
-    judge = f"decided by {judge} (simulation on known-rule latents, {checks})" if passing else judge
+    if passing:
+        judge = f"decided by {judge}" + (f", {lexical['judge']}" if by_lexical else "") + \
+            f" (simulation on known-rule latents: {checks})"  # fmt: skip
     rule = (f"decided by the run's judge if it scores at least {JUDGE_MIN} on known-rule latents, else by the lexical "
             "judge (token lookup, a weaker notion) if it does, else undecided")  # fmt: skip
 
