@@ -200,7 +200,7 @@ def _lexical_text(it: dict) -> str:
     if not lex:
         return ""
     return (
-        f"Beside it, the lexical judge <b>{html.escape(lex['judge'])}</b>, no LLM: its explanation of a latent is the "
+        f"Beside it, the lexical judge (<b>{html.escape(lex['judge'])}</b>): its explanation of a latent is the "
         "few words or word pairs whose presence best predicts the latent on the explanation contexts, its simulation "
         "1 on those tokens and 0 elsewhere (the columns marked lexical). It measures a weaker, lexical notion of "
         "interpretability (how far a latent is a lookup of a few words) and passes its check by construction: "
