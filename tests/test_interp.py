@@ -1,6 +1,7 @@
 """The auto-interp LLM path against a loopback server that speaks the OpenAI chat-completions protocol."""
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -140,3 +141,109 @@ def test_the_embedded_model_judges_from_its_probabilities_well_formed_batched_an
     r = score_latent(judge, examples, [(a, [0.0, 0.0, 0.0]), (b, [0.0, 1.5, 0.0, 0.0, 0.0])])
     assert isinstance(r["explanation"], str) and r["explanation"] and r["malformed"] == 0
     assert r["detection_auroc"] is not None and -1 <= r["simulation"] <= 1
+
+
+def _planted(rng, n, rule):
+    """n contexts of 16 tokens drawn from a small vocabulary (leading spaces, as a tokenizer writes them), and a
+    latent that fires with a random strength where rule(tokens, i) holds."""
+    vocab = [" the", " cat", " sat", " on", " mat", " dog", " ran", " a", "\n"]
+    ctx = [list(rng.choice(vocab, 16)) for _ in range(n)]
+    return [(c, [float(rule(c, i)) * rng.uniform(1, 3) for i in range(len(c))]) for c in ctx]
+
+
+def test_the_lexical_judge_explains_a_planted_token_or_bigram_exactly_and_simulates_its_pearson():
+    import numpy as np
+
+    from progsae.interp.autointerp import score_latent
+    from progsae.interp.lexical import LexicalJudge
+
+    rng, judge = np.random.default_rng(0), LexicalJudge()
+    cat = _planted(rng, 40, lambda c, i: c[i] == " cat")
+    r = score_latent(judge, cat[:10], cat[10:])
+    assert r["explanation"] == 'the word "cat"' and r["malformed"] == 0
+    named = np.concatenate([[t.strip() == "cat" for t in c] for c, _ in cat[10:]])  # the lookup, independently
+    acts = np.concatenate([a for _, a in cat[10:]])
+    assert r["simulation"] == pytest.approx(np.corrcoef(named, acts)[0, 1], abs=1e-12) and r["simulation"] < 1
+    assert r["detection_auroc"] == 1.0
+    # fires on " dog" after " the" only; " dog" also follows other words in the explanation contexts
+    pair = _planted(rng, 40, lambda c, i: i > 0 and c[i - 1] == " the" and c[i] == " dog")
+    assert any(c[i] == " dog" and c[i - 1] != " the" for c, _ in pair[:10] for i in range(1, 16))
+    r = score_latent(judge, pair[:10], pair[10:])
+    assert r["explanation"] == 'the words ["the", "dog"]'
+    named = np.concatenate([[i > 0 and (c[i - 1].strip(), c[i].strip()) == ("the", "dog") for i in range(16)]
+                            for c, _ in pair[10:]])  # fmt: skip
+    acts = np.concatenate([a for _, a in pair[10:]])
+    assert r["simulation"] == pytest.approx(np.corrcoef(named, acts)[0, 1], abs=1e-12)
+    # a latent that fired once still gets its best lookup (the held-out contexts then score it)
+    assert judge.explain([([" a", " mat", " sat", " on"], [0.0, 0.0, 2.0, 0.0])]) == ('the word "sat"', None)
+    # a lookup that names no held-out token predicts nothing: simulation 0, not unscored
+    absent = [(["x"] * 4, [0.0, 1.0, 0.0, 0.0]), (["y"] * 4, [0.0] * 4)]
+    assert score_latent(judge, [], absent, explanation='the word "cat"')["simulation"] == 0.0
+    assert score_latent(judge, [], absent, explanation="a cat, roughly")["malformed"] == 4  # not its form
+
+
+def test_the_lexical_judge_passes_the_judge_check_and_scores_shuffled_activations_near_zero(
+    tiny_lm_dir, text_corpus, tmp_path
+):
+    import numpy as np
+
+    from progsae.data import ActivationDir
+    from progsae.data.extract import ExtractConfig, extract
+    from progsae.data.lm import load_lm
+    from progsae.interp.autointerp import score_latent
+    from progsae.interp.lexical import LexicalJudge
+    from progsae.interp.records import TextRows
+    from progsae.interp.study import WINDOW, judge_check
+
+    model, tok, _ = load_lm(str(tiny_lm_dir))
+    cfg = ExtractConfig(model=str(tiny_lm_dir), layer=1, tokens=420, corpus=str(text_corpus(4)), ctx_len=16)
+    rows = TextRows(ActivationDir(extract(cfg, tmp_path / "acts", model, tok, "tiny", progress=False)), 420, None, tok)
+    check = judge_check(LexicalJudge(), rows)
+    assert len(check["latents"]) == 3 and all(x["malformed"] == 0 for x in check["latents"])
+    assert check["simulation"] > 0.95 and check["detection_auroc"] > 0.95
+    # a latent firing on one word, its activations shuffled over every token: nothing left to look up
+    rng = np.random.default_rng(0)
+    word = int(rows.token_ids[np.argmax(np.bincount(rows.token_ids.numpy()))])
+    windows = [rows.window(r, *WINDOW) for r in range(0, rows.n, 20)]
+    toks = [[rows.text(int(rows.token_ids[i])) for i in w] for w in windows]
+    acts = [[float(rows.token_ids[i] == word) for i in w] for w in windows]
+    half = len(windows) // 2
+    examples = list(zip(toks, acts, strict=True))
+    planted = score_latent(LexicalJudge(), examples[:half], examples[half:])
+    assert planted["explanation"] == f'the word "{rows.text(word).strip()}"' and planted["simulation"] > 0.95
+    sims = []
+    for _ in range(10):
+        flat = rng.permutation(np.concatenate(acts))
+        shuffled = np.split(flat, np.cumsum([len(a) for a in acts])[:-1])
+        examples = [(t, a.tolist()) for t, a in zip(toks, shuffled, strict=True)]
+        sims.append(score_latent(LexicalJudge(), examples[:half], examples[half:])["simulation"])
+    assert all(s is not None for s in sims) and abs(np.mean(sims)) < 0.1 and max(map(abs, sims)) < 0.3
+
+
+def test_the_findings_are_decided_by_a_judge_that_passes_its_check_and_say_which():
+    import numpy as np
+
+    from progsae.study.findings import interpretability_findings as findings
+
+    N, rng = 64, np.random.default_rng(0)
+
+    def scores(level, slope):
+        return [{"latent": i, "simulation": level - slope * i / N + rng.normal(0, 0.02)} for i in range(0, N, 2)]
+
+    llm = {"van": {"scores": scores(0.6, 0.0)}, "mat": {"scores": scores(0.8, 0.0)}}  # the reverse of the paper
+    lex = {"van": {"scores": scores(0.8, 0.0)}, "mat": {"scores": scores(0.6, 0.4)}}  # the paper's findings
+    good, weak = {"judge": "llm", "simulation": 0.9}, {"judge": "llm", "simulation": 0.1}
+    lexical = {"judge": "lookup", "check": {"judge": "lookup", "simulation": 1.0}, "saes": lex}
+    by_llm = findings(llm, "van", ["mat"], N, good, 500, lexical=lexical)
+    assert [x["verdict"] for x in by_llm] == ["not reproduced", "not reproduced"]  # the LLM's scores decide
+    assert all("decided by judge llm (simulation on known-rule latents: judge llm 0.90, the lexical judge 1.00)"
+               in x["ours"] for x in by_llm)  # fmt: skip
+    by_lexical = findings(llm, "van", ["mat"], N, weak, 500, lexical=lexical)
+    assert [x["verdict"] for x in by_lexical] == ["reproduced (by the lexical judge)"] * 2
+    assert all("decided by the lexical judge, lookup (simulation on known-rule latents: judge llm 0.10, the lexical "
+               "judge 1.00)" in x["ours"] for x in by_lexical)  # fmt: skip
+    shown = re.search(r"mat: ([\d.]+) vs ([\d.]+)", by_lexical[0]["ours"]).groups()  # the lexical judge's means
+    assert shown == tuple(f"{np.mean([s['simulation'] for s in lex[n]['scores']]):.3f}" for n in ("van", "mat"))
+    both_weak = {**lexical, "check": {"simulation": 0.2}}
+    assert all(x["verdict"].startswith("undecided (judge too weak")
+               for x in findings(llm, "van", ["mat"], N, weak, 500, lexical=both_weak))  # fmt: skip

@@ -5,11 +5,16 @@ A judge has `name`, `calls` and three methods, each answering for a batch of con
     simulate(explanation, tokens)  -> per context: predicted activation per token, or None (malformed)
     detect(explanation, tokens)    -> per context: (says it fires, belief it fires in [0, 1]), or None
 `ChatJudge` asks an OpenAI-compatible endpoint with the JSON prompts; `local.LocalJudge` reads a local
-model's next-token probabilities. Every reply that cannot be used is counted in the result's `malformed`,
-and the latent is scored on the rest (or not at all, with the reason).
+model's next-token probabilities; `lexical.LexicalJudge` looks tokens up, no model at all. A judge whose
+constant prediction means "fires nowhere here" sets `constant_is_zero`: its simulation then scores 0 (no
+information) where a Pearson correlation is undefined, instead of going unscored. Every reply that cannot be
+used is counted in the result's `malformed`, and the latent is scored on the rest (or not at all, with the
+reason).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from . import prompts
 from .llm import ChatClient, parse_json
@@ -75,6 +80,8 @@ def score_latent(judge, explain_examples: list, held_out: list, explanation: str
             pred.append(p)
             true.append(acts)
     out["simulation"] = simulation_score(pred, true) if pred else None
+    if out["simulation"] is None and pred and getattr(judge, "constant_is_zero", False):
+        out["simulation"] = 0.0 if np.ptp(np.concatenate(true)) > 0 else None  # the prediction was the constant
     said, belief, fires = [], [], []
     for (_, acts), d in zip(held_out, judge.detect(explanation, contexts), strict=True):
         if d is None:

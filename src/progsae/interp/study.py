@@ -8,7 +8,8 @@ WINDOW tokens before and after the record's token, within its own context.
 
 The judge check: for a few words of the held-out text, a latent that fires exactly on that word, with the
 explanation given ("the word X"): a judge that can read an explanation scores near 1; one that cannot, near 0.
-It is reported beside every score, so a weak judge is seen as weak.
+It is reported beside every score, so a weak judge is seen as weak. The lexical judge (lexical.py) reads that
+explanation as a lookup of the word, so it passes by construction: for it the check only confirms the lookup.
 """
 
 from __future__ import annotations

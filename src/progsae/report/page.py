@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 
 from ..files import write_text
+from ..interp.bands import JUDGE_MIN
 from ..study import results
 from ..study.rundir import RunDir
 from .figures import figures, sorted_copy
@@ -147,15 +148,21 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def _interp_rows(res: dict) -> list[dict]:
+    """One row per studied SAE and band: the run's judge's scores, the lexical judge's beside them, the proxies."""
     rows, it = [], res.get("interpretability") or {}
+    lex = (it.get(results.LEXICAL) or {}).get("saes", {})
     for name, s in it.get("saes", {}).items():
-        for b in s["bands"]:
+        for b, lb in zip(s["bands"], lex[name]["bands"] if name in lex else [None] * len(s["bands"]), strict=True):
             rows.append({"sae": name, "latents": b["band"], "judge": it.get("judge") or "none", "scored": b["simulation"]["n"],
-                         "simulation": fmt_ci(b["simulation"]["mean"], b["simulation"]["ci"]),
-                         "detection AUROC": fmt_ci(b["detection_auroc"]["mean"], b["detection_auroc"]["ci"]),
-                         "malformed replies": b["malformed"], "live latents": b["live"],
-                         "token entropy": fmt(b["token_entropy"]), "lens agreement": fmt(b["lens_agreement"])})  # fmt: skip
+                         **_judged(b), "malformed replies": b["malformed"], **_judged(lb, " (lexical)"),
+                         "live latents": b["live"], "token entropy": fmt(b["token_entropy"]),
+                         "lens agreement": fmt(b["lens_agreement"])})  # fmt: skip
     return rows
+
+
+def _judged(band: dict | None, which: str = "") -> dict:
+    keys = (("simulation", "simulation"), ("detection_auroc", "detection AUROC"))
+    return {f"{label}{which}": fmt_ci(band[k]["mean"], band[k]["ci"]) if band else "–" for k, label in keys}
 
 
 def _interp_section(res: dict, figs: dict) -> list[str]:
@@ -175,6 +182,7 @@ def _interp_section(res: dict, figs: dict) -> list[str]:
             if check
             else ""
         )
+        + _lexical_text(it)
         + "Latents are sampled evenly from each band of latents, the bands being the granularities: latents "
         "1-256 are the first 256 of the SAE's own order, which for the vanilla SAE permuted by E[z²] is its "
         "importance order on the training tokens and for a Matryoshka SAE its nesting order (first seed; a "
@@ -187,6 +195,21 @@ def _interp_section(res: dict, figs: dict) -> list[str]:
     )
     return ["<h2>Interpretability by importance rank and granularity band</h2>", text,
             html_table(rows, list(rows[0])), _img(figs["interp"], "Interpretability against importance rank")]  # fmt: skip
+
+
+def _lexical_text(it: dict) -> str:
+    lex = it.get(results.LEXICAL)
+    if not lex:
+        return ""
+    return (
+        f"Beside it, the lexical judge (<b>{html.escape(lex['judge'])}</b>): its explanation of a latent is the "
+        "few words or word pairs whose presence best predicts the latent on the explanation contexts, its simulation "
+        "1 on those tokens and 0 elsewhere (the columns marked lexical). It measures a weaker, lexical notion of "
+        "interpretability (how far a latent is a lookup of a few words) and passes its check by construction: "
+        f"simulation {fmt(lex['check']['simulation'])}, detection AUROC {fmt(lex['check']['detection_auroc'])}. The "
+        f"interpretability findings are decided by the run's judge when it scores at least {JUDGE_MIN} on its check, "
+        "else by the lexical judge, and say which. "
+    )
 
 
 def precisions(res: dict) -> str:

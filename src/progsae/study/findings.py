@@ -164,16 +164,32 @@ def _sims(scores: list[dict], lo: int = 0, hi: int | None = None) -> list:
 
 
 def interpretability_findings(study: dict, vanilla: str, matryoshkas: list[str], N: int, check: dict,
-                              n_boot: int = 1000, seed: int = 0) -> list[dict]:  # fmt: skip
-    """The paper's two interpretability findings with verdicts (interp/bands.py: the differences; undecided
-    when the judge fails its own check); study: name -> {"scores": [...]}."""
-    judge = check.get("judge", "?")
-    weak = check.get("simulation") is None or check["simulation"] < JUDGE_MIN
+                              n_boot: int = 1000, seed: int = 0, lexical: dict | None = None) -> list[dict]:
+    """The paper's two interpretability findings with verdicts (interp/bands.py: the differences), decided by the
+    run's judge when it passes its own check (simulation at least JUDGE_MIN on known-word latents), else by the
+    lexical judge when it passes (`lexical`: {"judge", "check", "saes"}, results.json's; a weaker, lexical
+    notion, named in the verdict), else undecided; study: name -> {"scores": [...]}."""
+    judges = [(f"judge {check.get('judge', '?')}", check, study)]
+    if lexical:
+        judges.append(("the lexical judge", lexical["check"], lexical["saes"]))
+    checks = ", ".join(f"{n} {'not checked' if c.get('simulation') is None else format(c['simulation'], '.2f')}"
+                       for n, c, _ in judges)  # fmt: skip
+    passing = [(n, s) for n, c, s in judges if c.get("simulation") is not None and c["simulation"] >= JUDGE_MIN]
+    weak, by_lexical = not passing, bool(passing) and passing[0][0] != judges[0][0]
     gate = (
-        f"undecided (judge too weak: simulation {check['simulation']:.2f} on known-rule latents, below {JUDGE_MIN})"
-        if weak and check.get("simulation") is not None
+        f"undecided (judge too weak: simulation on known-rule latents below {JUDGE_MIN}: {checks})"
+        if any(c.get("simulation") is not None for _, c, _ in judges)
         else "undecided (the judge could not be checked)"
     )
+    judge, study = passing[0] if passing else (judges[0][0], study)
+    if passing:
+        judge = f"decided by {judge}" + (f", {lexical['judge']}" if by_lexical else "") + \
+            f" (simulation on known-rule latents: {checks})"  # fmt: skip
+    rule = (f"decided by the run's judge if it scores at least {JUDGE_MIN} on known-rule latents, else by the lexical "
+            "judge (token lookup, a weaker notion) if it does, else undecided")  # fmt: skip
+
+    def verdict(cmps: list[dict]) -> str:
+        return gate if weak else _verdict(cmps) + (" (by the lexical judge)" if by_lexical else "")
 
     def fmt(name, c):
         return f"{name}: {c['a']:.3f} vs {c['b']:.3f} (Δ {c['diff']:+.3f}, 95% [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], " \
@@ -188,10 +204,9 @@ def interpretability_findings(study: dict, vanilla: str, matryoshkas: list[str],
             {
                 "paper": "Permuted vanilla SAEs score higher on simulation than Matryoshka SAEs (Matryoshka 0.57-0.74)",
                 "ours": f"mean simulation score, {vanilla} vs each Matryoshka SAE, latents sampled in the same "
-                f"rank bands, judge {judge}: " + "; ".join(fmt(m, c) for m, c in cmps.items()),
-                "verdict": gate if weak else _verdict(list(cmps.values())),
-                "rule": f"the interval of the difference excludes the reverse for every Matryoshka SAE; undecided "
-                f"when the judge scores below {JUDGE_MIN} on known-rule latents",
+                f"rank bands, {judge}: " + "; ".join(fmt(m, c) for m, c in cmps.items()),
+                "verdict": verdict(list(cmps.values())),
+                "rule": f"the interval of the difference excludes the reverse for every Matryoshka SAE; {rule}",
             }
         )
     inner = {m: difference(_sims(study[m]["scores"], 0, N // 4), _sims(study[m]["scores"], N // 2), True, n_boot, seed)
@@ -201,11 +216,10 @@ def interpretability_findings(study: dict, vanilla: str, matryoshkas: list[str],
         out.append(
             {
                 "paper": "In Matryoshka SAEs the innermost latents are more interpretable than the outermost",
-                "ours": f"mean simulation score of latents ranked 1-{N // 4} vs {N // 2 + 1}-{N}, judge {judge}: "
+                "ours": f"mean simulation score of latents ranked 1-{N // 4} vs {N // 2 + 1}-{N}, {judge}: "
                 + "; ".join(fmt(m, c) for m, c in inner.items()),
-                "verdict": gate if weak else _verdict(list(inner.values())),
-                "rule": f"the interval of inner minus outer excludes the reverse for every Matryoshka SAE; "
-                f"undecided when the judge scores below {JUDGE_MIN} on known-rule latents",
+                "verdict": verdict(list(inner.values())),
+                "rule": f"the interval of inner minus outer excludes the reverse for every Matryoshka SAE; {rule}",
             }
         )
     return out

@@ -8,7 +8,8 @@
     import     saes/NAME (pretrained)           a user's SAE, checked against the run's hook and width, copied exactly
     permute    stats/NAME, saes/NAME-by-METRIC  vanilla and pretrained SAEs sorted by importance
     evaluate   eval/NAME.json                   every SAE at the G grid, both modes (dealt over torchrun ranks)
-    interp     stats/NAME.records, interp/NAME.json, browse/NAME/, interp/judge-check.json
+    interp     stats/NAME.records, interp/NAME.json, browse/NAME/, interp/judge-check.json  (the judge of the run
+                                                and the lexical one, interp/lexical.py, side by side)
     analyse    results.json                     (results.py) every number across SAEs; findings.py the verdicts
 The report (`progsae.report`) is written from results.json afterwards.
 """
@@ -35,6 +36,7 @@ from ..errors import ProgsaeError, check_device
 from ..files import load_json, save_json, sweep_leftovers
 from ..formats import load_sae, save_sae
 from ..interp.autointerp import ChatJudge
+from ..interp.lexical import LexicalJudge
 from ..interp.llm import ChatClient
 from ..interp.local import LocalJudge
 from ..interp.proxies import proxies
@@ -45,7 +47,7 @@ from ..sae import SAE
 from ..train import Trainer, train_together
 from .config import ADDITIVE, INTERP_FIELDS, ON_THE_FLY, RunConfig, hook
 from .plan import METRICS, Plan
-from .results import analyse
+from .results import LEXICAL, analyse
 from .rundir import RunDir
 from .stages import Stages
 
@@ -115,6 +117,7 @@ class Run:
                      everyone=True)  # fmt: skip
         st.spread([(f"evaluate {n}", d.eval(n), lambda n=n: self._evaluate(n)) for n in plan.names()])
         settings = {k: self.resolved[k] for k in INTERP_FIELDS}
+        settings[LEXICAL] = LexicalJudge.name  # a run made before the lexical judge redoes these stages
         for name in plan.interp():
             self._stale(d.interp(name), settings)  # other interp settings: redo this stage only (answers are cached)
             st.stage(f"interp {name}", d.interp(name), lambda n=name: self._interp(n, settings))
@@ -289,14 +292,16 @@ class Run:
         latents = stratified_latents(list(range(sae.d_sae)), rec["freq"] > 0, edges, c.interp_latents)
         judge = self.judge() if latents else None
         scores = score_latents(judge, rows, rec, latents, self.progress) if judge else []
+        lexical = {"judge": LexicalJudge.name, "scores": score_latents(LexicalJudge(), rows, rec, latents, False)}
         out = {"sae": name, "judge": judge.name if judge else None, "settings": settings, "edges": edges,
-               "tokens": rows.n, "scores": scores}  # fmt: skip
+               "tokens": rows.n, "scores": scores, LEXICAL: lexical}  # fmt: skip
         write_site(sae, rows, rec, prox, self.dir.browser(name), f"{rows.n:,} held-out tokens of this run", out)
         save_json(self.dir.interp(name), out)
 
     def _judge_check(self, settings: dict) -> None:
         rows = TextRows(ActivationDir(self.dir.acts("test")), self.cfg.interp_tokens, None, self.lm()[1])
-        save_json(self.dir.judge_check, {**judge_check(self.judge(), rows), "settings": settings})
+        save_json(self.dir.judge_check, {**judge_check(self.judge(), rows), "settings": settings,
+                                         LEXICAL: judge_check(LexicalJudge(), rows)})  # fmt: skip
 
 
 def trained_precision(sae: SAE) -> str:

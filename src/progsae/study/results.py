@@ -38,6 +38,7 @@ from .rundir import RunDir
 
 CONVERGED = 0.01  # converged: one more doubling of the tokens is projected to lower FVU by < 1% of its value
 SERIES = ("e_z2", "freq", "dec_cov_eigs")
+LEXICAL = "lexical"  # the lexical judge's part, beside the run's judge's: interp/NAME.json, judge-check.json, results
 
 
 def load(run_dir: str | Path) -> dict:
@@ -123,17 +124,22 @@ def analyse(run) -> dict:
     study, check = res["interpretability"]["saes"], res["interpretability"]["check"]
     if check:
         matryoshkas = [n for n in plan.interp() if plan[n].role == "matryoshka"]
-        res["findings"] += interpretability_findings(study, big, matryoshkas, N, check, c.bootstrap, c.seed)
+        res["findings"] += interpretability_findings(study, big, matryoshkas, N, check, c.bootstrap, c.seed,
+                                                     lexical=res["interpretability"][LEXICAL])  # fmt: skip
     return res
 
 
 def interpretability(run) -> dict:
-    """Per studied SAE: scores and proxies by rank band, the browser's path; the judge and its check."""
+    """Per studied SAE: scores and proxies by rank band, the browser's path; the judge and its check. Under
+    LEXICAL the same for the lexical judge (interp/lexical.py): judge, check, per studied SAE scores and bands."""
     c, d = run.cfg, run.dir
-    out: dict = {"judge": None, "check": None, "saes": {}}
+    out: dict = {"judge": None, "check": None, "saes": {}, LEXICAL: None}
     if d.judge_check.is_file():
-        out["check"] = load_json(d.judge_check)
-        out["judge"] = out["check"]["judge"]
+        check = load_json(d.judge_check)
+        out["check"] = {k: v for k, v in check.items() if k != LEXICAL}
+        out["judge"] = check["judge"]
+        if LEXICAL in check:
+            out[LEXICAL] = {"judge": check[LEXICAL]["judge"], "check": check[LEXICAL], "saes": {}}
     for name in run.plan.interp():
         it, rec = load_json(d.interp(name)), load_records(d.records(name))
         prox = {"live": (rec["freq"] > 0).numpy(), "token_entropy": rec["token_entropy"].numpy(),
@@ -144,6 +150,10 @@ def interpretability(run) -> dict:
             "browser": d.rel(d.browser(name) / "index.html"),
             "tokens": it["tokens"],
         }
+        if out[LEXICAL] and LEXICAL in it:
+            lex = it[LEXICAL]["scores"]
+            out[LEXICAL]["saes"][name] = {"scores": lex,
+                                          "bands": bands.bands(lex, prox, it["edges"], c.bootstrap, c.seed)}  # fmt: skip
     return out
 
 
