@@ -6,8 +6,9 @@ E[z²], a Matryoshka SAE by construction), so latent i has rank i + 1 and its ba
 [G_{j-1}, G_j) it falls in. Means carry a 95% bootstrap interval over the sampled latents.
 
 `difference` compares two sets of scores with an interval; the study's findings (study/findings.py) use it
-for the paper's two interpretability findings, "undecided" whatever the intervals when the judge fails its
-own check (simulation below JUDGE_MIN on latents that fire on one known word, explanation given).
+for the paper's two interpretability findings, decided only by a judge that passes its own check
+(simulation at least JUDGE_MIN on latents that fire on one known word, explanation given): the run's judge,
+else the lexical one (interp/lexical.py), else "undecided" whatever the intervals.
 """
 
 from __future__ import annotations
