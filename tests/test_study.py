@@ -113,6 +113,39 @@ def test_nonlinear_fit_recovers_known_parameters_with_the_floor_free(noise):
     assert g["c"] == pytest.approx(0, abs=1e-4) and g["b"] == pytest.approx(0.3, rel=1e-3)
 
 
+def test_a_fit_through_at_most_four_points_reports_no_goodness_of_fit():
+    """Three parameters through 4 points leave one degree of freedom: no R² (None), said in the method; with 5
+    points R² is reported and equals 1 - SSE/SST of the fitted law, computed here in numpy."""
+    N = np.array([8, 16, 32, 64])
+    fvu = 0.9 * N**-0.4 + 0.05 + np.array([0.004, -0.003, 0.002, -0.001])
+    f = fit_scaling(N, fvu)
+    assert f["r2"] is None and "4 points for 3 parameters: no goodness of fit" in f["method"]
+    assert fit_scaling(N[:2], fvu[:2]) is None  # fewer points than parameters: no fit at all
+    N5 = np.array([8, 16, 32, 64, 128])
+    fvu5 = 0.9 * N5**-0.4 + 0.05 + np.array([0.004, -0.003, 0.002, -0.001, 0.003])
+    g = fit_scaling(N5, fvu5)
+    resid = fvu5 - (g["a"] * N5 ** -g["b"] + g["c"])
+    assert g["r2"] == pytest.approx(1 - (resid**2).sum() / ((fvu5 - fvu5.mean()) ** 2).sum(), rel=1e-9)
+    assert "goodness" not in g["method"]
+
+
+def test_the_plateau_near_fvu_1_is_left_out_of_the_fit():
+    """A prefix curve whose first G explain almost nothing (FVU 0.99, then a known law): the fit starts at the
+    first G below 1 - PLATEAU (found here by a plain scan) and recovers the law; fitted with the plateau
+    points kept (tolerance 0), the same law is missed."""
+    from progsae.analysis.scaling import PLATEAU
+
+    G = np.arange(1, 1025)
+    law = 3.0 * G**-0.5 + 0.05
+    fvu = np.where(law > 0.99, 0.99 - 1e-4 * G, law)  # a flat shoulder, slightly falling, then the law
+    first = next(g for g, v in zip(G, fvu) if v < 1 - PLATEAU)
+    f = fit_scaling(G, fvu)
+    assert f["G_min"] == first and f["plateau_points"] == sum(v >= 1 - PLATEAU for v in fvu) == first - 1
+    assert f["b"] == pytest.approx(0.5, rel=1e-3) and f["c"] == pytest.approx(0.05, rel=1e-2)
+    kept = fit_scaling(G, fvu, plateau=0)
+    assert kept["G_min"] == 1 and abs(kept["b"] - 0.5) > 0.05
+
+
 def brute_fvu_l0(sae, x, G):
     z = dense_code(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach().double().numpy()[:, :G]
     xn = x.double().numpy()

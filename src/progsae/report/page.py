@@ -42,6 +42,7 @@ def write_report(run_dir: str | Path) -> Path:
         sc_rows.append({"sae": "native SAEs over N (FVU at their own size)", **{k: v for k, v in f.items() if k not in ("N", "fvu")}})
     if sc_rows:
         write_csv(d.tables / "scaling.csv", sc_rows)
+    tol = next((r["plateau"] for r in sc_rows if r.get("plateau") is not None), None)  # the fits' plateau rule
     tr_rows = [{"sae": n, **v} for n, v in res.get("training", {}).items()]
     if tr_rows:
         write_csv(d.tables / "training.csv", tr_rows)
@@ -119,11 +120,15 @@ def write_report(run_dir: str | Path) -> Path:
         "<h2>Scaling laws</h2><p>FVU(G) = a·G<sup>−b</sup> + c fitted by nonlinear least squares (the exponent profiled, "
         "(a, c) solved for each b with the floor c free in [0, min FVU]) to the one-pass prefix curve at 64 points spaced "
         "evenly in log G over the range shown; fallback if that fails: the log-log line with c = 0 (method column). "
+        + (f"Points on the plateau, FVU ≥ {1 - tol:g} (within {tol:g} of 1: the first latents explain almost "
+           "nothing), are no power law and are left out (plateau_points: how many G). " if tol is not None else "")
+        + "With at most 4 points the three "
+        "parameters leave at most one degree of freedom, so R² says nothing and is not given (–). "
         "A fixed-granularity Matryoshka curve steps at its granularities, so a smooth law fits it less well. "
         "Over N: each native SAE's FVU at its own size"
-        + (f" ({len(res['scaling_over_N']['N'])} sizes: a fit through few points)" if "scaling_over_N" in res else "")
+        + (f" ({len(res['scaling_over_N']['N'])} sizes)" if "scaling_over_N" in res else "")
         + ".</p>",
-        html_table(sc_rows, ["sae", "a", "b", "c", "r2", "G_min", "G_max", "n_points", "method"]),
+        html_table(sc_rows, ["sae", "a", "b", "c", "r2", "G_min", "G_max", "n_points", "plateau_points", "method"]),
         *(["<h2>Training</h2>", _training_text(res), html_table(tr_rows, list(tr_rows[0])),
            _img(figs["training"], "Training FVU against tokens")] if tr_rows else []),  # fmt: skip
         "<h2>Configuration</h2>",

@@ -98,8 +98,8 @@ def analyse(run) -> dict:
     for fam, names in families.items():
         if plan[names[0]].metric or plan[names[0]].role == "matryoshka":
             G = np.arange(1, len(res["curves"][fam]["fvu_prefix"]) + 1)
-            if len(G) > 32:
-                res["scaling"][fam] = fit_scaling(G, np.asarray(res["curves"][fam]["fvu_prefix"]), lo=16)
+            if len(G) > 32 and (fit := fit_scaling(G, np.asarray(res["curves"][fam]["fvu_prefix"]), lo=16)):
+                res["scaling"][fam] = fit
     res["interpretability"] = interpretability(run)
     if not c.train:
         res["findings"] = []
@@ -112,7 +112,7 @@ def analyse(run) -> dict:
         res["feature_splitting"].append(feature_splitting(load_sae(d.sae(big)), load_sae(d.sae(n)), row_t, row_n))
     own = sorted(natives + [plan.vanilla()], key=lambda n: plan[n].d_sae)  # scaling over N: each at its own size
     sizes, fvus = [plan[n].d_sae for n in own], [res["families"][n]["table"][-1]["fvu_prefix"] for n in own]
-    res["scaling_over_N"] = {"N": sizes, "fvu": fvus, **fit_scaling(sizes, fvus)}
+    res["scaling_over_N"] = {"N": sizes, "fvu": fvus, **(fit_scaling(sizes, fvus) or {"method": "no fit: too few points"})}
     res["findings"] = findings(agg, res, plan)
     study, check = res["interpretability"]["saes"], res["interpretability"]["check"]
     if check:
