@@ -138,7 +138,7 @@ def test_the_plateau_near_fvu_1_is_left_out_of_the_fit():
     G = np.arange(1, 1025)
     law = 3.0 * G**-0.5 + 0.05
     fvu = np.where(law > 0.99, 0.99 - 1e-4 * G, law)  # a flat shoulder, slightly falling, then the law
-    first = next(g for g, v in zip(G, fvu) if v < 1 - PLATEAU)
+    first = next(g for g, v in zip(G, fvu, strict=True) if v < 1 - PLATEAU)
     f = fit_scaling(G, fvu)
     assert f["G_min"] == first and f["plateau_points"] == sum(v >= 1 - PLATEAU for v in fvu) == first - 1
     assert f["b"] == pytest.approx(0.5, rel=1e-3) and f["c"] == pytest.approx(0.05, rel=1e-2)
