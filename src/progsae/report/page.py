@@ -66,9 +66,11 @@ def write_report(run_dir: str | Path) -> Path:
         "<p><b>How to read the numbers.</b> Every number is measured on held-out activations. A number in a table is "
         f"the mean over the {seeds} seed{'s' if seeds > 1 else ''} with its 95% interval in brackets: a block bootstrap "
         f"({c.get('bootstrap', 1000)} replicates) over held-out tokens in blocks of one context (FVU) or over the "
-        "LM-loss contexts (recaptured loss, ΔCE, KL), nested in a bootstrap over seeds; RSA and L0 have intervals "
-        "across seeds only (none with one seed). Comparisons are paired: both SAEs are resampled with the same "
-        "tokens. A verdict counts a G as won only when the interval of the difference excludes the reverse.</p>",
+        "LM-loss contexts (recaptured loss, ΔCE, KL) or over RSA's token sample, nested in a bootstrap over seeds; L0 "
+        "and the dead fraction have intervals across seeds only (none with one seed). Comparisons are paired: both "
+        "SAEs are resampled with the same tokens. A verdict counts a G as won only when the interval of the "
+        "difference excludes the reverse, and says reproduced only when every G is won in both truncation modes "
+        "(partly: each mode's own verdict is named); it names the SAEs whose training had not converged.</p>",
         *_pretrained_section(res, figs),
         "<h2>The paper's findings beside ours</h2>",
         html_table(res["findings"], ["paper", "ours", "verdict", "rule"])

@@ -31,7 +31,7 @@ from ..files import load_json
 from ..formats import load_sae
 from ..interp import bands
 from ..interp.records import load_records
-from .findings import findings, interpretability_findings
+from .findings import findings, interpretability_findings, not_converged
 from .rundir import RunDir
 
 CONVERGED = 0.01  # converged: one more doubling of the tokens is projected to lower FVU by < 1% of its value
@@ -114,10 +114,13 @@ def analyse(run) -> dict:
     sizes, fvus = [plan[n].d_sae for n in own], [res["families"][n]["table"][-1]["fvu_prefix"] for n in own]
     res["scaling_over_N"] = {"N": sizes, "fvu": fvus, **(fit_scaling(sizes, fvus) or {"method": "no fit: too few points"})}
     res["findings"] = findings(agg, res, plan)
+    ours = len(res["findings"])
     study, check = res["interpretability"]["saes"], res["interpretability"]["check"]
     if check:
         matryoshkas = [n for n in plan.interp() if plan[n].role == "matryoshka"]
         res["findings"] += interpretability_findings(study, big, matryoshkas, N, check, c.bootstrap, c.seed)
+        for f in res["findings"][ours:]:  # the interpretability findings: about the SAEs studied
+            f["verdict"] += not_converged(res, plan, [big, *matryoshkas])
     return res
 
 
