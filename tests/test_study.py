@@ -1,5 +1,7 @@
 """The statistics behind the report's verdicts, each against an independent computation."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,63 @@ def test_block_sums_give_the_fvu_and_its_bootstrap(tmp_path):
     rec = z[:, :24] @ sae.W_dec.detach().double().numpy()[:24] + sae.b_dec.detach().double().numpy()
     assert blocks["sse_prefix"][24][5] == pytest.approx(((x[350:420] - rec) ** 2).sum(), rel=1e-5)
     assert blocks["var"][5] == pytest.approx(((x[350:420] - x.mean(0)) ** 2).sum(), rel=1e-6)
+
+
+def test_fvu_and_rsa_on_typical_tokens_match_numpy_on_the_tokens_at_or_below_the_outlier_norm(tmp_path):
+    """The typical tokens (norm <= the 99th percentile): their squared residuals over their squared deviations
+    from the mean of all tokens, by dense numpy reconstructions in both modes; RSA on the sample's typical rows
+    by a numpy pairwise computation; and the table's intervals through the aggregate."""
+    from progsae.analysis.aggregate import Aggregate
+    from progsae.analysis.evaluate import evaluate
+    from progsae.sae import rescaled_k
+
+    sae = make_sae(d=16)
+    acts, x = heavy_acts(tmp_path, n=3000)
+    norm = np.linalg.norm(x, axis=1)
+    thr = float(np.quantile(norm, 0.99))
+    e = evaluate(sae, acts, [24, 96], rsa_tokens=150, progress=False, n_boot=200, outlier_norm=thr)
+    typ = norm <= thr
+    W = {n: t.detach().double().numpy() for n, t in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec),
+                                                     ("b_dec", sae.b_dec))}  # fmt: skip
+    xt, dev = torch.from_numpy(x).float(), ((x - x.mean(0)) ** 2).sum(1)
+
+    def recon(G, mode):
+        if mode == "prefix":
+            z = dense_code(xt, sae.W_enc, sae.b_enc, sae.b_dec, sae.k).detach().double().numpy()[:, :G]
+        else:
+            z = dense_code(xt, sae.W_enc[:, :G], sae.b_enc[:G], sae.b_dec, rescaled_k(sae.k, G, 96)).detach().double().numpy()
+        return z @ W["W_dec"][:G] + W["b_dec"]
+
+    def spearman_cosine(a, b):  # pairs' cosine dissimilarities (rounded: identical rows tie), ties ranked by their mean
+        def ranks(v):
+            u = v / np.linalg.norm(v, axis=1, keepdims=True)
+            d = np.round((1 - u @ u.T)[np.triu_indices(len(v), 1)], 10)
+            vals, inv, counts = np.unique(d, return_inverse=True, return_counts=True)
+            return (np.cumsum(counts) - (counts - 1) / 2)[inv]
+
+        return np.corrcoef(ranks(a), ranks(b))[0, 1]
+
+    sample = np.arange(0, 3000, 20)  # every 20th row: 150 of 3000
+    st = sample[typ[sample]]
+    assert 0 < (~typ).sum() and len(st) < len(sample)
+    for row in e["table"]:
+        for mode in ("prefix", "rescaled"):
+            r = recon(row["G"], mode)
+            sse = ((x - r) ** 2).sum(1)
+            assert row[f"fvu_typical_{mode}"] == pytest.approx(sse[typ].sum() / dev[typ].sum(), rel=1e-5)
+            assert row[f"fvu_{mode}"] == pytest.approx(sse.sum() / dev.sum(), rel=1e-5)
+            assert row[f"fvu_typical_{mode}"] != pytest.approx(row[f"fvu_{mode}"], rel=1e-2)  # the outliers matter
+            rsa_t = row[f"rsa_typical_{mode}"]["cosine"]["spearman"]
+            rec = sae(xt[st], row["G"], mode).detach().double().numpy()  # as evaluated: float32
+            assert np.abs(rec - r[st]).max() < 1e-4
+            assert rsa_t == pytest.approx(spearman_cosine(x[st], rec), abs=1e-6)
+    t = Aggregate({"a": json.loads(json.dumps(e))}, {"a": ["a"]}, 200).table("a")  # as read from eval/NAME.json
+    for row, mine in zip(t, e["table"], strict=True):
+        for key in ("fvu_typical_prefix", "fvu_typical_rescaled", "rsa_typical_prefix"):
+            lo, hi = row[f"{key}_ci"]
+            v = mine[key]["cosine"]["spearman"] if key.startswith("rsa") else mine[key]
+            assert row[key] == pytest.approx(v) and lo < v < hi
+    assert evaluate(sae, acts, [24], rsa_tokens=50, progress=False, n_boot=10)["table"][0]["fvu_typical_prefix"] is None
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.002])

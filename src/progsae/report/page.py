@@ -92,6 +92,7 @@ def write_report(run_dir: str | Path) -> Path:
         "with k·G/N, the paper's constant K/G (L0 = k·G/N, matched across SAEs). Native SAEs are meaningful at their own "
         "size; their rows at smaller G are truncations.</p>",
         "<h3>Reconstruction</h3>",
+        _typical_text(res),
         html_table(rows, ["sae", "seeds", "G", *RECONSTRUCTION]),
         "<h3>Language-modelling loss with the reconstruction spliced in</h3>",
         html_table(rows, ["sae", "seeds", "G", *(col for col, _ in RESULT_COLUMNS if col not in RECONSTRUCTION)]),
@@ -214,6 +215,22 @@ def _training_text(res: dict) -> str:
         f"top-k in {precisions(res)} (precision {c.get('precision', 'fp32')}). Convergence: the slope of the batch FVU against "
         "log₂(tokens) over the second half of training, i.e. the FVU change one more doubling of the tokens is "
         "projected to bring; an SAE counts as converged when that is under 1% of its final FVU.</p>"
+    )
+
+
+def _typical_text(res: dict) -> str:
+    o = res["outliers"]
+    if o["handling"] == "exclude":
+        return ("<p>Outlier tokens are excluded (outliers: exclude): every evaluated token is typical, so the "
+                "typical-token columns are empty (–).</p>")  # fmt: skip
+    return (
+        f"<p>FVU and RSA on all held-out tokens and on the <b>typical</b> ones: tokens whose activation norm is at "
+        f"or below the outlier threshold ({o['threshold']:.4g}, the {o['quantile']} quantile of the training norms). "
+        f"Outlier tokens hold {o['outlier_variance_share']:.0%} of the training tokens' variance, and an SAE may "
+        "reconstruct them far better or worse than the rest, so the FVU on all tokens can say little about a typical "
+        "token. A typical token's FVU is the typical tokens' squared residual over their squared deviation from the "
+        "mean of all held-out tokens, which makes the FVU on all tokens the variance-weighted mean of the typical and "
+        "the outlier tokens' FVU; typical RSA is the RSA on the sample's typical tokens. Intervals as for all tokens.</p>"
     )
 
 

@@ -251,7 +251,8 @@ class Run:
                                                                               c.lm_tokens))  # fmt: skip
         out = {"name": name, **evaluate(sae, self.acts("test"), self.granularities(name, sae.d_sae),
                                         rsa_tokens=c.rsa_tokens, lm=self._splice, progress=self.progress,
-                                        n_boot=c.bootstrap)}  # fmt: skip
+                                        n_boot=c.bootstrap,  # typical tokens: all of them when outliers are excluded
+                                        outlier_norm=self.threshold() if c.outliers == "keep" else None)}  # fmt: skip
         if self.dir.history(name).is_file():
             out["history"] = load_json(self.dir.history(name))
         save_json(self.dir.eval(name), out)

@@ -3,7 +3,8 @@ report reads this file alone (`load`).
 
     config, source, grid     the resolved settings, what the activations are, the granularities tabled
     plan                     family -> role, base and metric (a sorted copy), granularities, training options
-    saes                     name -> d_sae, k, architecture, role, family, seed, table (one row per G), lm
+    saes                     name -> d_sae, k, architecture, role, family, seed, table (one row per G; FVU and
+                             RSA on all tokens and on typical ones, analysis/evaluate.py), lm
     families                 family -> d_sae, k, architecture, role, seeds, table (means with 95% intervals)
     curves                   family -> fvu_prefix, l0 at every G = 1..N, averaged over its seeds
     outliers, power_laws     the norm profile; per SAE the power-law fits (full and robust windows)
