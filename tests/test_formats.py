@@ -325,6 +325,37 @@ def test_sparsify_round_trip_in_its_own_format(tmp_path):
     assert back.cfg.progsae["permutation"]["order"] == perm.cfg.progsae["permutation"]["order"]
 
 
+def test_sparsify_cfg_json_holds_only_sparsify_fields_and_progsae_reads_its_own_back(tmp_path):
+    """sparsify builds its config from every key of cfg.json and prints the unknown ones (a whole
+    permutation): progsae's fields go to progsae.json beside it, and an older directory with them under
+    cfg.json's `progsae` key still reads."""
+    write_sparsify(tmp_path / "s", {"custom_field": 7})
+    sae = load_sae(tmp_path / "s")
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(1))
+    perm = sae.permute(order)
+    perm.cfg.metadata["hook_name"] = "blocks.3.hook_resid_post"
+    save_sae(perm, tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "cfg.json").read_text())
+    sparsify_fields = {"activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
+                       "skip_connection", "transcode", "d_in"}  # fmt: skip
+    assert set(cfg) == sparsify_fields | {"custom_field"}  # the source's unknown field kept, nothing of ours
+    back = load_sae(tmp_path / "p")
+    assert back.cfg.progsae["permutation"]["order"] == order.tolist()
+    assert back.cfg.metadata["hook_name"] == "blocks.3.hook_resid_post"
+    # written again from what it read: still nothing of ours in cfg.json
+    save_sae(back, tmp_path / "q")
+    assert set(json.loads((tmp_path / "q" / "cfg.json").read_text())) == set(cfg)
+    # an older directory: ours under cfg.json's "progsae" key
+    ours = json.loads((tmp_path / "p" / "progsae.json").read_text())
+    (tmp_path / "p" / "progsae.json").unlink()
+    (tmp_path / "p" / "cfg.json").write_text(json.dumps({**cfg, "progsae": ours}))
+    old = load_sae(tmp_path / "p")
+    assert old.cfg.progsae["permutation"]["order"] == order.tolist()
+    assert old.cfg.metadata["hook_name"] == "blocks.3.hook_resid_post"
+    save_sae(old, tmp_path / "r")
+    assert "progsae" not in json.loads((tmp_path / "r" / "cfg.json").read_text())
+
+
 # -- dictionary_learning ------------------------------------------------------------------------------------
 
 

@@ -1,10 +1,10 @@
 """A run's SAEs grouped into families (one SAE per training seed), each table number a mean over seeds with
 a 95% interval: a block bootstrap over held-out tokens nested in a bootstrap over seeds (see intervals.py).
 
-FVU, RSA, SAELens' ce_loss_score and kl_div_with_sae, recaptured loss (against zero and mean ablation), delta CE
-and KL are bootstrapped (RSA over its token sample, by replicates drawn at evaluation); L0 and the dead fraction
-get an interval across seeds only (none with one seed). Comparisons of two families are paired: every SAE is
-resampled with the same blocks and contexts.
+FVU, RSA (each over all tokens and over the typical ones), SAELens' ce_loss_score and kl_div_with_sae,
+recaptured loss (against zero and mean ablation), delta CE and KL are bootstrapped (RSA over its token sample,
+by replicates drawn at evaluation); L0 and the dead fraction get an interval across seeds only (none with one
+seed). Comparisons of two families are paired: every SAE is resampled with the same blocks and contexts.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 from ..sae import MODES
 from .intervals import block_weights, interval, over_seeds, ratio, seed_interval
 
-BOOTSTRAPPED = ("fvu", "rsa", "ce_loss_score", "kl_div_with_sae", "recaptured", "recaptured_mean", "dce", "kl")
+BOOTSTRAPPED = ("fvu", "fvu_typical", "rsa", "rsa_typical", "ce_loss_score", "kl_div_with_sae", "recaptured",
+                "recaptured_mean", "dce", "kl")
 SEED_ONLY = ("l0", "dead_frac")
 
 
@@ -24,7 +25,7 @@ def _value(row: dict, key: str, mode: str):
     if key in ("l0", "dead_frac"):
         return row.get(key) if mode == "prefix" else row.get("l0_rescaled") if key == "l0" else None
     v = row.get(f"{key}_{mode}")
-    return v["cosine"]["spearman"] if key == "rsa" and v is not None else v
+    return v["cosine"]["spearman"] if key in ("rsa", "rsa_typical") and v is not None else v
 
 
 class Aggregate:
@@ -41,15 +42,16 @@ class Aggregate:
 
     def replicates(self, name: str, key: str, mode: str, G: int) -> np.ndarray | None:
         """Bootstrap replicates [n_boot] of one SAE's metric (None where there is nothing to resample)."""
-        e = self.evals[name]
-        if key == "fvu" and e.get("blocks") and str(G) in e["blocks"].get(f"sse_{mode}", {}):
-            return ratio(e["blocks"][f"sse_{mode}"][str(G)], e["blocks"]["var"], self.Wb)
-        if key == "rsa":  # replicates drawn at evaluation (RSA is no ratio of sums)
-            reps = (e.get("rsa_boot") or {}).get(f"{mode}:{G}")
+        e, typical = self.evals[name], "typical:" if key.endswith("_typical") else ""
+        blocks = (e.get("blocks") or {}).get("typical") if typical else e.get("blocks")
+        if key.startswith("fvu") and blocks and str(G) in blocks.get(f"sse_{mode}", {}):
+            return ratio(blocks[f"sse_{mode}"][str(G)], blocks["var"], self.Wb)
+        if key.startswith("rsa"):  # replicates drawn at evaluation (RSA is no ratio of sums)
+            reps = (e.get("rsa_boot") or {}).get(f"{typical}{mode}:{G}")
             return np.asarray(reps) if reps is not None and len(reps) == self.n_boot else None
         lm = e.get("lm") or {}
         hit = (lm.get("per_context_sae") or {}).get(f"{mode}:{G}")
-        if key in ("fvu", "rsa") or hit is None:
+        if key.startswith("fvu") or hit is None:
             return None
         pc, sae = lm["per_context"], np.asarray(hit["ce"])
         if key == "ce_loss_score":  # SAELens' sums: special tokens' predictions left out, every position ablated

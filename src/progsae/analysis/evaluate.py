@@ -55,6 +55,7 @@ def evaluate(
     lm: LMSplice | None = None,
     progress: bool = True,
     n_boot: int = 1000,
+    outlier_norm: float | None = None,
 ) -> dict:
     """{"n_tokens", "d_sae", "k", "rsa_tokens", "table", "curve"[, "lm"]}.
 
@@ -62,7 +63,10 @@ def evaluate(
     table: per G in Gs, fvu_prefix, fvu_rescaled, l0 (prefix), l0_rescaled, dead_frac, rsa_prefix, rsa_rescaled
     and, with lm (the model, layer and contexts to splice into), per mode: SAELens' ce_loss_score_*, kl_div_with_sae_*,
     kl_div_score_*, ce_loss_with_sae_*; progsae's recaptured_* (against zero ablation), recaptured_mean_*, dce_*
-    (CE_sae - CE_clean, nats), kl_*, ce_*.
+    (CE_sae - CE_clean, nats), kl_*, ce_*. With outlier_norm (analysis/outliers.py: a token above
+    it is an outlier) also fvu_typical_* and rsa_typical_* per mode, on the typical tokens alone (the FVU's
+    deviations from the mean of all tokens, see `ProgressiveEval`; the RSA on the sample's typical rows);
+    blocks["typical"] and rsa_boot["typical:MODE:G"] their bootstrap sums and replicates (None without it).
     curve: fvu_prefix, l0, dead_frac at every G = 1..N. RSA: on `rsa_tokens` rows taken evenly across the set;
     rsa_boot: its bootstrap replicates over those tokens (`rsa.spearman_replicates`).
     blocks: per block of about one context of held-out rows, the squared residual at each G (both modes)
@@ -75,7 +79,7 @@ def evaluate(
     modes = sae.modes  # threshold architectures have no rescaled mode: its fields stay None
     src = acts.manifest.get("source", {})
     block = src["ctx_len"] - (0 if src.get("keep_bos") else 1) if src.get("kind") == "lm" else 128  # ~ a context
-    acc = ProgressiveEval(sae, Gs if "rescaled" in modes else (), block_G=Gs, block_size=block)
+    acc = ProgressiveEval(sae, Gs if "rescaled" in modes else (), block_G=Gs, block_size=block, outlier_norm=outlier_norm)
     truth = load_truth(acts)
     known = TruthEval(sae, truth, Gs) if truth is not None else None
     stride, picked, at = max(1, n // rsa_tokens), [], 0  # the RSA sample: every stride-th row, across the set
@@ -90,16 +94,26 @@ def evaluate(
     sample = torch.cat(picked)[:rsa_tokens].to(sae.W_dec.device)
     W = torch.from_numpy(block_weights(len(sample), n_boot, seed=2))  # the same draws for every SAE: paired
     ranks_x = _rank_matrix(sample.cpu())
+    typical = None if outlier_norm is None else sample.double().norm(dim=1) <= outlier_norm  # the sample's typical rows
+    if typical is not None and int(typical.sum()) < 3:  # no pair of pairs to rank
+        typical = None
+    if typical is not None:
+        W_t = torch.from_numpy(block_weights(int(typical.sum()), n_boot, seed=3))
+        ranks_t = _rank_matrix(sample[typical].cpu())
     rsa_boot = {}
     with torch.no_grad():
         for row in table:
             for mode in MODES:
+                row[f"rsa_{mode}"] = row[f"rsa_typical_{mode}"] = None
                 if mode not in modes:
-                    row[f"rsa_{mode}"] = None
                     continue
                 rec = sae(sample, row["G"], mode)
                 row[f"rsa_{mode}"] = rsa(sample, rec)
                 rsa_boot[f"{mode}:{row['G']}"] = spearman_replicates(sample.cpu(), rec.cpu(), W, ranks_x).tolist()
+                if typical is not None:
+                    x_t, rec_t = sample[typical].cpu(), rec[typical].cpu()
+                    row[f"rsa_typical_{mode}"] = rsa(x_t, rec_t)
+                    rsa_boot[f"typical:{mode}:{row['G']}"] = spearman_replicates(x_t, rec_t, W_t, ranks_t).tolist()
     out = {
         "n_tokens": r.n_tokens,
         "d_sae": sae.d_sae,
@@ -107,6 +121,7 @@ def evaluate(
         "architecture": sae.architecture,
         "precision": sae.precision,  # how the encode selected (SAE.precision)
         "rsa_tokens": sample.shape[0],
+        "rsa_typical_tokens": None if typical is None else int(typical.sum()),
         "table": table,
         "curve": {"fvu_prefix": r.fvu.tolist(), "l0": r.l0.tolist(), "dead_frac": r.dead_frac.tolist()},
         "blocks": r.blocks,

@@ -33,10 +33,14 @@ class ProgressiveResult:
     blocks: dict | None = None  # per block of consecutive tokens: the sums a bootstrap resamples (see ProgressiveEval)
 
     def at(self, G: int) -> dict:
+        """The table row at G; fvu_typical_* (None without an outlier norm): on the typical tokens alone."""
+        typical = (self.blocks or {}).get("typical")
         return {
             "G": G,
             "fvu_prefix": float(self.fvu[G - 1]),
             "fvu_rescaled": self.rescaled_fvu.get(G),
+            **{f"fvu_typical_{mode}": sum(sse) / sum(typical["var"])
+               if typical and (sse := typical.get(f"sse_{mode}", {}).get(G)) else None for mode in MODES},  # fmt: skip
             "l0": float(self.l0[G - 1]),
             "l0_rescaled": self.rescaled_l0.get(G),
             "dead_frac": float(self.dead_frac[G - 1]),
@@ -81,13 +85,19 @@ class ProgressiveEval:
     stored order: a block is about one context), the squared residual at each G of `block_G` in both modes
     and the block's squared deviation from the overall mean: FVU = sum(sse) / sum(var) over any resample
     of blocks, which is what a block bootstrap of the held-out tokens needs.
+
+    With `outlier_norm` as well, the same sums over the typical tokens alone (norm <= outlier_norm; see
+    analysis/outliers.py), their deviations still from the mean of all tokens: the typical tokens' FVU, and
+    FVU over all tokens is the variance-weighted mean of the typical and the outlier tokens' FVU.
     """
 
-    def __init__(self, sae: SAE, rescaled_G: Iterable[int] = (), block_G: Iterable[int] = (), block_size: int = 128):
+    def __init__(self, sae: SAE, rescaled_G: Iterable[int] = (), block_G: Iterable[int] = (), block_size: int = 128,
+                 outlier_norm: float | None = None):  # fmt: skip
         self.sae = sae
         N, d = sae.d_sae, sae.cfg.d_in
         self.rescaled_G = sorted(set(rescaled_G))
         self.block_G, self.block_size = sorted(set(block_G)), block_size
+        self.outlier_norm = outlier_norm if self.block_G else None
         for G in self.rescaled_G + self.block_G:
             sae.check_G(G)
         empty = torch.zeros(0, dtype=torch.float64)
@@ -96,6 +106,8 @@ class ProgressiveEval:
             self.blk[f"prefix:{G}"] = empty
             if G in self.rescaled_G:
                 self.blk[f"rescaled:{G}"] = empty
+        if self.outlier_norm is not None:
+            self.blk.update({f"typical:{key}": v for key, v in self.blk.items()})
         self.steps = torch.zeros(N, dtype=torch.float64)
         self.counts = torch.zeros(N, dtype=torch.float64)
         self.sse0 = torch.zeros((), dtype=torch.float64)
@@ -133,6 +145,10 @@ class ProgressiveEval:
                 per_token[f"prefix:{G}"] = (e0 + (step * (indices < G)).sum(1)).double().cpu()
             per_token["sum_x2"], per_token["sum_x"] = xd.pow(2).sum(1).cpu(), xd.cpu()
             per_token["n"] = torch.ones(x.shape[0], dtype=torch.float64)
+            if self.outlier_norm is not None:
+                typical = (xd.norm(dim=1) <= self.outlier_norm).double().cpu()
+                per_token |= {f"typical:{key}": t * (typical if t.dim() == 1 else typical[:, None])
+                              for key, t in per_token.items()}  # fmt: skip
             block = torch.arange(self.n, self.n + x.shape[0]) // self.block_size
             n_blocks = int(block[-1]) + 1
             for key, t in per_token.items():
@@ -143,6 +159,19 @@ class ProgressiveEval:
                     acc = self.blk[key] = torch.cat([acc, acc.new_zeros(n_blocks - acc.shape[0], *acc.shape[1:])])
                 acc.index_add_(0, block, t)
         self.n += x.shape[0]
+
+    def _block_sums(self, tag: str = "") -> dict:
+        """Per block: var (squared deviation from the mean of all tokens) and sse_<mode> {G: ...}, of the rows
+        the `tag` names ("": all; "typical:": the typical ones)."""
+        mean, b = self.sum_x / self.n, {k.removeprefix(tag): v for k, v in self.blk.items() if k.startswith(tag)}
+        return {
+            "var": (b["sum_x2"] - 2 * b["sum_x"] @ mean + b["n"] * mean.pow(2).sum()).tolist(),
+            **{
+                f"sse_{mode}": {G: b[f"{mode}:{G}"].tolist() for G in self.block_G if f"{mode}:{G}" in b}
+                for mode in ("prefix", "rescaled")
+                if any(f"{mode}:{G}" in b for G in self.block_G)
+            },
+        }
 
     def total_variance(self) -> float:
         return float(self.sum_x2 - self.sum_x.pow(2).sum() / self.n)
@@ -155,17 +184,10 @@ class ProgressiveEval:
         G = torch.arange(1, N + 1, dtype=torch.float64)
         blocks = None
         if self.block_G:
-            mean = self.sum_x / self.n
-            b = self.blk
-            blocks = {
-                "size": self.block_size,
-                "var": (b["sum_x2"] - 2 * b["sum_x"] @ mean + b["n"] * mean.pow(2).sum()).tolist(),
-                **{
-                    f"sse_{mode}": {G: b[f"{mode}:{G}"].tolist() for G in self.block_G}
-                    for mode in ("prefix", "rescaled")
-                    if any(f"{mode}:{G}" in self.blk for G in self.block_G)
-                },
-            }
+            blocks = {"size": self.block_size, **self._block_sums()}
+            if self.outlier_norm is not None:
+                blocks["typical"] = {"outlier_norm": self.outlier_norm, "n_tokens": int(self.blk["typical:n"].sum()),
+                                     **self._block_sums("typical:")}  # fmt: skip
         return ProgressiveResult(
             n_tokens=self.n,
             fvu=((self.sse0 + self.steps.cumsum(0)) / var).numpy(),

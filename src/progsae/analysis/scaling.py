@@ -5,6 +5,12 @@ least-squares solution with 0 <= c <= min FVU (c is an error floor), and b minim
 then golden-section refinement). The points are spread evenly in log G over the fitted range, so the
 thousands of large-G points of a one-pass curve do not outweigh the small G. If the profiled fit is not
 finite, the stated fallback is the log-log line with c = 0.
+
+Two rules, stated here once and recorded in every fit:
+- the plateau: points with FVU >= 1 - PLATEAU (within PLATEAU of 1, or above it: the first latents of a
+  prefix curve explain almost nothing) are no power law and are left out of every fit;
+- goodness of fit: with at most PARAMS + 1 points, 3 parameters leave at most one residual degree of freedom
+  and any smooth curve passes (almost) through them, so R² says nothing and is not reported (None).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 N_POINTS = 64
+PARAMS = 3  # a, b, c
+PLATEAU = 0.05  # FVU >= 1 - PLATEAU: the plateau, excluded from every fit
 
 
 def _solve(x: np.ndarray, y: np.ndarray, b: float, c_max: float) -> tuple[float, float, float]:
@@ -26,11 +34,18 @@ def _solve(x: np.ndarray, y: np.ndarray, b: float, c_max: float) -> tuple[float,
     return float(a), float(c), float(r @ r)
 
 
-def fit_scaling(G, fvu, lo: int = 1, hi: int | None = None, n_points: int = N_POINTS) -> dict:
-    """FVU(G) ~ a G^-b + c over lo <= G <= hi: {"a", "b", "c", "r2", "G_min", "G_max", "n_points", "method"}."""
+def fit_scaling(
+    G, fvu, lo: int = 1, hi: int | None = None, n_points: int = N_POINTS, plateau: float = PLATEAU
+) -> dict | None:
+    """FVU(G) ~ a G^-b + c over lo <= G <= hi, the plateau left out: {"a", "b", "c", "r2" (None with at most
+    PARAMS + 1 points), "G_min", "G_max", "n_points", "plateau" (the tolerance), "plateau_points" (how many
+    G it left out), "method"}; None where fewer than PARAMS points remain."""
     G, fvu = np.asarray(G, np.float64), np.asarray(fvu, np.float64)
-    keep = (G >= lo) & (G <= (hi or G.max())) & np.isfinite(fvu)
-    G, fvu = G[keep], fvu[keep]
+    window = (G >= lo) & (G <= (hi or G.max())) & np.isfinite(fvu)
+    keep = window & (fvu < 1 - plateau)
+    if keep.sum() < PARAMS:
+        return None
+    G, fvu, on_plateau = G[keep], fvu[keep], int((window & ~keep).sum())
     if len(G) > n_points:  # evenly in log G
         at = np.unique(np.searchsorted(G, np.geomspace(G.min(), G.max(), n_points)).clip(0, len(G) - 1))
         G, fvu = G[at], fvu[at]
@@ -55,14 +70,19 @@ def fit_scaling(G, fvu, lo: int = 1, hi: int | None = None, n_points: int = N_PO
         a, b, c, method = float(np.exp(icpt)), float(-slope), 0.0, "log-log line, c = 0 (fallback)"
         s = float(((y - a * x**-b) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1 - s / ss_tot if ss_tot > 0 and len(G) > PARAMS + 1 else None
+    if len(G) <= PARAMS + 1:
+        method += f"; {len(G)} points for {PARAMS} parameters: no goodness of fit"
     return {
         "a": a * G.min() ** b,  # in terms of G itself: FVU = a G^-b + c
         "b": float(b),
         "c": float(c),
-        "r2": 1 - s / ss_tot if ss_tot > 0 else 1.0,
+        "r2": r2,
         "G_min": int(G.min()),
         "G_max": int(G.max()),
         "n_points": int(len(G)),
+        "plateau": plateau,
+        "plateau_points": on_plateau,
         "method": method,
     }
 

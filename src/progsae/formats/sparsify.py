@@ -7,6 +7,12 @@ N is `num_latents`, or d_in · expansion_factor when that is 0. `multi_topk` and
 shape training. Refused: groupmax activations, transcoders (no b_dec subtracted and another target),
 skip connections (x W_skipᵀ added to x̂). For a language model `layers.L` is the output of block L:
 progsae's `blocks.L.hook_resid_post`.
+
+progsae's own fields (a permutation, granularities, the hook, training metadata) go into `progsae.json`
+beside cfg.json, not into cfg.json: sparsify's loader builds its config from every key of cfg.json and
+prints the ones it does not know ("Dropping extra args ..." with a whole permutation). It reads only
+cfg.json and sae.safetensors, so the extra file is invisible to it. Directories written before this
+(progsae's fields under cfg.json's `progsae` key) are still read.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from ..errors import ProgsaeError
 from ..files import load_json, load_tensors, save_json, save_tensors
 from ..sae import SAE
 from .common import build, refuse
+
+OURS = "progsae.json"  # progsae's fields, beside cfg.json (which sparsify reads whole)
 
 
 def _hook(path: Path) -> dict:
@@ -59,7 +67,7 @@ def read(path: Path) -> SAE:
             f"{path}: cfg.json implies {N} latents of width {d_in} but W_dec has shape {tuple(w['W_dec'].shape)}; "
             "the two files do not belong together"
         )
-    progsae = dict(cfg.get("progsae") or {})
+    progsae = dict(load_json(path / OURS) if (path / OURS).is_file() else cfg.get("progsae") or {})
     meta = {**_hook(path), **progsae.pop("metadata", {})}
     return build(
         where, "topk", w["encoder.weight"].t(), w["encoder.bias"], w["W_dec"], w["b_dec"], k=k,
@@ -68,12 +76,13 @@ def read(path: Path) -> SAE:
 
 
 def write(sae: SAE, path: Path) -> None:
-    """cfg.json (the source's sparsify fields kept; ours under `progsae`, which sparsify ignores) and
+    """cfg.json (sparsify's fields only: the source's kept, ours dropped), progsae.json (ours) and
     sae.safetensors in float32."""
     if sae.architecture != "topk":
         raise ProgsaeError(f"sparsify stores TopK SAEs and this one is {sae.architecture}; write it as saelens")
     src = sae.cfg.source
     base = dict(src["cfg"]) if src.get("format") == "sparsify" else {}
+    base.pop("progsae", None)  # read from an older progsae directory: ours now live in progsae.json
     progsae = dict(sae.cfg.progsae, metadata=sae.cfg.metadata)
     if src.get("format") and src["format"] != "sparsify":
         progsae.setdefault("converted_from", src["format"])
@@ -88,9 +97,9 @@ def write(sae: SAE, path: Path) -> None:
         "skip_connection": False,
         "transcode": False,
         "d_in": sae.cfg.d_in,
-        "progsae": progsae,
     }
     path.mkdir(parents=True, exist_ok=True)
     tensors = {"encoder.weight": sae.W_enc.t(), "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     save_tensors(path / "sae.safetensors", {n: t.float() for n, t in tensors.items()})
-    save_json(path / "cfg.json", cfg)
+    save_json(path / OURS, progsae)
+    save_json(path / "cfg.json", cfg)  # last: it marks the SAE whole

@@ -123,8 +123,9 @@ def figures(res: dict, out: Path) -> dict[str, Path]:
             f = res["scaling"][fam]
             G = np.geomspace(f["G_min"], f["G_max"], 100)
             axes[1].loglog(np.arange(1, len(c) + 1), c, color=st[fam]["color"], ls=st[fam]["ls"], lw=1, alpha=0.5)
+            r2 = "no goodness of fit" if f["r2"] is None else f"R² {f['r2']:.3f}"
             axes[1].loglog(G, predict(f, G), color=st[fam]["color"], lw=2.2, alpha=0.8,
-                           label=f"{fam}: {f['a']:.2f}·G^-{f['b']:.2f} + {f['c']:.3f} (R² {f['r2']:.3f})")  # fmt: skip
+                           label=f"{fam}: {f['a']:.2f}·G^-{f['b']:.2f} + {f['c']:.3f} ({r2})")  # fmt: skip
     nat = [(f, v) for f, v in res["families"].items() if v["role"] in ("native", "vanilla") and not res["plan"][f]["metric"]]
     for fam, v in nat:
         colour = st[fam]["color"] if v["role"] == "native" else plt.cm.Greens(0.95)

@@ -49,6 +49,7 @@ def write_report(run_dir: str | Path) -> Path:
         sc_rows.append({"sae": "native SAEs over N (FVU at their own size)", **{k: v for k, v in f.items() if k not in ("N", "fvu")}})
     if sc_rows:
         write_csv(d.tables / "scaling.csv", sc_rows)
+    tol = next((r["plateau"] for r in sc_rows if r.get("plateau") is not None), None)  # the fits' plateau rule
     tr_rows = [{"sae": n, **v} for n, v in res.get("training", {}).items()]
     if tr_rows:
         write_csv(d.tables / "training.csv", tr_rows)
@@ -75,9 +76,12 @@ def write_report(run_dir: str | Path) -> Path:
         "<p><b>How to read the numbers.</b> Every number is measured on held-out activations. A number in a table is "
         f"the mean over the {seeds} seed{'s' if seeds > 1 else ''} with its 95% interval in brackets: a block bootstrap "
         f"({c.get('bootstrap', 1000)} replicates) over held-out tokens in blocks of one context (FVU) or over the "
-        "LM-loss contexts (ce_loss_score, kl_div_with_sae, recaptured, ΔCE, KL), nested in a bootstrap over seeds; RSA and L0 have intervals "
-        "across seeds only (none with one seed). Comparisons are paired: both SAEs are resampled with the same "
-        "tokens. A verdict counts a G as won only when the interval of the difference excludes the reverse.</p>",
+        "LM-loss contexts (ce_loss_score, kl_div_with_sae, recaptured, ΔCE, KL) or over RSA's token sample, nested in a "
+        "bootstrap over seeds; L0 "
+        "and the dead fraction have intervals across seeds only (none with one seed). Comparisons are paired: both "
+        "SAEs are resampled with the same tokens. A verdict counts a G as won only when the interval of the "
+        "difference excludes the reverse, and says reproduced only when every G is won in both truncation modes "
+        "(partly: each mode's own verdict is named); it names the SAEs whose training had not converged.</p>",
         *_pretrained_section(res, figs),
         "<h2>The paper's findings beside ours</h2>",
         html_table(res["findings"], ["paper", "ours", "verdict", "rule"])
@@ -92,6 +96,7 @@ def write_report(run_dir: str | Path) -> Path:
         "with k·G/N, the paper's constant K/G (L0 = k·G/N, matched across SAEs). Native SAEs are meaningful at their own "
         "size; their rows at smaller G are truncations.</p>",
         "<h3>Reconstruction</h3>",
+        _typical_text(res),
         html_table(rows, ["sae", "seeds", "G", *RECONSTRUCTION]),
         "<h3>Language-modelling loss with the reconstruction spliced in</h3>",
         html_table(rows, ["sae", "seeds", "G", *(col for col, _ in RESULT_COLUMNS if col not in RECONSTRUCTION)]),
@@ -122,11 +127,15 @@ def write_report(run_dir: str | Path) -> Path:
         "<h2>Scaling laws</h2><p>FVU(G) = a·G<sup>−b</sup> + c fitted by nonlinear least squares (the exponent profiled, "
         "(a, c) solved for each b with the floor c free in [0, min FVU]) to the one-pass prefix curve at 64 points spaced "
         "evenly in log G over the range shown; fallback if that fails: the log-log line with c = 0 (method column). "
+        + (f"Points on the plateau, FVU ≥ {1 - tol:g} (within {tol:g} of 1: the first latents explain almost "
+           "nothing), are no power law and are left out (plateau_points: how many G). " if tol is not None else "")
+        + "With at most 4 points the three "
+        "parameters leave at most one degree of freedom, so R² says nothing and is not given (–). "
         "A fixed-granularity Matryoshka curve steps at its granularities, so a smooth law fits it less well. "
         "Over N: each native SAE's FVU at its own size"
-        + (f" ({len(res['scaling_over_N']['N'])} sizes: a fit through few points)" if "scaling_over_N" in res else "")
+        + (f" ({len(res['scaling_over_N']['N'])} sizes)" if "scaling_over_N" in res else "")
         + ".</p>",
-        html_table(sc_rows, ["sae", "a", "b", "c", "r2", "G_min", "G_max", "n_points", "method"]),
+        html_table(sc_rows, ["sae", "a", "b", "c", "r2", "G_min", "G_max", "n_points", "plateau_points", "method"]),
         *(["<h2>Training</h2>", _training_text(res), html_table(tr_rows, list(tr_rows[0])),
            _img(figs["training"], "Training FVU against tokens")] if tr_rows else []),  # fmt: skip
         "<h2>Configuration</h2>",
@@ -232,6 +241,22 @@ def _training_text(res: dict) -> str:
         f"top-k in {precisions(res)} (precision {c.get('precision', 'fp32')}). Convergence: the slope of the batch FVU against "
         "log₂(tokens) over the second half of training, i.e. the FVU change one more doubling of the tokens is "
         "projected to bring; an SAE counts as converged when that is under 1% of its final FVU.</p>"
+    )
+
+
+def _typical_text(res: dict) -> str:
+    o = res["outliers"]
+    if o["handling"] == "exclude":
+        return ("<p>Outlier tokens are excluded (outliers: exclude): every evaluated token is typical, so the "
+                "typical-token columns are empty (–).</p>")  # fmt: skip
+    return (
+        f"<p>FVU and RSA on all held-out tokens and on the <b>typical</b> ones: tokens whose activation norm is at "
+        f"or below the outlier threshold ({o['threshold']:.4g}, the {o['quantile']} quantile of the training norms). "
+        f"Outlier tokens hold {o['outlier_variance_share']:.0%} of the training tokens' variance, and an SAE may "
+        "reconstruct them far better or worse than the rest, so the FVU on all tokens can say little about a typical "
+        "token. A typical token's FVU is the typical tokens' squared residual over their squared deviation from the "
+        "mean of all held-out tokens, which makes the FVU on all tokens the variance-weighted mean of the typical and "
+        "the outlier tokens' FVU; typical RSA is the RSA on the sample's typical tokens. Intervals as for all tokens.</p>"
     )
 
 

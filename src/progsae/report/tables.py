@@ -12,6 +12,8 @@ from ..files import atomic
 RESULT_COLUMNS = (
     ("fvu_prefix", "fvu_prefix"),
     ("fvu_rescaled", "fvu_rescaled"),
+    ("fvu_typical_prefix", "fvu_typical_prefix"),
+    ("fvu_typical_rescaled", "fvu_typical_rescaled"),
     ("l0_prefix", "l0"),
     ("l0_rescaled", "l0_rescaled"),
     ("ce_loss_score_prefix", "ce_loss_score_prefix"),  # SAELens' definition: the headline LM number
@@ -28,10 +30,15 @@ RESULT_COLUMNS = (
     ("kl_rescaled", "kl_rescaled"),
     ("rsa_prefix", "rsa_prefix"),
     ("rsa_rescaled", "rsa_rescaled"),
+    ("rsa_typical_prefix", "rsa_typical_prefix"),
+    ("rsa_typical_rescaled", "rsa_typical_rescaled"),
     ("dead_frac", "dead_frac"),
 )
 
-RECONSTRUCTION = ("fvu_prefix", "fvu_rescaled", "l0_prefix", "l0_rescaled", "rsa_prefix", "rsa_rescaled", "dead_frac")
+# the reconstruction table: FVU and RSA on all tokens with the same on typical tokens beside them
+RECONSTRUCTION = ("fvu_prefix", "fvu_rescaled", "fvu_typical_prefix", "fvu_typical_rescaled", "l0_prefix",
+                  "l0_rescaled", "rsa_prefix", "rsa_rescaled", "rsa_typical_prefix", "rsa_typical_rescaled",
+                  "dead_frac")  # fmt: skip
 
 
 def fmt(v) -> str:

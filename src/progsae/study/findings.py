@@ -1,12 +1,16 @@
 """The paper's findings beside a run's, each with a verdict decided by a stated rule.
 
 Comparisons (Matryoshka against the permuted vanilla SAE; a truncated large SAE against a native one) are
-made per G with the difference's 95% interval (aggregate.py). The rule: "reproduced" when the paper's side
-is better at every compared G with an interval that excludes the reverse; "not reproduced" when it is
-better for certain at none; "partly reproduced" otherwise. The rescaled mode is the paper's comparison and
-its L0 is matched by construction (k_G = k G / N latents for every SAE); the prefix mode is shown at the
-same G with both L0s, and at matched L0 (each prefix curve read where its L0 equals the lower of the two).
-A fixed-granularity Matryoshka is judged only at the granularities it was trained for.
+made per G with the difference's 95% interval (aggregate.py), in both truncation modes: rescaled (the
+paper's; L0 matched by construction, k_G = k G / N latents for every SAE) and prefix (the same G, each SAE
+at its own L0; for FVU also read at matched L0, each prefix curve where its L0 equals the lower of the two).
+The rule, per mode: "reproduced" when the paper's side is better at every compared G with an interval that
+excludes the reverse; "not reproduced" when it is better for certain at none; "partly reproduced"
+otherwise. A finding is "reproduced" only when the rule holds in both modes; "partly reproduced" names the
+mode that holds. A fixed-granularity Matryoshka is judged only at the granularities it was trained for.
+
+Every verdict also says what limits it: SAEs whose training had not converged (results.py `convergence`),
+and for the power law a full-window fit below the R² the rule asks of the robust window.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from ..analysis.compare import matched_l0
 from ..interp.bands import JUDGE_MIN, difference
 
 PAPER_EXPONENTS = (-1.27, -0.54)
+R2_MIN = 0.9  # the power law's rule: every fit at least this good
 
 
 def _num(v) -> str:
@@ -36,6 +41,31 @@ def _verdict(cmps: list[dict]) -> str:
     return "not reproduced" if certain == 0 else "partly reproduced"
 
 
+def _modes(by_mode: dict[str, list[dict]]) -> str:
+    """The rule over the truncation modes compared (those the SAEs have): reproduced only when it holds in
+    every mode; otherwise each mode's own verdict, so the reader sees which holds."""
+    v = {m: _verdict(c) for m, c in by_mode.items() if c}
+    if len(set(v.values())) <= 1:
+        return next(iter(v.values()), "undecided (nothing compared)")
+    each = "; ".join(f"{m} mode: {x}" for m, x in v.items())
+    none = all(x == "not reproduced" or x.startswith("undecided") for x in v.values())
+    return f"{'not' if none else 'partly'} reproduced ({each})"
+
+
+def not_converged(res: dict, plan, names) -> str:
+    """"; not converged: ..." for the trained SAEs behind `names` (a sorted copy: its base) whose training had
+    not converged (results.py `convergence`), else ""."""
+    bad = []
+    for n in dict.fromkeys(plan[n].base or n for n in names):
+        t = res["training"].get(n)
+        if t is None or t["converged"]:
+            continue
+        slope, final = t["fvu_per_doubling"], t["final_fvu"]
+        bad.append(f"{n} (history too short to tell)" if slope is None
+                   else f"{n} (FVU still falling {-slope / final:.1%} of its value per doubling of tokens)")  # fmt: skip
+    return f"; not converged: {', '.join(bad)}" if bad else ""
+
+
 def power_law_finding(power_laws: dict) -> dict:
     fits = {n: f["e_z2"] for n, f in power_laws.items()}
     full, robust = [f["full"] for f in fits.values()], [f["robust"] for f in fits.values()]
@@ -45,7 +75,8 @@ def power_law_finding(power_laws: dict) -> dict:
 
     lo, hi = PAPER_EXPONENTS
     in_range = all(lo <= f["exponent"] <= hi for f in robust)
-    fits_well = min(f["r2"] for f in robust) >= 0.9
+    fits_well = min(f["r2"] for f in robust) >= R2_MIN
+    full_low = min(f["r2"] for f in full) < R2_MIN
     starts = sorted({f["lo"] for f in robust})
     starts = f"from rank {starts[0]}" if len(starts) == 1 else f"starting at rank {starts[0]} to {starts[-1]}, by SAE,"
     return {
@@ -53,10 +84,12 @@ def power_law_finding(power_laws: dict) -> dict:
         "ours": f"robust window ({starts} up to N/2, after the outlier latents): exponents "
         f"{span(robust, 'exponent')}, R² {span(robust, 'r2')}; full window (ranks 1..N/2): exponents "
         f"{span(full, 'exponent')}, R² {span(full, 'r2')} ({len(fits)} SAEs)",
-        "verdict": "reproduced"
-        if in_range and fits_well
-        else ("partly reproduced" if in_range or fits_well else "not reproduced"),
-        "rule": "robust-window exponents inside the paper's range and R² ≥ 0.9 for every vanilla SAE",
+        "verdict": ("reproduced" if in_range and fits_well else "partly reproduced" if in_range or fits_well
+                    else "not reproduced")
+        + (f"; over the full window (ranks 1..N/2) R² as low as {min(f['r2'] for f in full):.2f}, below {R2_MIN}"
+           if full_low else ""),  # fmt: skip
+        "rule": f"robust-window exponents inside the paper's range and R² ≥ {R2_MIN} for every vanilla SAE; the "
+        "verdict says when the full window falls below that R²",
     }
 
 
@@ -64,10 +97,16 @@ def _sizes(gs: list[int], N: int) -> str:
     return ", ".join("N" if g == N else f"N/{N // g}" if N % g == 0 else str(g) for g in gs)
 
 
+def _side(cmps: list[dict]) -> str:
+    return (f"better for certain at {sum(c['certain'] for c in cmps)} of {len(cmps)} G, worse for certain at "
+            f"{sum(c['worse_certain'] for c in cmps)} — " + "; ".join(_cmp(c) for c in cmps))  # fmt: skip
+
+
 def matryoshka_findings(agg: Aggregate, res: dict, plan) -> list[dict]:
     out, N = [], plan.N
     perm = plan.vanilla("e_z2")
     grid = [g for g in res["grid"] if g < N]
+    families = plan.families()
     variants = {  # each Matryoshka family: judged at the granularities it was trained for (sampled: every G)
         n: (f"fixed M = {_sizes(m, N)}", [g for g in m if g < N]) if (m := plan[n].granularities) else ("sampled", grid)
         for n in plan.names("matryoshka")
@@ -82,47 +121,40 @@ def matryoshka_findings(agg: Aggregate, res: dict, plan) -> list[dict]:
         for fam, (what, trained) in variants.items():
             if fam not in agg.families:
                 continue
-            cmps = [c for G in trained if (c := agg.compare(fam, perm, key, "rescaled", G, higher))]
-            if not cmps:
+            by_mode = {m: [c for G in trained if (c := agg.compare(fam, perm, key, m, G, higher))]
+                       for m in ("rescaled", "prefix")}  # fmt: skip
+            if not by_mode["rescaled"] and not by_mode["prefix"]:
                 continue
-            pre = [c for G in trained if (c := agg.compare(fam, perm, key, "prefix", G, higher))]
             l0s = {G: (agg.point(fam, "l0", "prefix", G), agg.point(perm, "l0", "prefix", G)) for G in trained}
-            prefix = (
-                f"Prefix mode, same G: better at {sum(c['better'] for c in pre)} of {len(pre)} (for certain at "
-                f"{sum(c['certain'] for c in pre)}; L0 "
-                + ", ".join(f"{l0s[c['G']][0]:.1f} vs {l0s[c['G']][1]:.1f}" for c in pre)
-                + ")"
-            )
-            qualifier = ""
+            ours = [f"{fam} ({what}) vs {perm}, rescaled mode (L0 = k·G/N for both): {_side(by_mode['rescaled'])}"]
+            if by_mode["prefix"]:
+                ours.append("prefix mode (same G; L0 " + ", ".join(f"{l0s[c['G']][0]:.1f} vs {l0s[c['G']][1]:.1f}"
+                            for c in by_mode["prefix"]) + f"): {_side(by_mode['prefix'])}")  # fmt: skip
+            verdict = _modes(by_mode)
             if key == "fvu":
                 m = [matched_l0(curves[fam], curves[perm], G) for G in trained]
                 m = [x for x in m if x["fvu_a"] is not None and x["fvu_b"] is not None]
                 wins = sum(x["fvu_a"] < x["fvu_b"] for x in m)
-                prefix += (
-                    "; at matched L0 (each prefix curve read at the G where its L0 equals the lower of the two "
-                    f"L0s at that G): better at {wins} of {len(m)} ("
+                ours.append(
+                    "prefix mode at matched L0 (each prefix curve read at the G where its L0 equals the lower of "
+                    f"the two L0s at that G; no interval): better at {wins} of {len(m)} ("
                     + ", ".join(f"G={x['G']}, L0 {x['l0']:.1f}: {x['fvu_a']:.3f} vs {x['fvu_b']:.3f}" for x in m)
                     + ")"
                 )
-                if m and 2 * wins < len(m):
-                    qualifier = f" in rescaled mode; not in prefix mode at matched L0 ({wins} of {len(m)})"
+                if m and 2 * wins < len(m) and not verdict.startswith("not"):
+                    verdict += f"; at matched L0 in prefix mode better at only {wins} of {len(m)} G"
             untrained = [G for G in grid if G not in trained]
-            note = (
-                f" Not judged at G = {', '.join(map(str, untrained))}, which it was not trained for."
-                if untrained
-                else ""
-            )
+            note = f" Not judged at G = {', '.join(map(str, untrained))}, which it was not trained for." if untrained else ""
+            saes = families[fam] + families[plan[perm].family]
             out.append(
                 {
                     "paper": f"Matryoshka SAEs beat permuted vanilla SAEs on {metric} (K/G constant)",
-                    "ours": f"{fam} ({what}) vs {perm}, rescaled mode (L0 = k·G/N for both): better for certain at "
-                    f"{sum(c['certain'] for c in cmps)} of {len(cmps)} G, worse for certain at "
-                    f"{sum(c['worse_certain'] for c in cmps)} — "
-                    + "; ".join(_cmp(c) for c in cmps)
-                    + f". {prefix}.{note}",
-                    "verdict": _verdict(cmps) + (qualifier if _verdict(cmps) != "not reproduced" else ""),
-                    "rule": "rescaled mode, every trained G < N, interval of the difference excluding the reverse; "
-                    "FVU verdicts also say when prefix mode at matched L0 disagrees",
+                    "ours": ". ".join(ours) + f".{note}",
+                    "verdict": verdict + not_converged(res, plan, saes),
+                    "rule": "in each truncation mode, every trained G < N with the interval of the difference "
+                    "excluding the reverse; reproduced only when that holds in both modes, partly when it holds "
+                    "somewhere (each mode's verdict named); FVU verdicts also say when prefix mode at matched L0 "
+                    "disagrees",
                 }
             )
     return out
@@ -131,32 +163,38 @@ def matryoshka_findings(agg: Aggregate, res: dict, plan) -> list[dict]:
 def splitting_finding(agg: Aggregate, res: dict, plan) -> dict:
     big = plan.vanilla("e_z2")
     native = {plan[n].d_sae: n for n in plan.names("native") if plan[n].seed == 0}
-    cmps = [
-        c
-        for f in res["feature_splitting"]
-        if (c := agg.compare(big, native[f["G"]], "fvu", "rescaled", f["G"], False))
-    ]
-    worse = [dict(c, certain=c["worse_certain"]) for c in cmps]  # the paper's side: truncated is worse
+    by_mode = {
+        m: [c for f in res["feature_splitting"] if (c := agg.compare(big, native[f["G"]], "fvu", m, f["G"], False))]
+        for m in ("rescaled", "prefix")
+    }
+    worse = {m: [dict(c, certain=c["worse_certain"]) for c in cs] for m, cs in by_mode.items()}  # the paper's side
     fs = {f["G"]: f for f in res["feature_splitting"]}
     match = "; ".join(
         f"G={g}: {fs[g]['matched_0.9']:.1%} of native directions match one of the first G latents with cosine > 0.9, "
         f"{fs[g]['matched_0.9_all_N']:.1%} one of all N"
         for g in sorted(fs)
     )
+    families = plan.families()
+    saes = [n for g in fs for n in families[plan[native[g]].family]] + families[plan[big].family]
     return {
         "paper": "A large SAE truncated to G underperforms a native G-latent SAE (65K truncated to 16K is worse than native 16K)",
         "ours": f"{plan.vanilla()} by E[z²] truncated vs native, FVU in rescaled mode (same L0): "
-        + "; ".join(_cmp(c) for c in cmps)
+        + "; ".join(_cmp(c) for c in by_mode["rescaled"])
+        + ". Prefix mode (the truncated SAE at its own L0): "
+        + "; ".join(_cmp(c) for c in by_mode["prefix"])
         + f". Decoder matches: {match}",
-        "verdict": _verdict(worse),
-        "rule": "truncated FVU above native at every G with the interval excluding the reverse",
+        "verdict": _modes(worse) + not_converged(res, plan, saes),
+        "rule": "truncated FVU above native at every G with the interval excluding the reverse, in each truncation "
+        "mode; reproduced only when that holds in both",
     }
 
 
 def findings(agg: Aggregate, res: dict, plan) -> list[dict]:
     """The paper's reported findings beside ours, each with its verdict and the rule that decided it."""
     vanilla = {n: f for n, f in res["power_laws"].items() if res["saes"][n]["role"] in ("vanilla", "native")}
-    return [power_law_finding(vanilla), *matryoshka_findings(agg, res, plan), splitting_finding(agg, res, plan)]
+    power = power_law_finding(vanilla)
+    power["verdict"] += not_converged(res, plan, vanilla)
+    return [power, *matryoshka_findings(agg, res, plan), splitting_finding(agg, res, plan)]
 
 
 def _sims(scores: list[dict], lo: int = 0, hi: int | None = None) -> list:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..analysis.intervals import seed_interval
 from ..sae import MODES
-from .findings import _verdict
+from .findings import _modes, _verdict
 
 KEYS = ("mcc", "uniqueness", "recovered", "recovered_0.8", "recovered_parents", "recovered_top_decile",
         *(f"{m}_{mode}" for m in ("precision", "recall", "f1", "absorption") for mode in MODES))  # fmt: skip
@@ -124,16 +124,14 @@ def known_findings(ka: dict, plan, grid: list[int]) -> list[dict]:
                     "the reverse",
         })  # fmt: skip
     if ka["has_codes"] and ka["depth_counts"][1:] and fam[perm] in fams:
-        verdicts, parts = {}, []
+        by_mode, parts = {}, []
         for mode in MODES:
-            cmps = []
+            by_mode[mode] = []
             for m, Gs in variants.items():
                 cs = [c for G in Gs if m in fams and (c := _compare(ka, m, fam[perm], f"absorption_{mode}", G, False))]
-                cmps += cs
+                by_mode[mode] += cs
                 parts.append(f"{mode}, {m} vs {fam[perm]}: " + ("; ".join(_cmp_text(c) for c in cs) or "no parent recovered"))
-            verdicts[mode] = _verdict(cmps)
-        both = set(verdicts.values())
-        verdict = both.pop() if len(both) == 1 else "partly reproduced (" + ", ".join(f"{m}: {v}" for m, v in verdicts.items()) + ")"
+        verdict = _modes(by_mode)
         out.append({
             "paper": "Absorption falls with nesting: a parent's latent stays on when a child fires (Bussmann et al. 2025)",
             "ours": "share of the rows where a recovered parent and one of its children fire on which the parent's "

@@ -219,8 +219,7 @@ class Run:
         train_together(trainers, self.progress)
 
     def stream(self) -> LMSource | SyntheticSource:
-        """The model run on the fly over the training split (source lm), built once (every seed draws its own
-        batches from it); its description in stream.json. Source synthetic: the generator."""
+        """The source lm (the model on the training split, described in stream.json) or synthetic, built once."""
         if self._stream is None and self.cfg.source == "synthetic":
             self._stream = SyntheticSource(self.cfg.synthetic_config())
         if self._stream is None:
@@ -265,7 +264,8 @@ class Run:
             self._splice = LMSplice(model, c.layer, contexts, special_token_ids(tok))
         out = {"name": name, **evaluate(sae, self.acts("test"), self.granularities(name, sae.d_sae),
                                         rsa_tokens=c.rsa_tokens, lm=self._splice, progress=self.progress,
-                                        n_boot=c.bootstrap)}  # fmt: skip
+                                        n_boot=c.bootstrap,  # typical tokens: all of them when outliers are excluded
+                                        outlier_norm=self.threshold() if c.outliers == "keep" else None)}  # fmt: skip
         if self.dir.history(name).is_file():
             out["history"] = load_json(self.dir.history(name))
         save_json(self.dir.eval(name), out)

@@ -3,7 +3,8 @@ report reads this file alone (`load`).
 
     config, source, grid     the resolved settings, what the activations are, the granularities tabled
     plan                     family -> role, base and metric (a sorted copy), granularities, training options
-    saes                     name -> d_sae, k, architecture, role, family, seed, table (one row per G), lm
+    saes                     name -> d_sae, k, architecture, role, family, seed, table (one row per G; FVU and
+                             RSA on all tokens and on typical ones, analysis/evaluate.py), lm
     families                 family -> d_sae, k, architecture, role, seeds, table (means with 95% intervals)
     curves                   family -> fvu_prefix, l0 at every G = 1..N, averaged over its seeds
     outliers, power_laws     the norm profile; per SAE the power-law fits (full and robust windows)
@@ -32,7 +33,7 @@ from ..files import load_json
 from ..formats import load_sae
 from ..interp import bands
 from ..interp.records import load_records
-from .findings import findings, interpretability_findings
+from .findings import findings, interpretability_findings, not_converged
 from .known import known_answers, known_findings
 from .rundir import RunDir
 
@@ -102,8 +103,8 @@ def analyse(run) -> dict:
     for fam, names in families.items():
         if plan[names[0]].metric or plan[names[0]].role == "matryoshka":
             G = np.arange(1, len(res["curves"][fam]["fvu_prefix"]) + 1)
-            if len(G) > 32:
-                res["scaling"][fam] = fit_scaling(G, np.asarray(res["curves"][fam]["fvu_prefix"]), lo=16)
+            if len(G) > 32 and (fit := fit_scaling(G, np.asarray(res["curves"][fam]["fvu_prefix"]), lo=16)):
+                res["scaling"][fam] = fit
     res["interpretability"] = interpretability(run)
     res["known_answers"] = known_answers(evals, families, c.seed)
     if not c.train:
@@ -117,15 +118,20 @@ def analyse(run) -> dict:
         res["feature_splitting"].append(feature_splitting(load_sae(d.sae(big)), load_sae(d.sae(n)), row_t, row_n))
     own = sorted(natives + [plan.vanilla()], key=lambda n: plan[n].d_sae)  # scaling over N: each at its own size
     sizes, fvus = [plan[n].d_sae for n in own], [res["families"][n]["table"][-1]["fvu_prefix"] for n in own]
-    res["scaling_over_N"] = {"N": sizes, "fvu": fvus, **fit_scaling(sizes, fvus)}
+    res["scaling_over_N"] = {"N": sizes, "fvu": fvus, **(fit_scaling(sizes, fvus) or {"method": "no fit: too few points"})}
     res["findings"] = findings(agg, res, plan)
     if res["known_answers"]:
-        res["findings"] += known_findings(res["known_answers"], plan, c.G)
+        studied = [plan.vanilla(), *(n for n in plan.names("matryoshka") if plan[n].seed == 0)]
+        res["findings"] += [dict(f, verdict=f["verdict"] + not_converged(res, plan, studied))
+                            for f in known_findings(res["known_answers"], plan, c.G)]  # fmt: skip
+    ours = len(res["findings"])
     study, check = res["interpretability"]["saes"], res["interpretability"]["check"]
     if check:
         matryoshkas = [n for n in plan.interp() if plan[n].role == "matryoshka"]
         res["findings"] += interpretability_findings(study, big, matryoshkas, N, check, c.bootstrap, c.seed,
                                                      lexical=res["interpretability"][LEXICAL])  # fmt: skip
+        for f in res["findings"][ours:]:  # the interpretability findings: about the SAEs studied
+            f["verdict"] += not_converged(res, plan, [big, *matryoshkas])
     return res
 
 
