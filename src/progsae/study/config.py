@@ -142,9 +142,10 @@ PRESETS = {
         sae_tokens=600_000,
         lm_tokens=0,
         stats_tokens=50_000,
+        rsa_tokens=500,  # RSA's cost is quadratic in its sample: at 1000 it took most of the evaluation
         interp_latents=0,
         seeds=3,
-        minutes_estimate=5,
+        minutes_estimate=3,
     ),
     # the paper's setting: Gemma-2-2b layer 2, N up to 65,536; GPUs and tens of millions of tokens. The SAEs
     # train straight from the model (50M tokens of float32 at d = 2304 would be 460 GB of shards); 2M tokens
