@@ -614,3 +614,19 @@ def test_auto_interp_contexts_come_from_the_records_and_the_judge_check_tells_a_
     good, guess = judge_check(WordJudge(), rows), judge_check(WordJudge(guess=True), rows)
     assert good["simulation"] == pytest.approx(1.0) and good["detection_auroc"] == pytest.approx(1.0)
     assert abs(guess["simulation"]) < 0.3 and len(good["latents"]) == 3
+
+
+def test_rsa_with_identical_reconstructions_equals_scipy():
+    """Opt-in (scipy is no dependency; it comes with sae-lens in tests/test_foreign_libs.py's venv): scipy's
+    pdist + spearmanr on planted identical reconstructions, the anchor the field computes RSA with."""
+    distance = pytest.importorskip("scipy.spatial.distance")
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(400, 48, generator=g)
+    y = x + 0.5 * torch.randn(400, 48, generator=g)
+    y[::4] = torch.randn(48, generator=g)  # 100 identical reconstructions
+    got = rsa(x, y)
+    for m in ("cosine", "euclidean"):
+        dx, dy = distance.pdist(x.double().numpy(), m), distance.pdist(y.double().numpy(), m)
+        assert got[m]["spearman"] == pytest.approx(stats.spearmanr(dx, dy).statistic, abs=1e-12), m
+        assert got[m]["pearson"] == pytest.approx(stats.pearsonr(dx, dy).statistic, abs=1e-12), m
