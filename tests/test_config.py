@@ -9,6 +9,7 @@ from progsae import ProgsaeError
 from progsae.analysis.evaluate import EvalArgs
 from progsae.analysis.importance import PermuteArgs, StatsArgs
 from progsae.analysis.powerlaw import PowerlawArgs
+from progsae.analysis.shrink import ShrinkArgs
 from progsae.cli import InspectArgs, build_parser, main
 from progsae.config import check_fields, flag_name, from_args, load_file
 from progsae.data.extract import ExtractArgs, ExtractConfig
@@ -33,8 +34,9 @@ ARGUMENTS = {
     "inspect": ((InspectArgs,), set()),
     "powerlaw": ((PowerlawArgs,), set()),
     "eval": ((EvalArgs,), set()),
+    "shrink": ((ShrinkArgs,), set()),
 }
-NO_FLAG = {"metadata", "minutes_estimate"}  # a dict (file only) and a field `run` leaves to its presets
+NO_FLAG = {"metadata", "synthetic", "minutes_estimate"}  # dicts (file only) and a field `run` leaves to its presets
 
 
 def subparser(name):
@@ -46,7 +48,7 @@ def subparser(name):
 def test_every_config_field_has_its_flag_named_after_it(command):
     cls, _ = COMMANDS[command]
     flags = {opt for a in subparser(command)._actions for opt in a.option_strings}
-    skipped = {"metadata", "minutes_estimate"}
+    skipped = NO_FLAG
     missing = [f.name for f in fields(cls) if f.name not in skipped and flag_name(f) not in flags]
     assert not missing, f"{command}: no flag for {missing}"
     for f in fields(cls):  # every field documents itself, flag or not

@@ -23,6 +23,7 @@ from .analysis.importance import SAE_HELP, PermuteArgs, StatsArgs
 from .analysis.lm_eval import LMSplice, directory_contexts, special_token_ids
 from .analysis.powerlaw import PowerlawArgs
 from .analysis.rsa import spearman
+from .analysis.shrink import ShrinkArgs, shrink
 from .config import REQUIRED, add_flags, from_args, from_dict, given, load_file, opt
 from .data import ActivationDir
 from .data.extract import ExtractArgs, ExtractConfig, extract
@@ -111,6 +112,19 @@ def cmd_permute(ns) -> None:
     fmt = a.format or sae.cfg.source.get("format", "saelens")
     wrote = f"{fmt} format" if fmt in ("saelens", "sparsify") else f"SAELens format (progsae writes no {fmt} files)"
     print(f"SAE with latents sorted by {a.by} (descending) written to {a.out} in {wrote}")
+
+
+def cmd_shrink(ns) -> None:
+    a = from_args(ShrinkArgs, ns, "shrink")
+    check_output_dir(a.out)
+    sae, acts = load_sae(a.sae).to(check_device(a.device)), ActivationDir(a.acts)
+    acts.check_sae(sae)
+    n = min(a.tokens or acts.n_tokens, acts.n_tokens)
+    rows = tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="refit", unit="batch") if a.method == "refit" else ()
+    small = shrink(sae, a.G, a.method, rows, a.k)
+    save_sae(small.cpu(), a.out)
+    k = f", k = {small.k}" if small.architecture == "topk" else ""
+    print(f"{small.d_sae}-latent SAE ({a.method}{k}) from the first {a.G} of {sae.d_sae} latents written to {a.out}")
 
 
 @dataclass
@@ -330,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("stats", "importance statistics of every latent (E[z^2], frequency, E[z], max)", cmd_stats, StatsArgs)
     command("permute", "reorder an SAE's latents by decreasing importance (no retraining)", cmd_permute, PermuteArgs)
+    command("shrink", "a standalone G-latent SAE from the first G latents: truncated, or refitted by least squares",
+            cmd_shrink, ShrinkArgs)  # fmt: skip
     command("browse", "a static feature browser: latents in importance order, their contexts", cmd_browse, BrowseArgs)
     command("inspect", "what an SAE file is: format, architecture, sizes, hook, order", cmd_inspect, InspectArgs)
     command("powerlaw", "fit power laws of importance against rank", cmd_powerlaw, PowerlawArgs)
