@@ -1,4 +1,5 @@
-"""Speed of the core, side by side in one run: TopK vs Matryoshka steps, one-pass curve vs one FVU pass.
+"""Speed of the core, side by side in one run: TopK vs Matryoshka steps, one-pass curve vs one FVU pass,
+shrink's refit vs encode passes.
 
     python benchmarks/bench_core.py [--d 576] [--n 16384] [--k 64] [--batch 4096] [--repeats 5]
 
@@ -109,6 +110,20 @@ def main() -> None:
     print(f"{'encode only':<52}{enc * 1e3:>8.0f}{enc / one:>9.2f}x")
     print(f"{'latent records pass (top 20, sample 40, histogram)':<52}{rec * 1e3:>8.0f}{rec / one:>9.2f}x"
           f"   {rec / enc:.2f}x the encode")  # fmt: skip
+
+    # shrink's refit (N -> N/4, k/4) on 1M tokens against one encode of the same 1M tokens by the large SAE:
+    # per batch the small SAE's encode and the normal equations, then one least-squares solve
+    from progsae.analysis.shrink import normal_equations, refit
+
+    small = sae.truncate(N // 4)
+    accumulate = timeit(lambda: normal_equations(small, [x]), a.repeats)
+    solve = timeit(lambda: refit(small, [x]), 1, warmup=0) - accumulate
+    batches = 1_000_000 / B
+    ratio = (batches * accumulate + solve) / (batches * enc)
+    print(f"{'shrink refit N -> N/4: normal equations per batch':<52}{accumulate * 1e3:>8.0f}{accumulate / one:>9.2f}x"
+          f"   {accumulate / enc:.2f}x the encode")  # fmt: skip
+    print(f"{'shrink refit: the least-squares solve, once':<52}{solve * 1e3:>8.0f}")
+    print(f"refit of 1M tokens = {ratio:.2f} encode passes of the N-latent SAE over the same tokens")
 
     # a JumpReLU SAE of the same weights, its one threshold set so that the mean L0 is ~k (pretrained SAEs)
     jr = SAE(SAEConfig(d, N, None, architecture="jumprelu"))

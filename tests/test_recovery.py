@@ -145,6 +145,7 @@ def test_a_truth_file_that_does_not_fit_is_refused_in_one_line(tmp_path):
         "cycle": {**good, "parent": torch.tensor([1, 0] + [-1] * 18)},
         "rows": {**good, "feature_indices": good["feature_indices"][:10], "feature_values": good["feature_values"][:10]},
         "unknown": {**good, "extra": torch.zeros(2)},
+        "negative": {**good, "feature_values": -good["feature_values"]},
     }
     for what, tensors in bad.items():
         save_tensors(out / TRUTH_FILE, tensors)
@@ -254,3 +255,20 @@ def test_no_small_training_seed_starts_an_sae_on_the_true_features():
             sae = SAE(SAEConfig(d_in=32, d_sae=128, k=4)).init_tied(torch.Generator().manual_seed(train_seed))
             C = first_match(abs_cos(sae.W_dec, V), 0.9)
             assert (C > 128).all(), (seed, train_seed)
+
+
+def test_eval_on_fewer_rows_than_the_directory_reads_the_true_codes_of_those_rows(tmp_path):
+    from progsae.analysis.evaluate import evaluate
+
+    cfg = SyntheticConfig(d_in=48, n_features=40, mean_active=4, noise=0.02, orthogonal=True, seed=5, **TREES)
+    acts = ActivationDir(write_synthetic(cfg, tmp_path / "acts", 1500, held_out=True, progress=False))
+    truth = load_truth(acts)
+    V = truth.feature_vectors
+    W = torch.cat([V[[0, 5, 9, 13, 21]], V[[2, 7]] + 0.8 * V[[3, 8]], V[20:30]])
+    sae = planted(W / W.norm(dim=1, keepdim=True), list(range(len(W))), torch.zeros(0, 48), k=5)
+    res = evaluate(sae, acts, [8, 17], max_tokens=700, rsa_tokens=50, progress=False, n_boot=10)
+    x = torch.cat(list(acts.iter_rows(700, 700)))
+    for row in res["truth"]["table"]:
+        p, r, f, a = brute_force_firing(sae, V, x, truth.feature_indices[:700], truth.feature_values[:700],
+                                        truth.parent.numpy(), row["G"], "prefix")  # fmt: skip
+        assert row["f1_prefix"] == pytest.approx(f, abs=1e-12) and row["recall_prefix"] == pytest.approx(r, abs=1e-12)

@@ -40,7 +40,8 @@ class ProgressiveResult:
             "fvu_prefix": float(self.fvu[G - 1]),
             "fvu_rescaled": self.rescaled_fvu.get(G),
             **{f"fvu_typical_{mode}": sum(sse) / sum(typical["var"])
-               if typical and (sse := typical.get(f"sse_{mode}", {}).get(G)) else None for mode in MODES},  # fmt: skip
+               if typical and (sse := typical.get(f"sse_{mode}", {}).get(G)) and sum(typical["var"]) > 0 else None
+               for mode in MODES},  # fmt: skip  (None too when no held-out token is typical)
             "l0": float(self.l0[G - 1]),
             "l0_rescaled": self.rescaled_l0.get(G),
             "dead_frac": float(self.dead_frac[G - 1]),

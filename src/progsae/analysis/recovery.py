@@ -166,7 +166,7 @@ class TruthEval:
         out = {"n_features": F, "thresholds": list(THRESHOLDS), "depth_counts": depths.tolist(), "has_codes": self.has_codes,
                "curve": {key[th]: (np.bincount(np.minimum(f, N + 1), minlength=N + 2)[1 : N + 1].cumsum() / F).tolist()
                          for th, f in first.items()}}  # fmt: skip
-        decile = np.array_split(np.argsort(-self.t_count.numpy(), kind="stable"), 10) if self.has_codes else None
+        decile = np.array_split(np.argsort(-self.t_count.numpy(), kind="stable"), min(10, F)) if self.has_codes else None
         table = []
         for G in self.Gs:
             row = {"G": G, "mcc": mcc(self.C[:G]), "uniqueness": uniqueness(self.C[:G])}

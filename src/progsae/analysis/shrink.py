@@ -74,7 +74,9 @@ def refit(sae: SAE, rows: Iterable[torch.Tensor]) -> tuple[SAE, int]:
         raise ProgsaeError("refit read no activation rows; pass a directory with rows (and --tokens > 0)")
     g = sae.d_sae
     keep = torch.cat([A.diagonal()[:g] > 0, torch.tensor([True])])  # latents that fired, and the bias
-    sol = torch.linalg.lstsq(A[keep][:, keep], B[keep], driver="gelsd").solution  # [live + 1, d]
+    A, B = A[keep][:, keep], B[keep]
+    L, info = torch.linalg.cholesky_ex(A)  # A is positive definite unless two live latents always co-fire alike
+    sol = torch.cholesky_solve(B, L) if info == 0 else torch.linalg.lstsq(A, B, driver="gelsd").solution
     out = copy.deepcopy(sae)
     live = keep[:g].to(out.W_dec.device)
     out.W_dec[live] = sol[:-1].to(out.W_dec)

@@ -67,6 +67,9 @@ class Truth:
                                    f"like the activation rows, got {tuple(i.shape)} and {tuple(v.shape)}")  # fmt: skip
             if ((i < 0) | (i >= F)).any():
                 raise ProgsaeError(f"{where}: feature_indices holds an index outside 0..{F - 1}")
+            if (v < 0).any() or not torch.isfinite(v).all():
+                raise ProgsaeError(f"{where}: feature_values holds a negative, NaN or Inf value; a true code is a "
+                                   "feature's non-negative magnitude (0: padding)")  # fmt: skip
         return self
 
 

@@ -44,7 +44,7 @@ def _verdict(cmps: list[dict]) -> str:
 def _modes(by_mode: dict[str, list[dict]]) -> str:
     """The rule over the truncation modes compared (those the SAEs have): reproduced only when it holds in
     every mode; otherwise each mode's own verdict, so the reader sees which holds."""
-    v = {m: _verdict(c) for m, c in by_mode.items() if c}
+    v = {m: _verdict(c) if c else "undecided (nothing compared)" for m, c in by_mode.items()}
     if len(set(v.values())) <= 1:
         return next(iter(v.values()), "undecided (nothing compared)")
     each = "; ".join(f"{m} mode: {x}" for m, x in v.items())

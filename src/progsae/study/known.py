@@ -22,7 +22,9 @@ from .findings import _modes, _verdict
 
 KEYS = ("mcc", "uniqueness", "recovered", "recovered_0.8", "recovered_parents", "recovered_top_decile",
         *(f"{m}_{mode}" for m in ("precision", "recall", "f1", "absorption") for mode in MODES))  # fmt: skip
-LISTS = ("recovered_depth", "recovered_decile")  # a share per depth / per frequency decile
+LISTS = ("recovered_depth", "recovered_decile")
+# the seed bootstrap of 2-4 paired differences: its interval is their range, so "certain" means every seed agrees
+FEW_SEEDS = " (with fewer than 5 seeds the interval is the per-seed differences' range: every seed must agree)"  # a share per depth / per frequency decile
 
 
 def _get(row: dict, key: str):
@@ -77,6 +79,10 @@ def _compare(ka: dict, fa: str, fb: str, key: str, G: int, higher: bool) -> dict
             "worse_certain": ci is not None and (ci[1] < 0 if higher else ci[0] > 0)}  # fmt: skip
 
 
+def _decide(cmps: list[dict]) -> str:
+    return _verdict(cmps) if cmps else "undecided (nothing compared)"
+
+
 def _cmp_text(c: dict) -> str:
     ci = f", 95% [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c["ci"] else ", no interval"
     return f"G={c['G']}: {c['a']:.3f} vs {c['b']:.3f} (Δ {c['diff']:+.3f}{ci})"
@@ -103,9 +109,9 @@ def known_findings(ka: dict, plan, grid: list[int]) -> list[dict]:
                      "children (Bussmann et al. 2025)",
             "ours": "share of parent features (those with children) recovered at cos ≥ 0.9 by the first G latents: "
                     + ". ".join(parts),
-            "verdict": _verdict(cmps),
+            "verdict": _decide(cmps),
             "rule": "every Matryoshka family above the permuted vanilla SAE at every G < N it was trained for, the "
-                    "seed-paired interval excluding the reverse",
+                    "seed-paired interval excluding the reverse" + FEW_SEEDS,
         })  # fmt: skip
     if ka["has_codes"] and fam[vanilla] in fams:
         parts, cmps = [], []
@@ -119,9 +125,9 @@ def known_findings(ka: dict, plan, grid: list[int]) -> list[dict]:
                      "SAE are a good G-latent dictionary (the paper's mechanism)",
             "ours": "share of the most frequent decile of true features recovered at cos ≥ 0.9 by the first G "
                     "latents: " + ". ".join(parts),
-            "verdict": _verdict(cmps),
+            "verdict": _decide(cmps),
             "rule": "both sorted copies above the unsorted SAE at every G < N, the seed-paired interval excluding "
-                    "the reverse",
+                    "the reverse" + FEW_SEEDS,
         })  # fmt: skip
     if ka["has_codes"] and ka["depth_counts"][1:] and fam[perm] in fams:
         by_mode, parts = {}, []
@@ -138,7 +144,8 @@ def known_findings(ka: dict, plan, grid: list[int]) -> list[dict]:
                     "latent is off: " + ". ".join(parts),
             "verdict": verdict,
             "rule": "lower absorption for every Matryoshka family at every G < N it was trained for, the "
-                    "seed-paired interval excluding the reverse, in both truncation modes",
+                    "seed-paired interval excluding the reverse, in both truncation modes (a mode with nothing "
+                    "compared: undecided); each SAE's absorption is over the parents it recovers" + FEW_SEEDS,
         })  # fmt: skip
     return out
 

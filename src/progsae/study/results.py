@@ -121,7 +121,7 @@ def analyse(run) -> dict:
     res["scaling_over_N"] = {"N": sizes, "fvu": fvus, **(fit_scaling(sizes, fvus) or {"method": "no fit: too few points"})}
     res["findings"] = findings(agg, res, plan)
     if res["known_answers"]:
-        studied = [plan.vanilla(), *(n for n in plan.names("matryoshka") if plan[n].seed == 0)]
+        studied = [n for f in families if plan[families[f][0]].role in ("vanilla", "matryoshka") for n in families[f]]
         res["findings"] += [dict(f, verdict=f["verdict"] + not_converged(res, plan, studied))
                             for f in known_findings(res["known_answers"], plan, c.G)]  # fmt: skip
     ours = len(res["findings"])
