@@ -54,16 +54,23 @@ def _modes(by_mode: dict[str, list[dict]]) -> str:
 
 def not_converged(res: dict, plan, names) -> str:
     """"; not converged: ..." for the trained SAEs behind `names` (a sorted copy: its base) whose training had
-    not converged (results.py `convergence`), else ""."""
-    bad = []
+    not converged (results.py `convergence`), else "": their names, and how fast their FVU still fell (one
+    SAE's rate, or the range over several)."""
+    falling, short = {}, []
     for n in dict.fromkeys(plan[n].base or n for n in names):
         t = res["training"].get(n)
         if t is None or t["converged"]:
             continue
-        slope, final = t["fvu_per_doubling"], t["final_fvu"]
-        bad.append(f"{n} (history too short to tell)" if slope is None
-                   else f"{n} (FVU still falling {-slope / final:.1%} of its value per doubling of tokens)")  # fmt: skip
-    return f"; not converged: {', '.join(bad)}" if bad else ""
+        if t["fvu_per_doubling"] is None:
+            short.append(f"{n} (history too short to tell)")
+        else:
+            falling[n] = -t["fvu_per_doubling"] / t["final_fvu"]
+    parts = short
+    if falling:
+        lo, hi = min(falling.values()), max(falling.values())
+        rate = f"{lo:.1%}" if len(falling) == 1 else f"{lo:.0%}-{hi:.0%}"
+        parts = [f"{', '.join(falling)} (FVU still falling {rate} of its value per doubling of tokens)", *short]
+    return f"; not converged: {', '.join(parts)}" if parts else ""
 
 
 def power_law_finding(power_laws: dict) -> dict:
