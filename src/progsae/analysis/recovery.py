@@ -148,10 +148,10 @@ class TruthEval:
                     hit = on & T[rows, self.best[i]]
                     c["fires"].index_add_(0, i[on], torch.ones(int(on.sum()), dtype=torch.float64))
                     c["tp"].index_add_(0, i[hit], torch.ones(int(hit.sum()), dtype=torch.float64))
+                    A = torch.zeros(n, width + 1, dtype=torch.bool)  # which latents fire; column `width`: padding
+                    A.scatter_(1, torch.where(on, i, width), True)
                     for Gp in self.Gs if G is None else [G]:
                         lat, slot = self.pairs[Gp]
-                        A = torch.zeros(n, width + 1, dtype=torch.bool)  # column `width`: codes' padding
-                        A.scatter_(1, torch.where(on, i, width), True)
                         co = (A[:, lat] & E[:, slot]).sum(0).double()
                         c["co"][Gp] = c["co"].get(Gp, 0) + co
 

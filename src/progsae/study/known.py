@@ -18,7 +18,7 @@ import numpy as np
 
 from ..analysis.intervals import seed_interval
 from ..sae import MODES
-from .findings import _modes, _verdict
+from .findings import _cmp, _modes, _verdict
 
 KEYS = ("mcc", "uniqueness", "recovered", "recovered_0.8", "recovered_parents", "recovered_top_decile",
         *(f"{m}_{mode}" for m in ("precision", "recall", "f1", "absorption") for mode in MODES))  # fmt: skip
@@ -83,11 +83,6 @@ def _decide(cmps: list[dict]) -> str:
     return _verdict(cmps) if cmps else "undecided (nothing compared)"
 
 
-def _cmp_text(c: dict) -> str:
-    ci = f", 95% [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c["ci"] else ", no interval"
-    return f"G={c['G']}: {c['a']:.3f} vs {c['b']:.3f} (Δ {c['diff']:+.3f}{ci})"
-
-
 def known_findings(ka: dict, plan, grid: list[int]) -> list[dict]:
     """The three known-answer findings (module doc), each with its verdict and rule."""
     N, out = plan.N, []
@@ -103,7 +98,7 @@ def known_findings(ka: dict, plan, grid: list[int]) -> list[dict]:
         for m, Gs in variants.items():
             cs = [c for G in Gs if m in fams and (c := _compare(ka, m, fam[perm], "recovered_parents", G, True))]
             cmps += cs
-            parts.append(f"{m} vs {fam[perm]}: " + "; ".join(_cmp_text(c) for c in cs))
+            parts.append(f"{m} vs {fam[perm]}: " + "; ".join(_cmp(c) for c in cs))
         out.append({
             "paper": "Matryoshka SAEs keep parent features in their inner latents; flat SAEs absorb parents into "
                      "children (Bussmann et al. 2025)",
@@ -119,7 +114,7 @@ def known_findings(ka: dict, plan, grid: list[int]) -> list[dict]:
             f = plan.sorted_copy(fam[vanilla], metric)
             cs = [c for G in grid if G < N and f in fams and (c := _compare(ka, f, fam[vanilla], "recovered_top_decile", G, True))]
             cmps += cs
-            parts.append(f"{f} vs {fam[vanilla]} (training order): " + "; ".join(_cmp_text(c) for c in cs))
+            parts.append(f"{f} vs {fam[vanilla]} (training order): " + "; ".join(_cmp(c) for c in cs))
         out.append({
             "paper": "Sorting by importance puts the features that matter first: the first G latents of a permuted "
                      "SAE are a good G-latent dictionary (the paper's mechanism)",
@@ -136,7 +131,7 @@ def known_findings(ka: dict, plan, grid: list[int]) -> list[dict]:
             for m, Gs in variants.items():
                 cs = [c for G in Gs if m in fams and (c := _compare(ka, m, fam[perm], f"absorption_{mode}", G, False))]
                 by_mode[mode] += cs
-                parts.append(f"{mode}, {m} vs {fam[perm]}: " + ("; ".join(_cmp_text(c) for c in cs) or "no parent recovered"))
+                parts.append(f"{mode}, {m} vs {fam[perm]}: " + ("; ".join(_cmp(c) for c in cs) or "no parent recovered"))
         verdict = _modes(by_mode)
         out.append({
             "paper": "Absorption falls with nesting: a parent's latent stays on when a child fires (Bussmann et al. 2025)",
