@@ -120,8 +120,12 @@ def cmd_shrink(ns) -> None:
     sae, acts = load_sae(a.sae).to(check_device(a.device)), ActivationDir(a.acts)
     acts.check_sae(sae)
     n = min(a.tokens or acts.n_tokens, acts.n_tokens)
-    rows = tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc="refit", unit="batch") if a.method == "refit" else ()
-    small = shrink(sae, a.G, a.method, rows, a.k)
+
+    def rows():
+        return tqdm(acts.iter_rows(4096, n), total=-(-n // 4096), desc=a.method, unit="batch", leave=False)
+
+    tune = TrainConfig(tokens=a.tune_tokens, batch_size=a.batch_size, device=a.device, precision="auto")
+    small = shrink(sae, a.G, a.method, rows, a.k, tune=tune, source=acts, progress=True)
     save_sae(small.cpu(), a.out)
     k = f", k = {small.k}" if small.architecture == "topk" else ""
     print(f"{small.d_sae}-latent SAE ({a.method}{k}) from the first {a.G} of {sae.d_sae} latents written to {a.out}")

@@ -135,6 +135,15 @@ class SAE(nn.Module):
         """Decoder rows rescaled to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
+    @torch.no_grad()
+    def fold_decoder_norm(self) -> None:
+        """Decoder rows rescaled to unit norm, each row's norm moved to its encoder column and bias: the same
+        reconstruction for threshold-free ReLU; TopK then ranks latent i's pre-activation times that norm."""
+        norm = self.W_dec.norm(dim=1).clamp_min(1e-8)
+        self.W_dec.div_(norm.unsqueeze(1))
+        self.W_enc.mul_(norm)
+        self.b_enc.mul_(norm)
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
             raise ProgsaeError(

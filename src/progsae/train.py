@@ -216,16 +216,16 @@ class Trainer:
     rank 0 writes checkpoints, history and the SAE (`out` must be a path every rank sees, to resume).
     """
 
-    def __init__(self, cfg: TrainConfig, source, out: str | Path | None = None):
+    def __init__(self, cfg: TrainConfig, source, out: str | Path | None = None, init: SAE | None = None):
+        """`init`: a TopK SAE of cfg's width and k to start from (its metadata kept, `SAE.fold_decoder_norm`)
+        instead of the tied initialisation; a checkpoint in `out` still comes first (a resumed run)."""
         self.cfg = cfg.validate()
+        self.init = init
         self.source = source
         self.out = Path(out) if out is not None else None
         d_in = source.d_in
-        progsae = {
-            "matryoshka": cfg.mode,
-            "granularities": cfg.matryoshka or None,
-            "matryoshka_sampled": cfg.matryoshka_sampled or None,
-        }
+        progsae = {"matryoshka": cfg.mode, "granularities": cfg.matryoshka or None,
+                   "matryoshka_sampled": cfg.matryoshka_sampled or None}  # fmt: skip
         self.device = check_device(dist.init(cfg.device))
         self.rank, self.world = dist.rank(), dist.world()
         if cfg.batch_size % self.world:
@@ -233,7 +233,12 @@ class Trainer:
                 f"batch_size {cfg.batch_size} does not split evenly over {self.world} ranks; "
                 f"use a multiple of {self.world}"
             )
-        self.sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.k, dict(cfg.metadata), progsae)).to(self.device)
+        if init is not None:
+            if init.architecture != "topk" or (init.cfg.d_in, init.d_sae, init.k) != (d_in, cfg.d_sae, cfg.k):
+                raise ProgsaeError(f"a warm start needs a TopK SAE of d_in={d_in}, d_sae={cfg.d_sae}, k={cfg.k}")
+            progsae = {**init.cfg.progsae, **progsae}
+        meta = {**(init.cfg.metadata if init is not None else {}), **cfg.metadata}
+        self.sae = SAE(SAEConfig(d_in, cfg.d_sae, cfg.k, meta, progsae)).to(self.device)
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else d_in // 2
         # Adam sees W_enc as the contiguous [N, d] block it is stored as: fused Adam copies a transposed
         # tensor in and out every step (31 -> 8 ms for both matrices at N = 16384, d = 576)
@@ -256,6 +261,9 @@ class Trainer:
             dist.broadcast(p.data)
 
     def _init_weights(self) -> None:
+        if self.init is not None:  # training keeps decoder rows at unit norm
+            self.sae.load_state_dict(self.init.state_dict())
+            return self.sae.fold_decoder_norm()
         torch.manual_seed(self.cfg.seed)
         sample = next(self.source.batches(self.cfg.batch_size, self.cfg.seed, 0))
         self.sae.init_tied(self.gen, geometric_median(sample.to(self.device)))
@@ -331,13 +339,9 @@ class Trainer:
         cfg = self.cfg
         last = self.history[-1] if self.history else {}
         self.sae.cfg.progsae["training"] = {
-            "tokens": self.step * cfg.batch_size,
-            "steps": self.step,
-            "final_fvu": last.get("fvu"),
-            "final_l0": last.get("l0"),
-            "dead_frac": float((self.since_fired >= cfg.dead_tokens).float().mean()),
-            "seconds": round(self.elapsed, 2),
-            "precision": self.precision,
+            "tokens": self.step * cfg.batch_size, "steps": self.step, "final_fvu": last.get("fvu"),
+            "final_l0": last.get("l0"), "dead_frac": float((self.since_fired >= cfg.dead_tokens).float().mean()),
+            "seconds": round(self.elapsed, 2), "precision": self.precision,  # fmt: skip
             **({"bf16_gemm_speedup": round(self.bf16_speedup, 2)} if self.bf16_speedup else {}),
             "config": cfg.jsonable(),
             **({"ranks": self.world} if self.world > 1 else {}),
@@ -391,9 +395,6 @@ def train_together(trainers: list[Trainer], progress: bool = True) -> list[SAE]:
 
 
 def train(source, cfg: TrainConfig, out: str | Path | None = None, progress: bool = True) -> SAE:
-    """Train an SAE on `source` (anything with d_in and batches(batch_size, seed, start)).
-
-    With `out`, the SAE is saved there (SAELens layout) with history.json and checkpoint/, from which
-    a rerun with the same config resumes.
-    """
+    """Train an SAE on `source` (anything with d_in and batches(batch_size, seed, start)); with `out`, saved
+    there (SAELens layout) with history.json and checkpoints/, from which a rerun of the same config resumes."""
     return Trainer(cfg, source, out).run(progress)

@@ -10,22 +10,34 @@ with all N latents beside it).
               squares. The encoder reads x - b_dec, so b_enc absorbs the change of b_dec: every code stays as
               it was (up to float32 rounding of the folded bias). A latent that never fires on the rows keeps
               its decoder row: the rows say nothing about it.
+    merge     G latents that cover the N decoder directions instead of the first G (TopK only): the unit
+              decoder rows are grouped by a spherical k-means weighted by E[z²] (started farthest-first in
+              importance order, so a split piece of a direction already taken never starts a group); latent j
+              decodes along its group's mean direction c_j and its pre-activation is the sum over its members
+              of cos(d_i, c_j) pre_i: a latent split into pieces (same decoder row, pre-activation divided)
+              merges back exactly. Then refit.
+    distil    merge (DISTIL_FROM), then fine-tuned by the trainer for `tune.tokens` tokens (warm start).
+The shrunk SAE's latents are in the order of the source's (truncate, refit) or of their groups (merge, distil).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from ..config import REQUIRED, opt
 from ..errors import ProgsaeError
 from ..sae import SAE
+from ..train import TrainConfig, Trainer
 from .importance import SAE_HELP
 
-METHODS = ("truncate", "refit")
+METHODS = ("truncate", "refit", "merge", "distil")
+MERGE_ITERS = 10  # Lloyd iterations of the weighted spherical k-means
+DISTIL_FROM = "merge"  # the start distil fine-tunes
 
 
 @dataclass
@@ -37,11 +49,14 @@ class ShrinkArgs:
                     positional=True)  # fmt: skip
     G: int = opt(REQUIRED, "latents of the shrunk SAE: the first G, fewer than the SAE's N", min=1)
     out: str = opt(REQUIRED, "SAE directory to write (the format read, SAELens' for formats progsae does not write)")
-    method: str = opt("refit", "truncate (the first G latents as they are) or refit (their decoder and b_dec "
-                      "re-solved by least squares on ACTS)", choices=METHODS)  # fmt: skip
+    method: str = opt("refit", "truncate (the first G latents as they are), refit (their decoder and b_dec "
+                      "re-solved by least squares on ACTS), merge (G latents covering all N directions, then "
+                      "refit; TopK) or distil (merge, then fine-tuned on ACTS)", choices=METHODS)  # fmt: skip
     k: int | None = opt(None, "k of a shrunk TopK SAE (default k G / N)", min=1)
     tokens: int | None = opt(None, "rows of ACTS the refit reads (default all)", min=1)
-    device: str = opt("cpu", "where the SAE encodes: cpu or cuda")
+    tune_tokens: int = opt(1_000_000, "distil: tokens of ACTS the shrunk SAE is fine-tuned on", min=1)
+    batch_size: int = opt(4096, "distil: tokens per fine-tuning step", min=1)
+    device: str = opt("cpu", "where the SAE encodes (and distil trains): cpu or cuda")
 
 
 @torch.no_grad()
@@ -86,9 +101,78 @@ def refit(sae: SAE, rows: Iterable[torch.Tensor]) -> tuple[SAE, int]:
     return out, n
 
 
-def shrink(sae: SAE, G: int, method: str = "refit", rows: Iterable[torch.Tensor] = (), k: int | None = None) -> SAE:
-    """A standalone G-latent SAE from `sae`'s first G latents (in its stored order) by `method`; `rows`: the
-    activations refit solves on. Its provenance (source fingerprint, N, method, rows read) is in cfg.progsae."""
+@torch.no_grad()
+def e_z2(sae: SAE, rows: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Each latent's E[z²] over `rows` (the importance merge weighs directions by)."""
+    total, n = torch.zeros(sae.d_sae, dtype=torch.float64), 0
+    for x in rows:
+        code = sae.encode(x.to(sae.W_dec.device))
+        total.index_add_(0, code.indices.flatten().cpu(), code.values.flatten().cpu().double().square())
+        n += x.shape[0]
+    return total / max(n, 1)
+
+
+def farthest_first(U: torch.Tensor, w: torch.Tensor, G: int) -> torch.Tensor:
+    """G row indices of the unit rows U [N, d]: each next one maximises w_i (1 - its largest cosine, clamped at 0,
+    to those taken); the first is the heaviest. A duplicate of a taken row scores 0 and is never taken first."""
+    best = torch.zeros(U.shape[0], dtype=U.dtype)
+    taken = torch.zeros(U.shape[0], dtype=torch.bool)
+    out = []
+    for _ in range(G):
+        i = int(torch.where(taken, -1.0, w * (1 - best.clamp_min(0))).argmax())
+        out.append(i)
+        taken[i] = True
+        best = torch.maximum(best, U @ U[i])
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def merge(sae: SAE, G: int, weights: torch.Tensor, k: int | None = None) -> SAE:
+    """G latents covering the N decoder directions (module doc): groups by spherical k-means weighted by `weights`
+    (E[z²]), started farthest-first; latent j decodes along its group's mean direction c_j (scaled to its members'
+    mean decoder norm) and its pre-activation is the sum over members i of cos(d_i, c_j) pre_i. Latents in the
+    order their groups were started."""
+    if sae.architecture != "topk":
+        raise ProgsaeError(f"merge adds encoder rows, which keeps a TopK SAE's splits exact but not a "
+                           f"{sae.architecture} SAE's thresholds; use --method refit")  # fmt: skip
+    D = sae.W_dec.detach().cpu().double()
+    U = D / D.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    w = weights.detach().cpu().double().clamp_min(0)
+    seeds = farthest_first(U, w, G)
+    C = U[seeds].clone()
+    for _ in range(MERGE_ITERS):
+        group = (U @ C.T).argmax(1)
+        S = torch.zeros_like(C).index_add_(0, group, w.unsqueeze(1) * U)
+        norm = S.norm(dim=1, keepdim=True)
+        C = torch.where(norm > 0, S / norm.clamp_min(1e-30), C)  # an empty group keeps its direction
+    group = (U @ C.T).argmax(1)
+    cos = (U * C[group]).sum(1)  # each latent's cosine to its group's direction
+    empty = torch.bincount(group, minlength=G) == 0
+    group[seeds[empty]], cos[seeds[empty]] = torch.nonzero(empty).flatten(), 1.0  # its seed alone
+    We = torch.zeros(G, D.shape[1], dtype=torch.float64)
+    We.index_add_(0, group, cos.unsqueeze(1) * sae.W_enc.detach().t().cpu().double())
+    be = torch.zeros(G, dtype=torch.float64).index_add_(0, group, cos * sae.b_enc.detach().cpu().double())
+    total = torch.zeros(G, dtype=torch.float64).index_add_(0, group, w + 1e-30)
+    norm = torch.zeros(G, dtype=torch.float64).index_add_(0, group, (w + 1e-30) * D.norm(dim=1)) / total
+    out = sae.truncate(G, k)
+    out.cfg.progsae.pop("permutation", None)  # its latents are no prefix of the large SAE's
+    out.W_enc.copy_(We.t().to(out.W_enc))
+    out.b_enc.copy_(be.to(out.b_enc))
+    out.W_dec.copy_((C * norm.unsqueeze(1)).to(out.W_dec))  # the members' mean decoder norm (weights w)
+    return out
+
+
+def shrink(sae: SAE, G: int, method: str = "refit", rows: Callable[[], Iterable[torch.Tensor]] | None = None,
+           k: int | None = None, *, weights: torch.Tensor | None = None, tune: TrainConfig | None = None,
+           source=None, out: str | Path | None = None, progress: bool = False) -> SAE:  # fmt: skip
+    """A standalone G-latent SAE from `sae` (its latents in importance order) by `method` (module doc).
+
+    rows     a fresh iterator of activation rows per call, what refit solves on (and merge weighs by, without
+             `weights`: each latent's E[z²] in `sae`'s order)
+    tune     distil: the fine-tune's TrainConfig (its tokens, batch size, ...; d_sae and k are the shrunk
+             SAE's), on `source` (a training source), checkpointed in `out` (resumable)
+    Provenance in cfg.progsae["shrink"]: the source's fingerprint and N, the method, the rows read per pass,
+    the passes over them (`passes_N` of them with the N-latent encoder) and the fine-tune's tokens."""
     if method not in METHODS:
         raise ProgsaeError(f"unknown shrink method {method!r}; use one of {', '.join(METHODS)}")
     if not 1 <= G < sae.d_sae:
@@ -98,9 +182,25 @@ def shrink(sae: SAE, G: int, method: str = "refit", rows: Iterable[torch.Tensor]
         raise ProgsaeError(f"--k sets a TopK SAE's k; this {sae.architecture} SAE fires by threshold: drop --k")
     if k is not None and k > G:
         raise ProgsaeError(f"k={k} exceeds G={G}; pick k <= G")
-    small = sae.truncate(G, k)
-    n = 0
-    if method == "refit":
-        small, n = refit(small, rows)
-    small.cfg.progsae["shrink"] = {"from": sae.fingerprint(), "N": sae.d_sae, "method": method, "rows": n}
+    if method == "distil" and (tune is None or source is None):
+        raise ProgsaeError("distil fine-tunes on a training source: pass tune (a TrainConfig) and source")
+    if method != "truncate" and rows is None:
+        raise ProgsaeError(f"{method} solves on activation rows: pass rows")
+    base = DISTIL_FROM if method == "distil" else method
+    n = passes = passes_N = 0
+    if base == "merge":
+        if weights is None:
+            weights, passes_N = e_z2(sae, rows()), 1
+        small = merge(sae, G, weights, k)
+    else:
+        small = sae.truncate(G, k)
+    if base != "truncate":
+        small, n = refit(small, rows())
+        passes = 1
+    fp = sae.fingerprint()
+    small.cfg.progsae["shrink"] = {"from": fp, "N": sae.d_sae, "method": method, "rows": n, "passes": passes,
+                                   "passes_N": passes_N, "tuned_tokens": tune.tokens if method == "distil" else 0}  # fmt: skip
+    if method == "distil":
+        cfg = replace(tune, d_sae=G, k=small.k, metadata={})
+        small = Trainer(cfg, source, out, init=small.to(cfg.device)).run(progress)
     return small
