@@ -62,15 +62,17 @@ def test_run_writes_every_artifact(run):
         "matryoshka-sampled",
         "topk-64-by-e_z2",
         "topk-64-by-freq",
-    }
+    } | {f"topk-64-by-e_z2-{m}-{G}" for m in ("truncate", "refit", "merge", "distil") for G in (8, 16, 32)}
     assert res["grid"] == [4, 8, 16, 32, 64]
     assert [f["G"] for f in res["feature_splitting"]] == [8, 16, 32]
     assert {"a", "b", "c", "r2", "G_min", "G_max", "method"} <= set(res["scaling"]["matryoshka"])
     assert res["scaling_over_N"]["N"] == [8, 16, 32, 64]
-    # power law, 3 metrics x 2 Matryoshka variants, feature splitting, 2 on interpretability: verdicts and rules
-    assert len(res["findings"]) == 10
+    # power law, 3 metrics x 2 Matryoshka variants, feature splitting, shrinking, 2 on interpretability
+    assert len(res["findings"]) == 11
     verdict = re.compile(r"(reproduced|partly reproduced|not reproduced|undecided)( \(.*?\))?(; .*)?")
-    assert all(verdict.fullmatch(f["verdict"]) and f["rule"] for f in res["findings"])
+    shrinking = res["findings"][-3]
+    assert shrinking["paper"].startswith("Open question 1") and shrinking["rule"]
+    assert all(verdict.fullmatch(f["verdict"]) and f["rule"] for f in res["findings"] if f is not shrinking)
     # the power-law verdict, decided again from the fits by the stated rule
     robust = [f["e_z2"]["robust"] for n, f in res["power_laws"].items() if res["saes"][n]["role"] in ("vanilla", "native")]
     in_range = all(-1.27 <= f["exponent"] <= -0.54 for f in robust)
@@ -80,7 +82,7 @@ def test_run_writes_every_artifact(run):
     # the feature-splitting verdict, decided again by its stated rule from the intervals it prints, whose
     # points must be the families' table values (truncated worse for certain: the interval is above 0)
     # in each truncation mode, then over both: reproduced only when both are, else each mode's verdict named
-    fam, split, each = res["families"], res["findings"][-3], {}
+    fam, split, each = res["families"], res["findings"][-4], {}
     for mode, text in zip(("rescaled", "prefix"), split["ours"].split("Prefix mode"), strict=True):
         printed = re.findall(r"G=(\d+): ([\d.]+) vs ([\d.]+) \(Δ [^,]+, 95% \[([-+\d.]+), ([-+\d.]+)\]\)", text)
         assert [int(g) for g, *_ in printed] == [8, 16, 32]
@@ -116,7 +118,7 @@ def test_run_writes_every_artifact(run):
                 "recaptured_mean_rescaled", "dce_prefix", "kl_rescaled"):
         lo, hi = row[f"{key}_ci"]
         assert lo <= row[key] <= hi, key
-    for name in ("results", "power_laws", "feature_splitting", "scaling", "training"):
+    for name in ("results", "power_laws", "feature_splitting", "scaling", "training", "shrink"):
         assert (out / "tables" / f"{name}.csv").stat().st_size > 0
     # the permuted SAE equals the original at G = N, in every metric
     a, b = res["saes"]["topk-64"]["table"][-1], res["saes"]["topk-64-by-e_z2"]["table"][-1]
@@ -140,7 +142,7 @@ def test_rerun_skips_finished_stages_and_a_changed_config_is_refused(run, capsys
     assert not (run / "out" / "browse" / "topk-16.tmp").exists()
     printed = capsys.readouterr().out
     stages = re.findall(r"^\[([^\]]+)\] (.*)$", printed, re.M)
-    assert len(stages) == 22 and all(msg.startswith("done already") for _, msg in stages)
+    assert len(stages) == 22 + 2 * 12 and all(msg.startswith("done already") for _, msg in stages)  # + shrink, evaluate
     before = (run / "out" / "saes" / "topk-16" / "sae_weights.safetensors").stat().st_mtime_ns
     assert main(["run", "--config", str(run / "cfg.yaml"), "--out", str(run / "out"), "--force"]) == 0
     assert not re.findall(r"^\[[^\]]+\] done already", capsys.readouterr().out, re.M)  # --force redoes every stage
@@ -293,7 +295,18 @@ def test_seeds_make_families_whose_numbers_are_means_with_intervals(run, tmp_pat
         lo, hi = row["fvu_rescaled_ci"]
         assert lo <= row["fvu_rescaled"] <= hi
     assert res["families"]["topk-64-by-e_z2"]["seeds"] == ["topk-64-by-e_z2", "topk-64-seed1-by-e_z2"]
-    assert len(res["findings"]) == 10
+    assert len(res["findings"]) == 11
+    r = res["shrink"]["rows"][0]  # the share of the gap each shrink closes: per seed, from each SAE's own eval file
+
+    def fvus(family):
+        return [json.loads((out / "eval" / f"{n}.json").read_text())["table"][-1]["fvu_prefix"]
+                for n in res["families"][family]["seeds"]]  # fmt: skip
+
+    t, n = fvus(r["methods"]["truncate"]["family"]), fvus(r["native"]["family"])
+    for e in r["methods"].values():
+        per = [(a - v) / (a - b) for a, v, b in zip(t, fvus(e["family"]), n, strict=True)]
+        assert e["gap_closed"] == pytest.approx(np.mean(per))
+        assert e["gap_closed_ci"] == pytest.approx([min(per), max(per)])
 
 
 @pytest.mark.slow
@@ -317,7 +330,7 @@ def test_a_new_family_is_one_spec_in_the_plan_and_the_run_studies_it_everywhere(
     assert "matryoshka-pareto" in res["interpretability"]["saes"] and "matryoshka-pareto" in res["scaling"]
     judged = [f for f in res["findings"] if f["ours"].startswith("matryoshka-pareto (sampled) vs topk-64-by-e_z2")]
     assert len(judged) == 3  # FVU, recaptured LM loss, RSA
-    assert len(res["findings"]) == 13 and "matryoshka-pareto" in res["findings"][-1]["ours"]
+    assert len(res["findings"]) == 14 and "matryoshka-pareto" in res["findings"][-1]["ours"]
     assert (out / "report.html").is_file() and "matryoshka-pareto" in (out / "report.html").read_text()
 
 
@@ -357,7 +370,7 @@ def test_run_studies_pretrained_saes_beside_and_instead_of_its_own(run, tmp_path
     res = json.loads((out / "results.json").read_text())
     assert res["pretrained"]["mine"]["format"] == "sparsify" and res["saes"]["mine"]["role"] == "pretrained"
     assert [r["G"] for r in res["saes"]["mine"]["table"]] == [3, 6, 12, 24, 48]  # its own N/16..N
-    assert "mine" in res["power_laws"] and len(res["findings"]) == 10
+    assert "mine" in res["power_laws"] and len(res["findings"]) == 11
     assert [b["hi"] for b in res["interpretability"]["saes"]["mine-by-e_z2"]["bands"]] == [3, 6, 12, 24, 48]
     # the imported copy computes exactly what the sparsify file does; permuting leaves G = N unchanged
     x = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
@@ -420,7 +433,7 @@ def test_source_lm_trains_every_sae_of_a_seed_from_one_pass_of_the_model(run, tm
 
     monkeypatch.setattr(stream, "residual_stream", counted)
     args = ["run", "--config", str(run / "cfg.yaml"), "--out", str(tmp_path / "out"), "--source", "lm"]
-    assert main([*args, "--buffer-tokens", "2000", "--lm-tokens", "0", "--interp-latents", "0"]) == 0
+    assert main([*args, "--buffer-tokens", "2000", "--lm-tokens", "0", "--interp-latents", "0", "--shrink-tokens", "0"]) == 0
     in_run, passes["n"] = passes["n"], 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["stream"]["kind"] == "lm" and res["stream"]["buffer_tokens"] == 2000
@@ -462,7 +475,7 @@ def test_a_run_under_torchrun_with_two_ranks_matches_one_process(run, tmp_path):
     torch.testing.assert_close(s2["max"], s1["max"], rtol=1e-3, atol=1e-6)
     assert (tmp_path / "two" / "report.html").is_file()
     timings = json.loads((tmp_path / "two" / "timings.json").read_text())  # the evaluations dealt over both ranks
-    assert all(f"evaluate {n}" in timings for n in one["saes"]) and "8 stages dealt over 2 ranks" in out
+    assert all(f"evaluate {n}" in timings for n in one["saes"]) and "20 stages dealt over 2 ranks" in out
 
 
 def comparable(out) -> dict:
@@ -515,3 +528,29 @@ def test_a_whole_run_killed_at_random_moments_reruns_to_what_an_uninterrupted_ru
     assert sorted(a) == sorted(b)
     for f in a:
         assert a[f] == b[f], f
+
+
+def test_run_shrinks_the_sorted_vanilla_sae_by_every_method(run):
+    """Each shrunk SAE is evaluated at its own size; truncate, as its own SAE, measures what the sorted SAE's
+    rescaled mode does at G; the share of the gap closed follows from the printed FVUs by its stated formula."""
+    out = run / "out"
+    res = json.loads((out / "results.json").read_text())
+    sr, fam = res["shrink"], res["families"]
+    assert [r["G"] for r in sr["rows"]] == [8, 16, 32] and sr["methods"] == ["truncate", "refit", "merge", "distil"]
+    for r in sr["rows"]:
+        G = r["G"]
+        vanilla = next(x for x in fam["topk-64-by-e_z2"]["table"] if x["G"] == G)
+        assert r["methods"]["truncate"]["fvu"] == pytest.approx(vanilla["fvu_rescaled"], rel=1e-5)
+        assert r["native"]["family"] == f"topk-{G}" and r["native"]["tokens"] == 8000
+        t, n = r["methods"]["truncate"]["fvu"], r["native"]["fvu"]
+        for e in r["methods"].values():
+            assert fam[e["family"]]["d_sae"] == G and [x["G"] for x in fam[e["family"]]["table"]] == [G]
+            assert e["gap_closed"] == pytest.approx((t - e["fvu"]) / (t - n))  # one seed: the mean is the seed
+        refit = r["methods"]["refit"]
+        assert refit["tokens"] == 4000 and r["methods"]["truncate"]["tokens"] == 0  # every training row, one pass
+        assert r["methods"]["distil"]["tokens"] == 4000 + 2000  # + a quarter of sae_tokens, fine-tuning
+        assert r["methods"]["refit"]["fvu"] < t  # the decoder fitted to the kept latents, with their own k
+    sae = load_sae(out / "saes" / "topk-64-by-e_z2-distil-16")
+    assert sae.cfg.progsae["shrink"]["method"] == "distil" and sae.cfg.progsae["training"]["tokens"] == 2000 // 256 * 256
+    assert (out / "figures" / "shrink.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Shrinking a large SAE" in (out / "report.html").read_text()

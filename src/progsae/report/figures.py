@@ -60,6 +60,8 @@ def styles(res: dict) -> dict[str, dict]:
         elif f["role"] == "native":  # greens, darker for larger
             shade = 0.45 + 0.5 * np.log2(f["d_sae"] / (N / 8)) / 3
             out[fam] = {"color": _plt().cm.Greens(shade), "ls": "none", "marker": MARKER_NATIVE}
+        elif f["role"] == "shrunk":  # in the figures of their own section (report/shrink.py)
+            out[fam] = {"color": "0.5", "ls": "none", "marker": "."}
         else:  # pretrained: one colour per SAE; as given solid, sorted dashed / dotted
             colour = pre_colour.setdefault(p["base"] or fam, next(others, "0.3"))
             out[fam] = {"color": colour, "ls": {"e_z2": "--", "freq": ":"}.get(p["metric"], "-")}
@@ -67,7 +69,7 @@ def styles(res: dict) -> dict[str, dict]:
 
 
 def _trained(res: dict) -> list[str]:
-    return [f for f, v in res["families"].items() if v["role"] != "pretrained"]
+    return [f for f, v in res["families"].items() if v["role"] not in ("pretrained", "shrunk")]
 
 
 def figures(res: dict, out: Path) -> dict[str, Path]:

@@ -15,6 +15,7 @@ from ..study import results
 from ..study.rundir import RunDir
 from .figures import figures, sorted_copy
 from .known import known_section
+from .shrink import shrink_section
 from .tables import RECONSTRUCTION, RESULT_COLUMNS, fmt, fmt_ci, html_table, result_rows, seconds, write_csv
 
 
@@ -88,6 +89,7 @@ def write_report(run_dir: str | Path) -> Path:
         if res["findings"]
         else "<p>No SAEs were trained in this run (train: false), so the paper's comparisons are not made.</p>",
         *known_section(res, d.tables, d.figures, _img),
+        *shrink_section(res, d.tables, d.figures, _img),
         *_outlier_section(res, figs),
         "<h2>Results at each granularity (held-out activations)</h2>",
         "<p>FVU: fraction of variance unexplained. " + _lm_definitions(lm)

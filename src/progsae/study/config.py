@@ -47,6 +47,8 @@ class RunConfig(HookConfig):
     stats_tokens: int = opt(200_000, "held-out tokens of the importance statistics", min=1)
     rsa_tokens: int = opt(1000, "token sample of RSA", min=1)
     lm_tokens: int = opt(2048, "tokens of the recaptured LM loss", min=0)
+    shrink_tokens: int = opt(400_000, "training activations each shrunk SAE is solved on (the vanilla SAE sorted by E[z²] shrunk to N/8, N/4, N/2 by truncate, refit, merge, distil; 0: none)", min=0)
+    distil_tokens: int | None = opt(None, "fine-tuning tokens of each distilled SAE (method distil; default a quarter of sae_tokens)", min=1)
     seed: int = opt(0, "the first seed", min=0)
     seeds: int = opt(1, "every trained SAE is trained this many times (seed, seed+1, ...): intervals across seeds", min=1)
     outliers: str = opt("keep", "huge-norm tokens: keep (train and evaluate on all) or exclude", choices=("keep", "exclude"))
@@ -108,6 +110,11 @@ class RunConfig(HookConfig):
             metadata=dict(metadata or {}),
             **spec.train,
         )
+
+    @property
+    def distil(self) -> int:
+        """Fine-tuning tokens of each distilled SAE."""
+        return self.distil_tokens or max(1, self.sae_tokens // 4)
 
     def synthetic_config(self) -> SyntheticConfig:
         return from_dict(SyntheticConfig, self.synthetic, "run config synthetic")

@@ -7,6 +7,7 @@
                                                 pass of the model (source lm)
     import     saes/NAME (pretrained)           a user's SAE, checked against the run's hook and width, copied exactly
     permute    stats/NAME, saes/NAME-by-METRIC  vanilla and pretrained SAEs sorted by importance
+    shrink     saes/NAME-by-e_z2-METHOD-G       the sorted vanilla SAE shrunk to G = N/8, N/4, N/2 by each method
     evaluate   eval/NAME.json                   every SAE at the G grid, both modes (dealt over torchrun ranks)
     interp     stats/NAME.records, interp/NAME.json, browse/NAME/, interp/judge-check.json  (the judge of the run
                                                 and the lexical one, interp/lexical.py, side by side)
@@ -19,14 +20,15 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import dist
-from ..analysis import latent_stats, save_stats, sort_by_importance
+from ..analysis import latent_stats, load_stats, save_stats, sort_by_importance
 from ..analysis.evaluate import evaluate
 from ..analysis.lm_eval import LMSplice, directory_contexts, special_token_ids
 from ..analysis.outliers import norm_profile
+from ..analysis.shrink import shrink
 from ..data import ActivationDir, write_activations
 from ..data.extract import ExtractConfig, extract
 from ..data.lm import check_layer, load_lm
@@ -89,7 +91,9 @@ class Run:
         self.progress = st.progress = self.progress and dist.is_main()  # rank 0 alone shows progress
         if c.source != "synthetic":
             check_layer(self.lm()[0], c.layer)  # before anything is written
-        pretrained = self._check_pretrained()
+        if plan.names("pretrained"):
+            width = c.synthetic_config().d_in if c.source == "synthetic" else self.lm()[0].config.hidden_size
+        pretrained = read_pretrained(c, plan, width) if plan.names("pretrained") else {}
         if dist.is_main():
             sweep_leftovers(self.out)  # a killed invocation's half-written files
             save_json(d.config, self.resolved)
@@ -115,14 +119,16 @@ class Run:
         for name in plan.names("vanilla", "pretrained"):
             st.stage(f"permute {name}", d.sae(plan.sorted_copy(name, METRICS[-1])) / "cfg.json", lambda n=name: self._permute(n),
                      everyone=True)  # fmt: skip
+        for name in plan.names("shrunk"):
+            st.stage(f"shrink {name}", d.sae(name) / "cfg.json", lambda n=name: self._shrink(n), everyone=True)
         st.spread([(f"evaluate {n}", d.eval(n), lambda n=n: self._evaluate(n)) for n in plan.names()])
         settings = {k: self.resolved[k] for k in INTERP_FIELDS}
         settings[LEXICAL] = LexicalJudge.name  # a run made before the lexical judge redoes these stages
         for name in plan.interp():
-            self._stale(d.interp(name), settings)  # other interp settings: redo this stage only (answers are cached)
+            unlink_stale(d.interp(name), settings)  # other interp settings: redo this stage only (answers are cached)
             st.stage(f"interp {name}", d.interp(name), lambda n=name: self._interp(n, settings))
         if c.interp_latents and plan.interp():
-            self._stale(d.judge_check, settings)
+            unlink_stale(d.judge_check, settings)
             st.stage("judge check", d.judge_check, lambda: self._judge_check(settings))
         if not dist.is_main():
             return {}
@@ -134,11 +140,6 @@ class Run:
         results["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
         save_json(d.results, results)
         return results
-
-    @staticmethod
-    def _stale(done: Path, settings: dict) -> None:
-        if done.is_file() and load_json(done).get("settings") != settings:
-            done.unlink()
 
     # -- the stages' bodies ---------------------------------------------------------------------------------
 
@@ -176,26 +177,6 @@ class Run:
         source = {**src.manifest["source"], "excluded": {"norm_above": thr, "quantile": self.cfg.outlier_quantile}}
         write_activations(self.dir.acts(split, typical=True), rows, src.d_in, source,
                           dtype=src.manifest.get("dtype", "float32"))  # fmt: skip
-
-    def _check_pretrained(self) -> dict[str, SAE]:
-        """Read every pretrained SAE and check it reads this run's hook: d_in, and the hook name where it says."""
-        c, saes = self.cfg, {}
-        for name in self.plan.names("pretrained"):
-            path, sae = self.plan[name].path, load_sae(self.plan[name].path)
-            hook, theirs = f"blocks.{c.layer}.hook_resid_post", sae.cfg.metadata.get("hook_name")
-            if theirs and theirs != hook:
-                raise ProgsaeError(
-                    f"SAE {name} ({path}) reads {theirs} but this run extracts {hook}; set layer to match, or pass "
-                    "an SAE of this layer"
-                )
-            d_model = c.synthetic_config().d_in if c.source == "synthetic" else self.lm()[0].config.hidden_size
-            if sae.cfg.d_in != d_model:
-                raise ProgsaeError(
-                    f"SAE {name} ({path}) has d_in={sae.cfg.d_in} but {c.model} has width {d_model}; "
-                    "pass an SAE of this model"
-                )
-            saes[name] = sae
-        return saes
 
     def _import(self, name: str, sae: SAE) -> None:
         """The pretrained SAE, exactly as read (its folds applied), as saes/NAME in SAELens layout."""
@@ -238,6 +219,22 @@ class Run:
             for metric in METRICS:
                 save_sae(sort_by_importance(sae, stats, metric), self.dir.sae(self.plan.sorted_copy(name, metric)))
 
+    def _shrink(self, name: str) -> None:
+        """A shrunk SAE (plan: role shrunk) from its base, the vanilla SAE sorted by E[z²]; merge weighs by the
+        base's E[z²] from the permute stage; distil fine-tunes on the SAEs' training source, resumably."""
+        c, sp = self.cfg, self.plan[name]
+        big, unsorted = self.load(sp.base), self.plan[sp.base].base
+        weights = load_stats(self.dir.stats(unsorted))["e_z2"][big.cfg.progsae["permutation"]["order"]]
+        source = self.acts() if c.source == "cached" else self.stream()
+        if self.force and dist.is_main():
+            shutil.rmtree(self.dir.sae(name), ignore_errors=True)
+        dist.barrier()
+        small = shrink(big, sp.d_sae, sp.method, lambda: self.acts().iter_rows(4096, c.shrink_tokens), sp.k,
+                       weights=weights, tune=replace(c.train_config(sp), tokens=c.distil), source=source,
+                       out=self.dir.sae(name), progress=self.progress)  # fmt: skip
+        if sp.method != "distil" and dist.is_main():  # distil's trainer wrote it
+            save_sae(small.cpu(), self.dir.sae(name))
+
     def stats(self, sae: SAE, split: bool = False) -> dict:
         """Importance statistics on the training activations (with each latent's E[z²] on outlier tokens);
         `split`: every rank takes its share of the batches and the sums are reduced over the ranks."""
@@ -252,6 +249,8 @@ class Run:
         """Where an SAE is tabled: the run's grid up to its size; a pretrained SAE (and its sorted copies) at its
         own N/16 .. N."""
         spec = self.plan[name]
+        if spec.role == "shrunk":  # a shrunk SAE is held against the others at its own size
+            return [d_sae]
         if spec.role == "pretrained":
             return sorted({max(1, d_sae // 2**i) for i in range(5)})
         return [g for g in self.cfg.G if g <= d_sae]
@@ -307,3 +306,29 @@ class Run:
 def trained_precision(sae: SAE) -> str:
     """The precision an SAE was trained in (its training metadata), fp32 for any other."""
     return sae.cfg.progsae.get("training", {}).get("precision", "fp32")
+
+
+def unlink_stale(done: Path, settings: dict) -> None:
+    """Remove a stage's output made with other settings (it reruns)."""
+    if done.is_file() and load_json(done).get("settings") != settings:
+        done.unlink()
+
+
+def read_pretrained(c: RunConfig, plan: Plan, width: int) -> dict[str, SAE]:
+    """Every pretrained SAE of the plan, checked to read this run's hook: d_in (the model's `width`), and the hook
+    name where the SAE says."""
+    saes = {}
+    for name in plan.names("pretrained"):
+        path, sae = plan[name].path, load_sae(plan[name].path)
+        hook, theirs = f"blocks.{c.layer}.hook_resid_post", sae.cfg.metadata.get("hook_name")
+        if theirs and theirs != hook:
+            raise ProgsaeError(
+                f"SAE {name} ({path}) reads {theirs} but this run extracts {hook}; set layer to match, or pass "
+                "an SAE of this layer"
+            )
+        if sae.cfg.d_in != width:
+            raise ProgsaeError(
+                f"SAE {name} ({path}) has d_in={sae.cfg.d_in} but {c.model} has width {width}; pass an SAE of this model"
+            )
+        saes[name] = sae
+    return saes

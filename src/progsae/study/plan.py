@@ -10,6 +10,8 @@ plan (saved in results.json), never from the shape of a name.
     native      yes      TopK at N/2, N/4, N/8 latents, k·G/N (the baselines a truncated SAE is held against)
     matryoshka  yes      TopK at N trained with nested losses: fixed granularities or sampled ones
     pretrained  no       a user's SAE in any format progsae reads, copied in exactly
+    shrunk      no       a G-latent SAE made from a seed's vanilla SAE sorted by E[z²] (NAME-by-e_z2-METHOD-G) by
+                         each method of `analysis.shrink` at G = N/8, N/4, N/2 (with shrink_tokens > 0)
 A sorted copy keeps its base's role and names its `metric` (E[z²] or frequency): no retraining.
 
 Adding a trained family is one `Family` in `FAMILIES`: its name, role, size, and the `TrainConfig`
@@ -22,6 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..analysis.shrink import METHODS as SHRINK_METHODS
 from ..errors import ProgsaeError
 from ..sae import rescaled_k
 
@@ -62,6 +65,7 @@ class SAESpec:
     base: str | None = None  # a sorted copy: the SAE it was sorted from
     metric: str | None = None  # a sorted copy: e_z2 or freq
     path: str | None = None  # pretrained: where it is read from
+    method: str | None = None  # shrunk: how it was made from `base` (analysis.shrink.METHODS)
 
     @property
     def trained(self) -> bool:
@@ -99,6 +103,13 @@ class Plan:
                     self.specs.append(
                         SAESpec(self.sorted_copy(sp.name, m), self.sorted_copy(sp.family, m), sp.role, sp.seed, sp.d_sae, sp.k, base=sp.name, metric=m)
                     )
+        for sp in list(self.specs) if cfg.shrink_tokens else []:
+            if sp.trained and sp.role == "vanilla":
+                base = self.sorted_copy(sp.name, "e_z2")
+                for G in (N // 8, N // 4, N // 2):
+                    for m in SHRINK_METHODS:
+                        self.specs.append(SAESpec(f"{base}-{m}-{G}", f"{self.sorted_copy(sp.family, 'e_z2')}-{m}-{G}",
+                                                  "shrunk", sp.seed, G, rescaled_k(cfg.k, G, N), base=base, method=m))  # fmt: skip
         self._by_name = {sp.name: sp for sp in self.specs}
 
     def __getitem__(self, name: str) -> SAESpec:
@@ -139,7 +150,7 @@ class Plan:
         for sp in self.specs:
             if sp.seed == 0:
                 out[sp.family] = {"role": sp.role, "base": sp.base and self[sp.base].family, "metric": sp.metric,
-                                  "granularities": sp.granularities, "train": sp.train}  # fmt: skip
+                                  "granularities": sp.granularities, "train": sp.train, "method": sp.method}  # fmt: skip
         return out
 
 
@@ -157,7 +168,7 @@ def pretrained_paths(entries: list[str], taken: set[str]) -> dict[str, str]:
                 name, i = f"{base}-{i}", i + 1
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
             raise ProgsaeError(f"run config: SAE name {name!r} in saes: use letters, digits, '_', '.', '-' (NAME=PATH)")
-        if name in out or name in taken or re.search(rf"-by-({'|'.join(METRICS)})$|-seed\d+$", name):
+        if name in out or name in taken or re.search(rf"-by-({'|'.join(METRICS)})$|-seed\d+$|-({'|'.join(SHRINK_METHODS)})-\d+$", name):
             raise ProgsaeError(
                 f"run config: SAE name {name!r} is used twice or clashes with the run's own; use NAME=PATH"
             )

@@ -11,6 +11,7 @@ report reads this file alone (`load`).
     series                   per SAE with power laws: e_z2, freq, dec_cov_eigs as computed (the fits' data)
     feature_splitting, scaling, scaling_over_N, training, history, stream, pretrained, interpretability
     known_answers            where the held-out activations carry truth: recovery metrics per family (known.py)
+    shrink                   the vanilla SAE shrunk by each method against native SAEs, tokens spent (shrink.py)
     findings                 the paper's findings beside ours, each with its verdict and rule (findings.py)
     stage_seconds, seconds, seconds_this_invocation
 """
@@ -36,6 +37,7 @@ from ..interp.records import load_records
 from .findings import findings, interpretability_findings, not_converged
 from .known import known_answers, known_findings
 from .rundir import RunDir
+from .shrink import shrink_finding, shrink_results
 
 CONVERGED = 0.01  # converged: one more doubling of the tokens is projected to lower FVU by < 1% of its value
 SERIES = ("e_z2", "freq", "dec_cov_eigs")
@@ -107,6 +109,8 @@ def analyse(run) -> dict:
                 res["scaling"][fam] = fit
     res["interpretability"] = interpretability(run)
     res["known_answers"] = known_answers(evals, families, c.seed)
+    provenance = {n: run.load(n).cfg.progsae["shrink"] for n in plan.names("shrunk")}
+    res["shrink"] = shrink_results(agg, plan, provenance, c.sae_tokens, c.distil)
     if not c.train:
         res["findings"] = []
         return res
@@ -124,6 +128,10 @@ def analyse(run) -> dict:
         studied = [n for f in families if plan[families[f][0]].role in ("vanilla", "matryoshka") for n in families[f]]
         res["findings"] += [dict(f, verdict=f["verdict"] + not_converged(res, plan, studied))
                             for f in known_findings(res["known_answers"], plan, c.G)]  # fmt: skip
+    if res["shrink"]:
+        natives = [n for n in plan.names("native") if plan[n].d_sae in {r["G"] for r in res["shrink"]["rows"]}]
+        f = shrink_finding(res["shrink"], c.sae_tokens)
+        res["findings"].append(dict(f, verdict=f["verdict"] + not_converged(res, plan, [plan.vanilla(), *natives])))
     ours = len(res["findings"])
     study, check = res["interpretability"]["saes"], res["interpretability"]["check"]
     if check:
