@@ -512,3 +512,37 @@ def test_dictionary_learning_dir_round_trips_through_progsae(case, tmp_path):
 @pytest.mark.parametrize("case", DICTLEARN_REFUSED)
 def test_dictionary_learning_dir_progsae_cannot_compute_is_refused(case, tmp_path):
     assert_refused(dictlearn_dir(tmp_path, DICTLEARN_REFUSED[case], set_threshold=False))
+
+
+# ---------------------------------------------------------------------------------------------- shrink
+
+
+@pytest.mark.parametrize("method", ["truncate", "refit", "merge"])
+def test_a_shrunk_sae_loads_in_saelens_and_computes_what_its_weights_say(method, tmp_path):
+    """progsae shrink writes a standalone SAELens TopK SAE (decoder rows of any norm after a refit): SAELens reads
+    it and reconstructs as a plain numpy TopK of its stored weights does."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from progsae.analysis.shrink import shrink
+
+    sl = pytest.importorskip("sae_lens")
+    g = torch.Generator().manual_seed(7)
+    big = progsae.SAE(progsae.SAEConfig(D, N, K)).init_tied(g)
+    with torch.no_grad():
+        big.b_enc.copy_(0.1 * torch.randn(N, generator=g))
+        big.b_dec.copy_(0.2 * torch.randn(D, generator=g))
+    rows = torch.randn(3000, D, generator=g)
+    small = shrink(big, 12, method, lambda: [rows])
+    progsae.save_sae(small, tmp_path / "small", "saelens")
+    theirs = sl.SAE.load_from_disk(str(tmp_path / "small"))
+    w = load_file(str(tmp_path / "small" / "sae_weights.safetensors"))
+    x = inputs()
+    pre = (x.numpy().astype(np.float64) - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    keep = np.argsort(-pre, axis=1)[:, : small.k]
+    z = np.zeros_like(pre)
+    np.put_along_axis(z, keep, np.maximum(np.take_along_axis(pre, keep, 1), 0), 1)
+    expected = torch.from_numpy(z @ w["W_dec"] + w["b_dec"]).float()
+    with torch.no_grad():
+        assert rel_err(theirs(x), expected) < TOL and rel_err(small(x), expected) < TOL
+    assert (theirs.cfg.d_sae, theirs.cfg.k) == (12, small.k) and small.k == max(1, round(K * 12 / N))
