@@ -1,5 +1,5 @@
 """Speed of the core, side by side in one run: TopK vs Matryoshka steps, one-pass curve vs one FVU pass,
-shrink's refit vs encode passes.
+shrink's refit and merge vs encode passes.
 
     python benchmarks/bench_core.py [--d 576] [--n 16384] [--k 64] [--batch 4096] [--repeats 5]
 
@@ -124,6 +124,12 @@ def main() -> None:
           f"   {accumulate / enc:.2f}x the encode")  # fmt: skip
     print(f"{'shrink refit: the least-squares solve, once':<52}{solve * 1e3:>8.0f}")
     print(f"refit of 1M tokens = {ratio:.2f} encode passes of the N-latent SAE over the same tokens")
+    from progsae.analysis.shrink import merge
+
+    grouping = timeit(lambda: merge(sae, N // 4, torch.rand(N, generator=torch.Generator().manual_seed(0))), 1, warmup=0)
+    print(f"{'shrink merge N -> N/4: the grouping, once':<52}{grouping * 1e3:>8.0f}")
+    print(f"merge of 1M tokens (grouping, then refit) = {(grouping + batches * accumulate + solve) / (batches * enc):.2f} "
+          "encode passes")  # fmt: skip
 
     # a JumpReLU SAE of the same weights, its one threshold set so that the mean L0 is ~k (pretrained SAEs)
     jr = SAE(SAEConfig(d, N, None, architecture="jumprelu"))

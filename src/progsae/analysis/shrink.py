@@ -14,8 +14,8 @@ with all N latents beside it).
               decoder rows are grouped by a spherical k-means weighted by E[z²] (started farthest-first in
               importance order, so a split piece of a direction already taken never starts a group); latent j
               decodes along its group's mean direction c_j and its pre-activation is the sum over its members
-              of cos(d_i, c_j) pre_i: a latent split into pieces (same decoder row, pre-activation divided)
-              merges back exactly. Then refit.
+              of cos(d_i, c_j) pre_i over the members with cosine >= MERGE_MIN_COS (the others are dropped): a
+              latent split into pieces (same decoder row, pre-activation divided) merges back exactly. Then refit.
     distil    merge (DISTIL_FROM), then fine-tuned by the trainer for `tune.tokens` tokens (warm start).
 The shrunk SAE's latents are in the order of the source's (truncate, refit) or of their groups (merge, distil).
 """
@@ -37,6 +37,9 @@ from .importance import SAE_HELP
 
 METHODS = ("truncate", "refit", "merge", "distil")
 MERGE_ITERS = 10  # Lloyd iterations of the weighted spherical k-means
+# a latent less aligned than this with its group's direction is left out of the merged latent (dropped, not merged):
+# on the demo's 4096-latent SAE shrunk to 512, FVU 0.1885 at 0.3 against 0.1916 with every member merged
+MERGE_MIN_COS = 0.3
 DISTIL_FROM = "merge"  # the start distil fine-tunes
 
 
@@ -138,15 +141,17 @@ def merge(sae: SAE, G: int, weights: torch.Tensor, k: int | None = None) -> SAE:
     D = sae.W_dec.detach().cpu().double()
     U = D / D.norm(dim=1, keepdim=True).clamp_min(1e-30)
     w = weights.detach().cpu().double().clamp_min(0)
-    seeds = farthest_first(U, w, G)
+    U32 = U.float()  # cosines to compare in float32 (the [N, G] products), sums in float64
+    seeds = farthest_first(U32, w.float(), G)
     C = U[seeds].clone()
     for _ in range(MERGE_ITERS):
-        group = (U @ C.T).argmax(1)
+        group = (U32 @ C.float().T).argmax(1)
         S = torch.zeros_like(C).index_add_(0, group, w.unsqueeze(1) * U)
         norm = S.norm(dim=1, keepdim=True)
         C = torch.where(norm > 0, S / norm.clamp_min(1e-30), C)  # an empty group keeps its direction
-    group = (U @ C.T).argmax(1)
+    group = (U32 @ C.float().T).argmax(1)
     cos = (U * C[group]).sum(1)  # each latent's cosine to its group's direction
+    cos = torch.where(cos >= MERGE_MIN_COS, cos, torch.zeros_like(cos))  # the seed of an empty group: 1 below
     empty = torch.bincount(group, minlength=G) == 0
     group[seeds[empty]], cos[seeds[empty]] = torch.nonzero(empty).flatten(), 1.0  # its seed alone
     We = torch.zeros(G, D.shape[1], dtype=torch.float64)
