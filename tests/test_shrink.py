@@ -75,11 +75,16 @@ def test_shrink_writes_a_standalone_sae_and_refuses_bad_input_in_one_line(synth_
     assert main(["shrink", str(tmp_path / "big"), str(synth_acts), "--G", "12", "--out", str(tmp_path / "t"),
                  "--method", "truncate", "--k", "4"]) == 0  # fmt: skip
     torch.testing.assert_close(load_sae(tmp_path / "t")(x), sae.truncate(12, 4)(x))
+    assert main(["shrink", str(tmp_path / "big"), str(synth_acts), "--G", "12", "--out", str(tmp_path / "m"),
+                 "--method", "distil", "--tokens", "3000", "--tune-tokens", "2048", "--batch-size", "512"]) == 0  # fmt: skip
+    prov = load_sae(tmp_path / "m").cfg.progsae["shrink"]
+    assert (prov["method"], prov["rows"], prov["passes_N"], prov["tuned_tokens"]) == ("distil", 3000, 1, 2048)
     other = tmp_path / "wide"
     save_sae(random_sae(32, 48, 6), other, "saelens")
     capsys.readouterr()
     base = ["shrink", str(tmp_path / "big"), str(synth_acts), "--out", str(tmp_path / "bad")]
     assert main([*base, "--G", "48"]) == 2
+    assert main([*base, "--G", "0"]) == 2
     assert main([*base, "--G", "12", "--k", "13"]) == 2
     with pytest.raises(SystemExit) as e:  # argparse: not a method progsae has
         main([*base, "--G", "12", "--method", "prune"])
