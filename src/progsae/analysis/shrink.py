@@ -199,6 +199,7 @@ def shrink(sae: SAE, G: int, method: str = "refit", rows: Callable[[], Iterable[
         small = merge(sae, G, weights, k)
     else:
         small = sae.truncate(G, k)
+    small.precision = sae.precision  # refit solves for the codes the SAE will give (bf16 selection or not)
     if base != "truncate":
         small, n = refit(small, rows())
         passes = 1
