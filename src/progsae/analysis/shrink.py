@@ -203,10 +203,15 @@ def shrink(sae: SAE, G: int, method: str = "refit", rows: Callable[[], Iterable[
     if base != "truncate":
         small, n = refit(small, rows())
         passes = 1
-    fp = sae.fingerprint()
-    small.cfg.progsae["shrink"] = {"from": fp, "N": sae.d_sae, "method": method, "rows": n, "passes": passes,
-                                   "passes_N": passes_N, "tuned_tokens": tune.tokens if method == "distil" else 0}  # fmt: skip
-    if method == "distil":
-        cfg = replace(tune, d_sae=G, k=small.k, metadata={})
-        small = Trainer(cfg, source, out, init=small.to(cfg.device)).run(progress)
-    return small
+    small.cfg.progsae["shrink"] = {"from": sae.fingerprint(), "N": sae.d_sae, "method": base, "rows": n,
+                                   "passes": passes, "passes_N": passes_N, "tuned_tokens": 0}  # fmt: skip
+    return distil(small, tune, source, out, progress) if method == "distil" else small
+
+
+def distil(small: SAE, tune: TrainConfig, source, out: str | Path | None = None, progress: bool = False) -> SAE:
+    """A shrunk TopK SAE (its `shrink` provenance kept) fine-tuned for `tune.tokens` on `source`, warm-started;
+    checkpointed in `out` (resumable) and written there."""
+    small = copy.deepcopy(small)
+    small.cfg.progsae["shrink"] = {**small.cfg.progsae["shrink"], "method": "distil", "tuned_tokens": tune.tokens}
+    cfg = replace(tune, d_sae=small.d_sae, k=small.k, metadata={})
+    return Trainer(cfg, source, out, init=small.to(cfg.device)).run(progress)

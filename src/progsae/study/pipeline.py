@@ -28,7 +28,7 @@ from ..analysis import latent_stats, load_stats, save_stats, sort_by_importance
 from ..analysis.evaluate import evaluate
 from ..analysis.lm_eval import LMSplice, directory_contexts, special_token_ids
 from ..analysis.outliers import norm_profile
-from ..analysis.shrink import shrink
+from ..analysis.shrink import DISTIL_FROM, distil, shrink
 from ..data import ActivationDir, write_activations
 from ..data.extract import ExtractConfig, extract
 from ..data.lm import check_layer, load_lm
@@ -229,11 +229,14 @@ class Run:
         if self.force and dist.is_main():
             shutil.rmtree(self.dir.sae(name), ignore_errors=True)
         dist.barrier()
+        tune, out = replace(c.train_config(sp), tokens=c.distil), self.dir.sae(name)
+        if sp.method == "distil" and (self.dir.sae(start := self.plan.shrunk(sp.base, DISTIL_FROM, sp.d_sae)) / "cfg.json").is_file():
+            distil(self.load(start), tune, source, out, self.progress)  # the merge stage's SAE, fine-tuned
+            return
         small = shrink(big, sp.d_sae, sp.method, lambda: self.acts().iter_rows(4096, c.shrink_tokens), sp.k,
-                       weights=weights, tune=replace(c.train_config(sp), tokens=c.distil), source=source,
-                       out=self.dir.sae(name), progress=self.progress)  # fmt: skip
+                       weights=weights, tune=tune, source=source, out=out, progress=self.progress)  # fmt: skip
         if sp.method != "distil" and dist.is_main():  # distil's trainer wrote it
-            save_sae(small.cpu(), self.dir.sae(name))
+            save_sae(small.cpu(), out)
 
     def stats(self, sae: SAE, split: bool = False) -> dict:
         """Importance statistics on the training activations (with each latent's E[z²] on outlier tokens);

@@ -108,7 +108,7 @@ class Plan:
                 base = self.sorted_copy(sp.name, "e_z2")
                 for G in (N // 8, N // 4, N // 2):
                     for m in SHRINK_METHODS:
-                        self.specs.append(SAESpec(f"{base}-{m}-{G}", f"{self.sorted_copy(sp.family, 'e_z2')}-{m}-{G}",
+                        self.specs.append(SAESpec(self.shrunk(base, m, G), self.shrunk(self.sorted_copy(sp.family, "e_z2"), m, G),
                                                   "shrunk", sp.seed, G, rescaled_k(cfg.k, G, N), base=base, method=m))  # fmt: skip
         self._by_name = {sp.name: sp for sp in self.specs}
 
@@ -121,6 +121,9 @@ class Plan:
 
     def sorted_copy(self, name: str, metric: str) -> str:
         return f"{name}-by-{metric}"
+
+    def shrunk(self, base: str, method: str, G: int) -> str:
+        return f"{base}-{method}-{G}"
 
     def families(self) -> dict[str, list[str]]:
         """family -> its SAEs, one per seed, in seed order."""
