@@ -10,7 +10,8 @@ from pathlib import Path
 from .figures import _legend, _plt, _save
 from .tables import fmt, fmt_ci, html_table, write_csv
 
-MARKERS = {"truncate": "x", "refit": "o", "merge": "s", "distil": "D", "native": "*"}
+STYLE = {"truncate": ("x", "tab:blue"), "refit": ("o", "tab:orange"), "merge": ("s", "tab:purple"),
+         "distil": ("D", "tab:red"), "native": ("*", "black")}  # fmt: skip
 
 
 def shrink_rows(sr: dict, with_ci: bool = True) -> list[dict]:
@@ -42,13 +43,16 @@ def shrink_figure(sr: dict, out: Path) -> Path:
         for m, e in entries:
             ci = e.get("fvu_ci")
             err = [[e["fvu"] - ci[0]], [ci[1] - e["fvu"]]] if ci else None
-            ax.errorbar([max(e["tokens"], 1)], [e["fvu"]], yerr=err, marker=MARKERS.get(m, "o"), ls="none", capsize=2,
-                        label=m, color="tab:green" if m == "native" else None)  # fmt: skip
+            marker, colour = STYLE.get(m, ("o", "0.3"))
+            hollow = {"mfc": "none", "ms": 11} if m == "refit" else {"ms": 6}  # refit and merge read the same rows
+            ax.errorbar([max(e["tokens"], 1)], [e["fvu"]], yerr=err, marker=marker, ls="none", capsize=2, label=m,
+                        color=colour, **hollow)  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlabel("activation rows read (truncate: none, drawn at 1)")
+        ax.set_yscale("log")
         ax.set_title(f"G = {r['G']} (k = {r['k']})")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out FVU")
+    fig.supxlabel("activation rows read (truncate reads none: drawn at 1)", fontsize=9)
     _legend(axes[0][-1], 7)
     return _save(fig, out / "shrink.png")
 

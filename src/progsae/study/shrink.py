@@ -64,7 +64,7 @@ def shrink_results(agg, plan, provenance: dict[str, dict], sae_tokens: int, dist
 def shrink_finding(sr: dict, sae_tokens: int) -> dict:
     """The answer this run gives to the paper's open question: how much of the truncate-to-native gap each method
     closes, at what share of a native SAE's tokens."""
-    parts, best = [], {}
+    parts = []
     for row in sr["rows"]:
         cells = []
         for m, e in row["methods"].items():
@@ -73,22 +73,22 @@ def shrink_finding(sr: dict, sae_tokens: int) -> dict:
             ci = e["gap_closed_ci"]
             cells.append(f"{m} {_num(e['fvu'])} ({e['gap_closed']:.0%} of the gap"
                          + (f", [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "") + f"; {e['tokens'] / sae_tokens:.0%} of the tokens)")  # fmt: skip
-            if m not in best or e["gap_closed"] > best[m][0]:
-                best[m] = (e["gap_closed"], row["G"])
         nat = row["native"]
         head = f"G={row['G']} (k={row['k']}): truncate {_num(row['methods']['truncate']['fvu'])}, native " + (
             _num(nat["fvu"]) if nat else "–"
         )
         parts.append(head + (": " + ", ".join(cells) if cells else ""))
-    closes = {m: [r["methods"][m].get("gap_closed") for r in sr["rows"] if m in r["methods"]] for m in sr["methods"]}
-    closes = {m: v for m, v in closes.items() if m != "truncate" and v and all(x is not None for x in v)}
-    if closes:
-        top = max(closes, key=lambda m: min(closes[m]))
-        verdict = (f"{top} closes the most at every G: at least {min(closes[top]):.0%} of the gap between the "
-                   f"truncated prefix and a native SAE")  # fmt: skip
-        sure = [m for m in closes if all(r["methods"][m]["gap_closed_ci"] and r["methods"][m]["gap_closed_ci"][0] > 0
-                                         for r in sr["rows"])]  # fmt: skip
-        verdict += f"; above truncate for certain at every G: {', '.join(sure) or 'none'}"
+    best = []
+    for r in sr["rows"]:
+        shares = {m: e["gap_closed"] for m, e in r["methods"].items() if m != "truncate" and e.get("gap_closed") is not None}
+        if shares:
+            m = max(shares, key=shares.get)
+            best.append(f"{m} at G={r['G']} ({shares[m]:.0%})")
+    if best:
+        sure = [m for m in sr["methods"] if m != "truncate" and all(
+            (r["methods"][m].get("gap_closed_ci") or [0])[0] > 0 for r in sr["rows"])]  # fmt: skip
+        verdict = (f"largest share of the gap closed: {', '.join(best)}; above truncate for certain at every G: "
+                   f"{', '.join(sure) or 'none'}")  # fmt: skip
     else:
         verdict = "undecided (no native SAE to compare with)"
     return {
