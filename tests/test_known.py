@@ -43,7 +43,7 @@ def test_a_synthetic_run_measures_every_family_against_the_truth_and_reports_it(
     papers = [f["paper"] for f in res["findings"]]
     assert sum("Bussmann" in p for p in papers) == 2 and any("mechanism" in p for p in papers)
     for f in res["findings"]:
-        assert re.match(r"(reproduced|partly reproduced|not reproduced|undecided)( \(|;|$)", f["verdict"]), f["verdict"]
+        assert re.match(r"(reproduced|partly reproduced|not reproduced|undecided|answered)( \(|;|$)", f["verdict"]), f["verdict"]
     assert not res["interpretability"]["saes"] and all(s["lm"] is None for s in res["saes"].values())
     assert main(["run", "--config", str(run.parent / "cfg.json"), "--out", str(run)]) == 0  # resumes: all done
     page = (run / "report.html").read_text()

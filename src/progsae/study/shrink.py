@@ -87,7 +87,7 @@ def shrink_finding(sr: dict, sae_tokens: int) -> dict:
     if best:
         sure = [m for m in sr["methods"] if m != "truncate" and all(
             (r["methods"][m].get("gap_closed_ci") or [0])[0] > 0 for r in sr["rows"])]  # fmt: skip
-        verdict = (f"largest share of the gap closed: {', '.join(best)}; above truncate for certain at every G: "
+        verdict = (f"answered (largest share of the gap closed: {', '.join(best)}); above truncate for certain at every G: "
                    f"{', '.join(sure) or 'none'}")  # fmt: skip
     else:
         verdict = "undecided (no native SAE to compare with)"
