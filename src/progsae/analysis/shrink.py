@@ -133,8 +133,8 @@ def farthest_first(U: torch.Tensor, w: torch.Tensor, G: int) -> torch.Tensor:
 def merge(sae: SAE, G: int, weights: torch.Tensor, k: int | None = None) -> SAE:
     """G latents covering the N decoder directions (module doc): groups by spherical k-means weighted by `weights`
     (E[z²]), started farthest-first; latent j decodes along its group's mean direction c_j (scaled to its members'
-    mean decoder norm) and its pre-activation is the sum over members i of cos(d_i, c_j) pre_i. Latents in the
-    order their groups were started."""
+    mean decoder norm) and its pre-activation is the sum of cos(d_i, c_j) pre_i over its members i with cosine at
+    least MERGE_MIN_COS. Latents in the order their groups were started."""
     if sae.architecture != "topk":
         raise ProgsaeError(f"merge adds encoder rows, which keeps a TopK SAE's splits exact but not a "
                            f"{sae.architecture} SAE's thresholds; use --method refit")  # fmt: skip
