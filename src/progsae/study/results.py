@@ -108,7 +108,8 @@ def analyse(run) -> dict:
             if len(G) > 32 and (fit := fit_scaling(G, np.asarray(res["curves"][fam]["fvu_prefix"]), lo=16)):
                 res["scaling"][fam] = fit
     res["interpretability"] = interpretability(run)
-    res["known_answers"] = known_answers(evals, families, c.seed)
+    not_shrunk = {f: names for f, names in families.items() if plan[names[0]].role != "shrunk"}  # shrunk: their section
+    res["known_answers"] = known_answers(evals, not_shrunk, c.seed)
     provenance = {n: run.load(n).cfg.progsae["shrink"] for n in plan.names("shrunk")}
     res["shrink"] = shrink_results(agg, plan, provenance, c.sae_tokens, c.distil)
     if not c.train:
