@@ -131,10 +131,10 @@ class RunConfig(HookConfig):
 
 
 PRESETS = {
-    # 2 CPU cores, 26 minutes measured where bf16 is fast (auto trains in bf16; longer in fp32): the embedded
+    # 2 CPU cores, 34 minutes measured where bf16 is fast (auto trains in bf16; longer in fp32): the embedded
     # SmolLM2-135M and the KJV corpus; two seeds; interpretability (records, browsers, the local judge on 15
-    # latents per SAE) ~4 minutes
-    "demo": RunConfig(seeds=2, precision="auto", minutes_estimate=27),
+    # latents per SAE) ~4 minutes; shrinking and evaluating the shrunk SAEs ~7 minutes
+    "demo": RunConfig(seeds=2, precision="auto", minutes_estimate=34),
     # known answers, a few minutes on 2 CPU cores: the paper's methods trained on hierarchical synthetic data
     # (8 trees of a root, 3 children and 9 grandchildren among 128 Zipfian features in 64 dimensions: twice as
     # many features as dimensions), N = 128 latents, one per true feature
