@@ -33,7 +33,8 @@ def test_a_synthetic_run_measures_every_family_against_the_truth_and_reports_it(
     res = json.loads((run / "results.json").read_text())
     ka = res["known_answers"]
     assert ka["n_features"] == 48 and ka["depth_counts"] == [39, 9] and ka["has_codes"]
-    assert set(ka["families"]) == set(res["families"])
+    assert set(ka["families"]) == {f for f, v in res["families"].items() if v["role"] != "shrunk"}  # and they are there
+    assert sum(v["role"] == "shrunk" for v in res["families"].values()) == 12
     for fam, f in ka["families"].items():  # the family's numbers are the means of its seeds' eval files
         evals = [json.loads((run / "eval" / f"{n}.json").read_text())["truth"] for n in res["families"][fam]["seeds"]]
         for i, row in enumerate(f["table"]):
