@@ -536,6 +536,7 @@ def test_run_shrinks_the_sorted_vanilla_sae_by_every_method(run):
     res = json.loads((out / "results.json").read_text())
     sr, fam = res["shrink"], res["families"]
     assert [r["G"] for r in sr["rows"]] == [8, 16, 32] and sr["methods"] == ["truncate", "refit", "merge", "distil"]
+    assert (sr["rows_read"], sr["distil_tokens"]) == (4000, 1792)  # what was read, not what was asked (400k, 2000)
     for r in sr["rows"]:
         G = r["G"]
         vanilla = next(x for x in fam["topk-64-by-e_z2"]["table"] if x["G"] == G)
@@ -547,7 +548,7 @@ def test_run_shrinks_the_sorted_vanilla_sae_by_every_method(run):
             assert e["gap_closed"] == pytest.approx((t - e["fvu"]) / (t - n))  # one seed: the mean is the seed
         refit = r["methods"]["refit"]
         assert refit["tokens"] == 4000 and r["methods"]["truncate"]["tokens"] == 0  # every training row, one pass
-        assert r["methods"]["distil"]["tokens"] == 4000 + 2000  # + a quarter of sae_tokens, fine-tuning
+        assert r["methods"]["distil"]["tokens"] == 4000 + 2000 // 256 * 256  # + a quarter of sae_tokens, whole steps
         assert r["methods"]["refit"]["fvu"] < t  # the decoder fitted to the kept latents, with their own k
     sae = load_sae(out / "saes" / "topk-64-by-e_z2-distil-16")
     assert sae.cfg.progsae["shrink"]["method"] == "distil" and sae.cfg.progsae["training"]["tokens"] == 2000 // 256 * 256

@@ -128,7 +128,7 @@ def cmd_shrink(ns) -> None:
     small = shrink(sae, a.G, a.method, rows, a.k, tune=tune, source=acts, progress=True)
     save_sae(small.cpu(), a.out)
     k = f", k = {small.k}" if small.architecture == "topk" else ""
-    print(f"{small.d_sae}-latent SAE ({a.method}{k}) from the first {a.G} of {sae.d_sae} latents written to {a.out}")
+    print(f"{small.d_sae}-latent SAE ({a.method}{k}) from {sae.d_sae} latents written to {a.out}")
 
 
 @dataclass
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("stats", "importance statistics of every latent (E[z^2], frequency, E[z], max)", cmd_stats, StatsArgs)
     command("permute", "reorder an SAE's latents by decreasing importance (no retraining)", cmd_permute, PermuteArgs)
-    command("shrink", "a standalone G-latent SAE from the first G latents: truncated, or refitted by least squares",
+    command("shrink", "a standalone G-latent SAE from a large one: truncated, refitted, merged or distilled",
             cmd_shrink, ShrinkArgs)  # fmt: skip
     command("browse", "a static feature browser: latents in importance order, their contexts", cmd_browse, BrowseArgs)
     command("inspect", "what an SAE file is: format, architecture, sizes, hook, order", cmd_inspect, InspectArgs)

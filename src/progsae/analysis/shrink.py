@@ -36,6 +36,7 @@ from ..train import TrainConfig, Trainer
 from .importance import SAE_HELP
 
 METHODS = ("truncate", "refit", "merge", "distil")
+CHUNK = 2**24  # elements of the largest temporary (float64: 128 MB) of the normal equations and of merge
 MERGE_ITERS = 10  # Lloyd iterations of the weighted spherical k-means
 # a latent less aligned than this with its group's direction is left out of the merged latent (dropped, not merged):
 # on the demo's 4096-latent SAE shrunk to 512, FVU 0.1885 at 0.3 against 0.1916 with every member merged
@@ -50,7 +51,7 @@ class ShrinkArgs:
     sae: str = opt(REQUIRED, SAE_HELP + "; its latents in importance order (progsae permute)", positional=True)
     acts: str = opt(REQUIRED, "activation directory the refit is solved on (training rows, not held-out ones)",
                     positional=True)  # fmt: skip
-    G: int = opt(REQUIRED, "latents of the shrunk SAE: the first G, fewer than the SAE's N", min=1)
+    G: int = opt(REQUIRED, "latents of the shrunk SAE, fewer than the SAE's N", min=1)
     out: str = opt(REQUIRED, "SAE directory to write (the format read, SAELens' for formats progsae does not write)")
     method: str = opt("refit", "truncate (the first G latents as they are), refit (their decoder and b_dec "
                       "re-solved by least squares on ACTS), merge (G latents covering all N directions, then "
@@ -76,7 +77,10 @@ def normal_equations(sae: SAE, rows: Iterable[torch.Tensor]) -> tuple[torch.Tens
         pairs = (i.unsqueeze(2) * (g + 1) + i.unsqueeze(1)).flatten()
         A.view(-1).index_add_(0, pairs, (v.unsqueeze(2) * v.unsqueeze(1)).flatten())
         A[g, :g].index_add_(0, i.flatten(), v.flatten())
-        B[:g].index_add_(0, i.flatten(), (v.unsqueeze(2) * x.unsqueeze(1)).reshape(b * w, d))
+        step = max(1, CHUNK // max(1, w * d))  # rows per [rows, w, d] float64 temporary
+        for r in range(0, b, step):
+            iv, vv, xv = i[r : r + step], v[r : r + step], x[r : r + step]
+            B[:g].index_add_(0, iv.flatten(), (vv.unsqueeze(2) * xv.unsqueeze(1)).reshape(-1, d))
         B[g] += x.sum(0)
         n += b
     A[:g, g] = A[g, :g]
@@ -144,12 +148,16 @@ def merge(sae: SAE, G: int, weights: torch.Tensor, k: int | None = None) -> SAE:
     U32 = U.float()  # cosines to compare in float32 (the [N, G] products), sums in float64
     seeds = farthest_first(U32, w.float(), G)
     C = U[seeds].clone()
+    def nearest(C: torch.Tensor) -> torch.Tensor:  # each direction's group, [rows, G] cosines at a time
+        C32, step = C.float().T, max(1, CHUNK // G)
+        return torch.cat([(U32[r : r + step] @ C32).argmax(1) for r in range(0, len(U32), step)])
+
     for _ in range(MERGE_ITERS):
-        group = (U32 @ C.float().T).argmax(1)
+        group = nearest(C)
         S = torch.zeros_like(C).index_add_(0, group, w.unsqueeze(1) * U)
         norm = S.norm(dim=1, keepdim=True)
         C = torch.where(norm > 0, S / norm.clamp_min(1e-30), C)  # an empty group keeps its direction
-    group = (U32 @ C.float().T).argmax(1)
+    group = nearest(C)
     cos = (U * C[group]).sum(1)  # each latent's cosine to its group's direction
     cos = torch.where(cos >= MERGE_MIN_COS, cos, torch.zeros_like(cos))  # the seed of an empty group: 1 below
     empty = torch.bincount(group, minlength=G) == 0
@@ -212,6 +220,7 @@ def distil(small: SAE, tune: TrainConfig, source, out: str | Path | None = None,
     """A shrunk TopK SAE (its `shrink` provenance kept) fine-tuned for `tune.tokens` on `source`, warm-started;
     checkpointed in `out` (resumable) and written there."""
     small = copy.deepcopy(small)
-    small.cfg.progsae["shrink"] = {**small.cfg.progsae["shrink"], "method": "distil", "tuned_tokens": tune.tokens}
     cfg = replace(tune, d_sae=small.d_sae, k=small.k, metadata={})
+    trained = cfg.steps * cfg.batch_size  # whole steps: the tokens the fine-tune reads
+    small.cfg.progsae["shrink"] = {**small.cfg.progsae["shrink"], "method": "distil", "tuned_tokens": trained}
     return Trainer(cfg, source, out, init=small.to(cfg.device)).run(progress)

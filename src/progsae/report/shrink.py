@@ -42,7 +42,7 @@ def shrink_figure(sr: dict, out: Path) -> Path:
         entries = [*r["methods"].items(), *([("native", r["native"])] if r["native"] else [])]
         for m, e in entries:
             ci = e.get("fvu_ci")
-            err = [[e["fvu"] - ci[0]], [ci[1] - e["fvu"]]] if ci else None
+            err = [[max(0.0, e["fvu"] - ci[0])], [max(0.0, ci[1] - e["fvu"])]] if ci else None
             marker, colour = STYLE.get(m, ("o", "0.3"))
             hollow = {"mfc": "none", "ms": 11} if m == "refit" else {"ms": 6}  # refit and merge read the same rows
             ax.errorbar([max(e["tokens"], 1)], [e["fvu"]], yerr=err, marker=marker, ls="none", capsize=2, label=m,
@@ -71,7 +71,7 @@ def shrink_section(res: dict, tables: Path, figs_dir: Path, img) -> list[str]:
         "<code>progsae shrink</code>: <b>truncate</b> keeps its first G latents (k·G/N); <b>refit</b> re-solves their "
         "decoder and b_dec by least squares on their codes; <b>merge</b> groups all N decoder directions into G "
         "(weighted by E[z²]) so split pieces are recombined, then refits; <b>distil</b> fine-tunes the merged SAE. "
-        f"The shrinks read {c.get('shrink_tokens', 0):,} training activations; distil then trains on "
+        f"The shrinks read {sr['rows_read']:,} training activations; distil then trains on "
         f"{sr['distil_tokens']:,} tokens; a native SAE trains on {c['sae_tokens']:,}. FVU is at the SAE's own "
         "size on held-out activations, with its 95% interval; <i>gap closed</i> is the share of the truncated "
         "prefix's FVU gap to the native SAE that the method closes, paired by seed, with the interval across "

@@ -229,13 +229,15 @@ class Run:
         if self.force and dist.is_main():
             shutil.rmtree(self.dir.sae(name), ignore_errors=True)
         dist.barrier()
+        if sp.method != "distil" and not dist.is_main():  # one rank solves; distil trains on every rank
+            return
         tune, out = replace(c.train_config(sp), tokens=c.distil), self.dir.sae(name)
         if sp.method == "distil" and (self.dir.sae(start := self.plan.shrunk(sp.base, DISTIL_FROM, sp.d_sae)) / "cfg.json").is_file():
             distil(self.load(start), tune, source, out, self.progress)  # the merge stage's SAE, fine-tuned
             return
         small = shrink(big, sp.d_sae, sp.method, lambda: self.acts().iter_rows(4096, c.shrink_tokens), sp.k,
                        weights=weights, tune=tune, source=source, out=out, progress=self.progress)  # fmt: skip
-        if sp.method != "distil" and dist.is_main():  # distil's trainer wrote it
+        if sp.method != "distil":  # distil's trainer wrote it
             save_sae(small.cpu(), out)
 
     def stats(self, sae: SAE, split: bool = False) -> dict:

@@ -111,7 +111,7 @@ def analyse(run) -> dict:
     not_shrunk = {f: names for f, names in families.items() if plan[names[0]].role != "shrunk"}  # shrunk: their section
     res["known_answers"] = known_answers(evals, not_shrunk, c.seed)
     provenance = {n: run.load(n).cfg.progsae["shrink"] for n in plan.names("shrunk")}
-    res["shrink"] = shrink_results(agg, plan, provenance, c.sae_tokens, c.distil)
+    res["shrink"] = shrink_results(agg, plan, provenance, c.sae_tokens)
     if not c.train:
         res["findings"] = []
         return res

@@ -26,7 +26,7 @@ def tokens_spent(prov: dict) -> int:
     return prov["rows"] * (prov["passes"] + prov["passes_N"]) + prov["tuned_tokens"]
 
 
-def shrink_results(agg, plan, provenance: dict[str, dict], sae_tokens: int, distil_tokens: int) -> dict | None:
+def shrink_results(agg, plan, provenance: dict[str, dict], sae_tokens: int) -> dict | None:
     """results["shrink"] (module doc) from the aggregate and each shrunk SAE's provenance (name -> cfg.progsae
     ["shrink"]); None when the run shrank nothing."""
     shrunk = [plan[n] for n in plan.names("shrunk")]
@@ -34,11 +34,16 @@ def shrink_results(agg, plan, provenance: dict[str, dict], sae_tokens: int, dist
         return None
     fams = plan.families()
     methods = list(dict.fromkeys(sp.method for sp in shrunk))
-    out = {"base": plan[shrunk[0].base].family, "N": plan.N, "methods": methods, "distil_tokens": distil_tokens,
-           "rows": []}  # fmt: skip
+    read = [p for p in provenance.values() if p["passes"]]  # rows each solve read, fine-tuning tokens: as done
+    tuned = [p["tuned_tokens"] for p in provenance.values() if p["tuned_tokens"]]
+    out = {"base": plan[shrunk[0].base].family, "N": plan.N, "methods": methods, "rows": [],
+           "rows_read": int(np.mean([p["rows"] for p in read])) if read else 0,
+           "distil_tokens": int(np.mean(tuned)) if tuned else 0}  # fmt: skip
 
-    def entry(fam: str, G: int, tokens: list[int]) -> dict:
+    def entry(fam: str, G: int, tokens: list[int]) -> dict | None:
         f, lm = agg.family(fam, "fvu", "prefix", G), agg.family(fam, LM_KEY, "prefix", G)
+        if f is None:  # a native SAE not tabled at its own size (a grid without it)
+            return None
         return {"family": fam, "fvu": f["mean"], "fvu_ci": f["ci"], "fvu_seeds": f["seeds"],
                 LM_KEY: lm and lm["mean"], f"{LM_KEY}_ci": lm and lm["ci"], "tokens": int(np.mean(tokens))}  # fmt: skip
 
