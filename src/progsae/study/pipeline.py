@@ -222,23 +222,21 @@ class Run:
     def _shrink(self, name: str) -> None:
         """A shrunk SAE (plan: role shrunk) from its base, the vanilla SAE sorted by E[z²]; merge weighs by the
         base's E[z²] from the permute stage; distil fine-tunes on the SAEs' training source, resumably."""
-        c, sp = self.cfg, self.plan[name]
-        big, unsorted = self.load(sp.base), self.plan[sp.base].base
-        weights = load_stats(self.dir.stats(unsorted))["e_z2"][big.cfg.progsae["permutation"]["order"]]
-        source = self.acts() if c.source == "cached" else self.stream()
+        c, sp, out = self.cfg, self.plan[name], self.dir.sae(name)
         if self.force and dist.is_main():
-            shutil.rmtree(self.dir.sae(name), ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
         dist.barrier()
-        if sp.method != "distil" and not dist.is_main():  # one rank solves; distil trains on every rank
-            return
-        tune, out = replace(c.train_config(sp), tokens=c.distil), self.dir.sae(name)
-        if sp.method == "distil" and (self.dir.sae(start := self.plan.shrunk(sp.base, DISTIL_FROM, sp.d_sae)) / "cfg.json").is_file():
-            distil(self.load(start), tune, source, out, self.progress)  # the merge stage's SAE, fine-tuned
-            return
-        small = shrink(big, sp.d_sae, sp.method, lambda: self.acts().iter_rows(4096, c.shrink_tokens), sp.k,
-                       weights=weights, tune=tune, source=source, out=out, progress=self.progress)  # fmt: skip
-        if sp.method != "distil":  # distil's trainer wrote it
-            save_sae(small.cpu(), out)
+        start = self.plan.shrunk(sp.base, DISTIL_FROM, sp.d_sae)
+        tune, source = replace(c.train_config(sp), tokens=c.distil), self.acts() if c.source == "cached" else self.stream()
+        if sp.method == "distil" and (self.dir.sae(start) / "cfg.json").is_file():  # the merge stage's SAE, fine-tuned
+            distil(self.load(start), tune, source, out, self.progress)
+        elif sp.method == "distil" or dist.is_main():  # one rank solves; distil trains on every rank
+            big = self.load(sp.base)
+            weights = load_stats(self.dir.stats(self.plan[sp.base].base))["e_z2"][big.cfg.progsae["permutation"]["order"]]
+            small = shrink(big, sp.d_sae, sp.method, lambda: self.acts().iter_rows(4096, c.shrink_tokens), sp.k,
+                           weights=weights, tune=tune, source=source, out=out, progress=self.progress)  # fmt: skip
+            if sp.method != "distil":  # distil's trainer wrote it
+                save_sae(small.cpu(), out)
 
     def stats(self, sae: SAE, split: bool = False) -> dict:
         """Importance statistics on the training activations (with each latent's E[z²] on outlier tokens);
