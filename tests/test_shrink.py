@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from progsae import ProgsaeError, load_sae, save_sae
-from progsae.analysis.shrink import e_z2, merge, shrink
+from progsae.analysis import latent_stats
+from progsae.analysis.shrink import merge, shrink
 from progsae.cli import main
 from progsae.data import ActivationDir
 from progsae.sae import SAE, SAEConfig
@@ -132,7 +133,7 @@ def test_a_split_sae_merges_back_to_the_sae_it_was_split_from(synth_acts):
     small = random_sae(16, 12, 3, seed=1)
     big = split(small, 4)
     assert torch.allclose(big(x), small(x), atol=1e-4)  # pieces fire together: the split changes nothing
-    merged = merge(big, 12, e_z2(big, [x]))
+    merged = merge(big, 12, latent_stats(big, [x])["e_z2"])
     assert merged.k == 3
     cos = torch.nn.functional.normalize(merged.W_dec, dim=1) @ torch.nn.functional.normalize(small.W_dec, dim=1).T
     match = cos.argmax(1)

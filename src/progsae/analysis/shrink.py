@@ -33,7 +33,7 @@ from ..config import REQUIRED, opt
 from ..errors import ProgsaeError
 from ..sae import SAE
 from ..train import TrainConfig, Trainer
-from .importance import SAE_HELP
+from .importance import SAE_HELP, latent_stats
 
 METHODS = ("truncate", "refit", "merge", "distil")
 CHUNK = 2**24  # elements of the largest temporary (float64: 128 MB) of the normal equations and of merge
@@ -42,6 +42,7 @@ MERGE_ITERS = 10  # Lloyd iterations of the weighted spherical k-means
 # on the demo's 4096-latent SAE shrunk to 512, FVU 0.1885 at 0.3 against 0.1916 with every member merged
 MERGE_MIN_COS = 0.3
 DISTIL_FROM = "merge"  # the start distil fine-tunes
+PROVENANCE = "shrink"  # the key of cfg.progsae where a shrunk SAE says how it was made
 
 
 @dataclass
@@ -108,17 +109,6 @@ def refit(sae: SAE, rows: Iterable[torch.Tensor]) -> tuple[SAE, int]:
     return out, n
 
 
-@torch.no_grad()
-def e_z2(sae: SAE, rows: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Each latent's E[z²] over `rows` (the importance merge weighs directions by)."""
-    total, n = torch.zeros(sae.d_sae, dtype=torch.float64), 0
-    for x in rows:
-        code = sae.encode(x.to(sae.W_dec.device))
-        total.index_add_(0, code.indices.flatten().cpu(), code.values.flatten().cpu().double().square())
-        n += x.shape[0]
-    return total / max(n, 1)
-
-
 def farthest_first(U: torch.Tensor, w: torch.Tensor, G: int) -> torch.Tensor:
     """G row indices of the unit rows U [N, d]: each next one maximises w_i (1 - its largest cosine, clamped at 0,
     to those taken); the first is the heaviest. A duplicate of a taken row scores 0 and is never taken first."""
@@ -133,21 +123,26 @@ def farthest_first(U: torch.Tensor, w: torch.Tensor, G: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
+def check_mergeable(sae: SAE) -> None:
+    if sae.architecture != "topk":
+        raise ProgsaeError(f"merge adds encoder rows, which keeps a TopK SAE's splits exact but not a "
+                           f"{sae.architecture} SAE's thresholds; use --method refit")  # fmt: skip
+
+
 @torch.no_grad()
 def merge(sae: SAE, G: int, weights: torch.Tensor, k: int | None = None) -> SAE:
     """G latents covering the N decoder directions (module doc): groups by spherical k-means weighted by `weights`
     (E[z²]), started farthest-first; latent j decodes along its group's mean direction c_j (scaled to its members'
     mean decoder norm) and its pre-activation is the sum of cos(d_i, c_j) pre_i over its members i with cosine at
     least MERGE_MIN_COS. Latents in the order their groups were started."""
-    if sae.architecture != "topk":
-        raise ProgsaeError(f"merge adds encoder rows, which keeps a TopK SAE's splits exact but not a "
-                           f"{sae.architecture} SAE's thresholds; use --method refit")  # fmt: skip
+    check_mergeable(sae)
     D = sae.W_dec.detach().cpu().double()
     U = D / D.norm(dim=1, keepdim=True).clamp_min(1e-30)
     w = weights.detach().cpu().double().clamp_min(0)
     U32 = U.float()  # cosines to compare in float32 (the [N, G] products), sums in float64
     seeds = farthest_first(U32, w.float(), G)
     C = U[seeds].clone()
+
     def nearest(C: torch.Tensor) -> torch.Tensor:  # each direction's group, [rows, G] cosines at a time
         C32, step = C.float().T, max(1, CHUNK // G)
         return torch.cat([(U32[r : r + step] @ C32).argmax(1) for r in range(0, len(U32), step)])
@@ -166,12 +161,12 @@ def merge(sae: SAE, G: int, weights: torch.Tensor, k: int | None = None) -> SAE:
     We.index_add_(0, group, cos.unsqueeze(1) * sae.W_enc.detach().t().cpu().double())
     be = torch.zeros(G, dtype=torch.float64).index_add_(0, group, cos * sae.b_enc.detach().cpu().double())
     total = torch.zeros(G, dtype=torch.float64).index_add_(0, group, w + 1e-30)
-    norm = torch.zeros(G, dtype=torch.float64).index_add_(0, group, (w + 1e-30) * D.norm(dim=1)) / total
+    mean_norm = torch.zeros(G, dtype=torch.float64).index_add_(0, group, (w + 1e-30) * D.norm(dim=1)) / total
     out = sae.truncate(G, k)
     out.cfg.progsae.pop("permutation", None)  # its latents are no prefix of the large SAE's
     out.W_enc.copy_(We.t().to(out.W_enc))
     out.b_enc.copy_(be.to(out.b_enc))
-    out.W_dec.copy_((C * norm.unsqueeze(1)).to(out.W_dec))  # the members' mean decoder norm (weights w)
+    out.W_dec.copy_((C * mean_norm.unsqueeze(1)).to(out.W_dec))  # the members' mean decoder norm (weights w)
     return out
 
 
@@ -202,8 +197,9 @@ def shrink(sae: SAE, G: int, method: str = "refit", rows: Callable[[], Iterable[
     base = DISTIL_FROM if method == "distil" else method
     n = passes = passes_N = 0
     if base == "merge":
+        check_mergeable(sae)  # before the weights' pass
         if weights is None:
-            weights, passes_N = e_z2(sae, rows()), 1
+            weights, passes_N = latent_stats(sae, rows())["e_z2"], 1
         small = merge(sae, G, weights, k)
     else:
         small = sae.truncate(G, k)
@@ -211,9 +207,19 @@ def shrink(sae: SAE, G: int, method: str = "refit", rows: Callable[[], Iterable[
     if base != "truncate":
         small, n = refit(small, rows())
         passes = 1
-    small.cfg.progsae["shrink"] = {"from": sae.fingerprint(), "N": sae.d_sae, "method": base, "rows": n,
+    small.cfg.progsae[PROVENANCE] = {"from": sae.fingerprint(), "N": sae.d_sae, "method": base, "rows": n,
                                    "passes": passes, "passes_N": passes_N, "tuned_tokens": 0}  # fmt: skip
     return distil(small, tune, source, out, progress) if method == "distil" else small
+
+
+def provenance(sae: SAE) -> dict:
+    """How a shrunk SAE was made (`shrink`'s docstring)."""
+    return sae.cfg.progsae[PROVENANCE]
+
+
+def tokens_spent(prov: dict) -> int:
+    """Activation rows a shrunk SAE read (its provenance): passes over the rows, then fine-tuning."""
+    return prov["rows"] * (prov["passes"] + prov["passes_N"]) + prov["tuned_tokens"]
 
 
 def distil(small: SAE, tune: TrainConfig, source, out: str | Path | None = None, progress: bool = False) -> SAE:
@@ -222,5 +228,5 @@ def distil(small: SAE, tune: TrainConfig, source, out: str | Path | None = None,
     small = copy.deepcopy(small)
     cfg = replace(tune, d_sae=small.d_sae, k=small.k, metadata={})
     trained = cfg.steps * cfg.batch_size  # whole steps: the tokens the fine-tune reads
-    small.cfg.progsae["shrink"] = {**small.cfg.progsae["shrink"], "method": "distil", "tuned_tokens": trained}
+    small.cfg.progsae[PROVENANCE] = {**small.cfg.progsae[PROVENANCE], "method": "distil", "tuned_tokens": trained}
     return Trainer(cfg, source, out, init=small.to(cfg.device)).run(progress)

@@ -29,6 +29,7 @@ from ..analysis.aggregate import Aggregate
 from ..analysis.compare import feature_splitting
 from ..analysis.outliers import FLAG_SHARE, flagged_latents, robust_window
 from ..analysis.scaling import fit_scaling
+from ..analysis.shrink import provenance
 from ..data import ActivationDir
 from ..files import load_json
 from ..formats import load_sae
@@ -110,8 +111,8 @@ def analyse(run) -> dict:
     res["interpretability"] = interpretability(run)
     not_shrunk = {f: names for f, names in families.items() if plan[names[0]].role != "shrunk"}  # shrunk: their section
     res["known_answers"] = known_answers(evals, not_shrunk, c.seed)
-    provenance = {n: run.load(n).cfg.progsae["shrink"] for n in plan.names("shrunk")}
-    res["shrink"] = shrink_results(agg, plan, provenance, c.sae_tokens)
+    shrunk = {n: provenance(run.load(n)) for n in plan.names("shrunk")}
+    res["shrink"] = shrink_results(agg, plan, shrunk, c.sae_tokens)
     if not c.train:
         res["findings"] = []
         return res

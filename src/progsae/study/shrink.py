@@ -16,14 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis.intervals import seed_interval
+from ..analysis.shrink import tokens_spent
 from .findings import _num
 
 LM_KEY = "ce_loss_score"
-
-
-def tokens_spent(prov: dict) -> int:
-    """Activation rows a shrunk SAE read (its `shrink` provenance): passes over the rows, then fine-tuning."""
-    return prov["rows"] * (prov["passes"] + prov["passes_N"]) + prov["tuned_tokens"]
 
 
 def shrink_results(agg, plan, provenance: dict[str, dict], sae_tokens: int) -> dict | None:
