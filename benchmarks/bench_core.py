@@ -18,7 +18,7 @@ from timing import timeit
 
 from progsae import SAE, SAEConfig, TrainConfig, Trainer
 from progsae.analysis import ProgressiveEval
-from progsae.train import fvu
+from progsae.losses import fvu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import dense_code  # noqa: E402  (the plain dense twin, as a baseline)

@@ -12,6 +12,23 @@ import pytest
 import torch
 
 from lm_fixtures import TEXT, tiny_lm
+from progsae.autotune import time_kernels as TIME_KERNELS
+
+
+@pytest.fixture(autouse=True)
+def csr_by_auto(monkeypatch):
+    """`kernel: auto` picks csr from a fixed table, so that a run replays bit for bit whatever this machine's
+    timings (the paths agree only to float rounding); the tests of auto itself undo this (`real_kernel_timing`)."""
+    from progsae import autotune
+
+    monkeypatch.setattr(autotune, "time_kernels", lambda step, device: {"csr": 1.0, "gather": 2.0, "dense": 3.0})
+
+
+@pytest.fixture
+def real_kernel_timing(monkeypatch):
+    from progsae import autotune
+
+    monkeypatch.setattr(autotune, "time_kernels", TIME_KERNELS)
 
 
 @pytest.fixture(scope="session")

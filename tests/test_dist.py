@@ -16,7 +16,8 @@ from progsae.cli import main
 from progsae.files import load_json
 
 # N large for the data so latents die and AuxK runs; Matryoshka so the nested loss is split too
-TRAIN = ["--d-sae", "1024", "--k", "4", "--batch-size", "512", "--matryoshka", "256,1024", "--dead-tokens", "2048"]
+TRAIN = ["--d-sae", "1024", "--k", "4", "--batch-size", "512", "--matryoshka", "256,1024", "--dead-tokens", "2048",
+         "--kernel", "csr"]  # forced: auto may pick differently in separate processes (same values to rounding)
 
 
 def torchrun(*args, stderr=subprocess.PIPE, **kw):

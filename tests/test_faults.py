@@ -20,7 +20,8 @@ from progsae.cli import main
 from progsae.data import ActivationDir, ActivationWriter, SyntheticConfig, SyntheticSource, write_activations
 from progsae.files import ProgsaeError, load_tensors, save_tensors
 
-TRAIN = ["--d-sae", "256", "--k", "4", "--batch-size", "256", "--matryoshka", "64,256", "--dead-tokens", "1024"]
+TRAIN = ["--d-sae", "256", "--k", "4", "--batch-size", "256", "--matryoshka", "64,256", "--dead-tokens", "1024",
+         "--kernel", "csr"]  # forced: auto may pick differently in separate processes (same values to rounding)
 
 
 def full_disk_after(monkeypatch, n_ok: int, name: str):

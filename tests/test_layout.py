@@ -1,6 +1,6 @@
 """The shape of the code, read with the standard library's ast: which module may import which, and sizes.
 
-    core      errors, kernels, sae                   imports nothing of progsae but each other
+    core      errors, kernels, products, sae         imports nothing of progsae but each other
     library   files, config, dist, train, checkpoint, formats/, data/, analysis/, interp/
               imports the core and the library, never study/, report/ or cli
     study/    the run: imports anything but report/ and cli
@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "progsae"
-CORE = {"progsae.errors", "progsae.kernels", "progsae.sae"}
+CORE = {"progsae.errors", "progsae.kernels", "progsae.products", "progsae.sae"}
 
 
 def module_name(path: Path) -> str:

@@ -44,6 +44,7 @@ def run(tmp_path_factory, tiny_lm_dir, text_corpus):
         "judge_url": rule_judge_server(),  # the endpoint path; the local judge is tested in test_interp
         "interp_tokens": 300,
         "precision": "fp32",  # the demo preset's auto measures, and may choose differently run to run
+        "kernel": "csr",  # likewise (and a torchrun child measures for itself)
     }
     (w / "cfg.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()))
     assert main(["run", "--config", str(w / "cfg.yaml"), "--out", str(w / "out")]) == 0

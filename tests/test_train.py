@@ -1,15 +1,16 @@
-import importlib
+
+import sys
 
 import pytest
 import torch
 
-from progsae import ProgsaeError, TrainConfig, Trainer, train
+from progsae import ProgsaeError, TrainConfig, Trainer, autotune, train
 from progsae.analysis import fit_power_law, latent_stats
+from progsae.autotune import choose_precision
 from progsae.data import SyntheticConfig, SyntheticSource
+from progsae.losses import fvu
 from progsae.sae import geometric_median
-from progsae.train import choose_precision, fvu, sample_granularities
-
-train_module = importlib.import_module("progsae.train")  # `progsae.train` is the function train
+from progsae.train import sample_granularities
 
 
 def synthetic(alpha):
@@ -142,15 +143,103 @@ def test_auto_precision_takes_bf16_only_where_the_timed_gemm_is_1_5x_faster(monk
     assert speedup > 0 and chosen == ("bf16" if speedup >= 1.5 else "fp32")
     assert choose_precision("bf16", 32, 128, "cpu") == ("bf16", None)  # asked for: nothing timed
     for timed, want in ((1.49, "fp32"), (1.5, "bf16")):
-        monkeypatch.setattr(train_module, "bf16_gemm_speedup", lambda d, N, device, s=timed: s)
+        monkeypatch.setattr(autotune, "bf16_gemm_speedup", lambda d, N, device, s=timed: s)
         assert choose_precision("auto", 32, 128, "cpu") == (want, timed)
 
 
 @pytest.mark.parametrize("timed,want", [(2.0, "bf16"), (1.2, "fp32")])
 def test_auto_precision_trains_in_the_precision_it_picks_and_records_it(monkeypatch, timed, want):
-    monkeypatch.setattr(train_module, "bf16_gemm_speedup", lambda d, N, device: timed)
+    monkeypatch.setattr(autotune, "bf16_gemm_speedup", lambda d, N, device: timed)
     auto = train(synthetic(1.0), small_config(tokens=10 * 1024, precision="auto"), progress=False)
     training = auto.cfg.progsae["training"]
     assert (training["precision"], training["bf16_gemm_speedup"]) == (want, timed)
     same = train(synthetic(1.0), small_config(tokens=10 * 1024, precision=want), progress=False)
     torch.testing.assert_close(auto.W_dec, same.W_dec, rtol=0, atol=0)
+
+
+# -- kernel paths: auto, resume, forcing each, no host read inside a step ----------------------------------------
+
+
+def test_auto_kernel_picks_the_fastest_of_its_timings_and_records_them(monkeypatch):
+    for timings in ({"csr": 3.0, "gather": 1.0, "dense": 2.0}, {"csr": 2.0, "gather": 2.0, "dense": 0.5}):
+        monkeypatch.setattr(autotune, "time_kernels", lambda step, device, t=timings: t)
+        sae = train(synthetic(1.0), small_config(tokens=4 * 1024), progress=False)
+        training = sae.cfg.progsae["training"]
+        assert training["kernel"] == min(timings, key=timings.get) and training["kernel_seconds"] == timings
+    assert autotune.pick_kernel({"csr": 1.0, "gather": 1.0, "dense": 1.0}) == "csr"  # a tie: the first
+    forced = train(synthetic(1.0), small_config(tokens=4 * 1024, kernel="dense"), progress=False)
+    assert forced.cfg.progsae["training"]["kernel"] == "dense" and "kernel_seconds" not in forced.cfg.progsae["training"]
+
+
+def test_auto_kernel_times_every_path_for_real_and_keeps_the_fastest(real_kernel_timing):
+    trainer = Trainer(small_config(tokens=4 * 1024), synthetic(1.0))
+    assert set(trainer.kernel_timings) == {"csr", "gather", "dense"} and min(trainer.kernel_timings.values()) > 0
+    assert trainer.kernel == min(trainer.kernel_timings, key=trainer.kernel_timings.get)
+
+
+def test_a_resumed_run_keeps_the_kernel_auto_chose_and_a_forced_one_overrides_it(tmp_path, monkeypatch):
+    cfg = small_config(tokens=20 * 512, batch_size=512, checkpoint_every=10)
+    monkeypatch.setattr(autotune, "time_kernels", lambda step, device: {"csr": 3.0, "gather": 1.0, "dense": 2.0})
+    first = Trainer(cfg, synthetic(1.0), tmp_path / "r")
+    batches = first.source.batches(cfg.batch_size, cfg.seed)
+    for _ in range(10):
+        first.after_step(first.train_step(next(batches)))
+    monkeypatch.setattr(autotune, "time_kernels", lambda step, device: {"csr": 1.0, "gather": 3.0, "dense": 2.0})
+    resumed = Trainer(cfg, synthetic(1.0), tmp_path / "r")
+    assert resumed.step == 10 and resumed.kernel == "gather"  # not measured again
+    assert resumed.run(progress=False).cfg.progsae["training"]["kernel"] == "gather"
+    (tmp_path / "r" / "cfg.json").unlink()
+    forced = Trainer(TrainConfig(**{**cfg.jsonable(), "kernel": "dense"}), synthetic(1.0), tmp_path / "r")
+    assert forced.step == 20 and forced.kernel == "dense"
+
+
+@pytest.mark.parametrize("mode", [{}, {"matryoshka": [32, 128]}, {"matryoshka_sampled": 3}])
+def test_forcing_each_kernel_trains_to_the_same_fvu(mode):
+    """The paths differ only in float rounding: trained alike, their weights and FVU agree closely (AuxK on)."""
+    cfg = dict(tokens=60 * 1024, dead_tokens=10_000, log_every=60, **mode)
+    runs = {k: train(synthetic(1.0), small_config(kernel=k, **cfg), progress=False) for k in ("csr", "gather", "dense")}
+    x = synthetic(1.0).sample(4096, 99)
+    with torch.no_grad():
+        got = {k: float(fvu(x, sae(x))) for k, sae in runs.items()}
+    for k in ("gather", "dense"):
+        assert abs(got[k] - got["csr"]) <= 1e-3 * got["csr"], got
+        torch.testing.assert_close(runs[k].W_dec, runs["csr"].W_dec, rtol=0, atol=2e-3)
+
+
+def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch):
+    """What torch.cuda.set_sync_debug_mode("error") would catch on a GPU, caught on the CPU: no .item(),
+    .tolist(), .cpu(), bool/int/float of a tensor, nonzero or boolean-mask indexing inside train_step
+    (every kernel, Matryoshka, AuxK with dead latents)."""
+    from torch.overrides import TorchFunctionMode
+
+    T = torch.Tensor
+    reads = {T.item, T.tolist, T.cpu, T.numpy, T.__bool__, T.__int__, T.__float__, T.__index__, T.nonzero,
+             torch.nonzero, T.masked_select, torch.masked_select}  # fmt: skip
+
+    class NoHostRead(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in reads:
+                raise AssertionError(f"host read inside a step: {func.__name__}")
+            if func is T.__getitem__ and any(isinstance(i, T) and i.dtype == torch.bool
+                                             for i in (args[1] if isinstance(args[1], tuple) else (args[1],))):  # fmt: skip
+                raise AssertionError("boolean-mask indexing inside a step")
+            return func(*args, **kwargs)
+
+    with NoHostRead(), pytest.raises(AssertionError, match="host read"):  # the detector detects
+        int(torch.ones(3).sum())
+    with NoHostRead(), pytest.raises(AssertionError, match="boolean-mask"):
+        torch.ones(3)[torch.ones(3) > 0]
+    for kernel in ("csr", "gather", "dense"):
+        for mode in ({}, {"matryoshka": [32, 128]}, {"matryoshka_sampled": 3}):
+            cfg = small_config(tokens=40 * 512, batch_size=512, dead_tokens=1024, kernel=kernel, **mode)
+            trainer = Trainer(cfg, synthetic(1.0))
+            batches = trainer.source.batches(cfg.batch_size, cfg.seed)
+            for _ in range(4):  # past dead_tokens: AuxK runs
+                trainer.train_step(next(batches))
+            trainer.since_fired[::2] = 10**9  # half the latents dead
+            draw = sample_granularities(cfg, trainer.gen)  # the sampler's draw: a CPU generator's, by design
+            monkeypatch.setattr(sys.modules["progsae.train"], "sample_granularities", lambda c, g, b=draw: b)
+            with NoHostRead():
+                numbers = trainer.train_step(next(batches))
+            assert trainer.metrics(numbers)["aux_fvu"] > 0  # read here, outside the step

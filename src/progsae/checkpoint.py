@@ -4,13 +4,13 @@ OUT/checkpoints/step-NNNNNNNN/ holds, each file written whole and fsynced:
     sae_weights.safetensors   the SAE's parameters by name
     state.safetensors         since_fired, rng (the sampler's generator state), adam.I.{step,exp_avg,exp_avg_sq}
                               (Adam's state of parameter I, moments in that parameter's shape)
-    state.json                config, step, elapsed, history, precision, bf16_speedup, source (what the
+    state.json                config, step, elapsed, history, precision, bf16_speedup, kernel, source (what the
                               batches are made of) and, for a source that has one, source_position
 The newest `keep_checkpoints` are kept. A run resumes from the newest only if its config differs in
 nothing but RESUMABLE, its d_in is the same and its source describes the same data.
 
 `t` below is a `train.Trainer`: these functions read and set its sae, opt, adam_params, gen,
-since_fired, step, elapsed, history, precision and bf16_speedup.
+since_fired, step, elapsed, history, precision, bf16_speedup, kernel and kernel_timings.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .errors import ProgsaeError
 from .files import fresh_dir, fsync, load_json, load_tensors, replace_dir, save_json, save_tensors
 
 # settings a run may change between a checkpoint and its resumption
-RESUMABLE = ("device", "log_every", "checkpoint_every", "keep_checkpoints")
+RESUMABLE = ("device", "log_every", "checkpoint_every", "keep_checkpoints", "kernel")  # kernel: same numbers
 
 
 def save_checkpoint(t) -> None:
@@ -43,7 +43,8 @@ def save_checkpoint(t) -> None:
                 state[f"adam.{i}.{name}"] = v.t() if t.adam_params[i] is not params[i] and v.dim() else v
         save_tensors(tmp / "state.safetensors", state, durable=True)
         meta = {"config": t.cfg.jsonable(), "step": t.step, "elapsed": t.elapsed, "history": t.history,
-                "precision": t.precision, "bf16_speedup": t.bf16_speedup}  # fmt: skip
+                "precision": t.precision, "bf16_speedup": t.bf16_speedup,
+                "kernel": t.kernel, "kernel_seconds": t.kernel_timings}  # fmt: skip
         meta["source"] = _describe(t.source)
         if hasattr(t.source, "position"):  # where in the corpus the next batch comes from
             meta["source_position"] = t.source.position(t.cfg.batch_size, t.step)
@@ -82,6 +83,7 @@ def load_checkpoint(t, ck: Path) -> None:
     t.step, t.elapsed, t.history = meta["step"], meta["elapsed"], meta["history"]
     # auto's choice as measured when the run began (checkpoints before precision existed were fp32)
     t.precision, t.bf16_speedup = meta.get("precision", "fp32"), meta.get("bf16_speedup")
+    t.kernel, t.kernel_timings = meta.get("kernel", "csr"), meta.get("kernel_seconds")  # before kernels: csr
 
 
 def _check_config(t, meta: dict) -> None:

@@ -24,6 +24,7 @@ from .analysis.lm_eval import LMSplice, directory_contexts, special_token_ids
 from .analysis.powerlaw import PowerlawArgs
 from .analysis.rsa import spearman
 from .analysis.shrink import ShrinkArgs, shrink
+from .autotune import choose_precision
 from .config import REQUIRED, add_flags, from_args, from_dict, given, load_file, opt
 from .data import ActivationDir
 from .data.extract import ExtractArgs, ExtractConfig, extract
@@ -34,7 +35,7 @@ from .errors import ProgsaeError, check_device
 from .files import check_output_dir, check_output_file, save_json
 from .formats import load_sae, save_sae
 from .report.browser import BrowseArgs, browse, server
-from .train import TrainArgs, TrainConfig, Trainer, choose_precision
+from .train import TrainArgs, TrainConfig, Trainer
 
 
 def cmd_synth(ns) -> None:

@@ -1,30 +1,28 @@
-"""Fast paths for the sparse half of a TopK SAE: encoder forward + top-k, and the sparse products.
+"""The SAE's autograd functions: encoder forward + top-k, and the (nested) decode with its fused loss.
 
 A batch's sparse code is `SparseCode(values [B, k], indices [B, k])`, indices ascending within each row.
-For the products below it becomes a CSR matrix `S [B*g, N]` whose rows are (token, band) segments: band j
-of a token holds its active latents with `bounds[j-1] <= index < bounds[j]` (one band, g = 1, for plain
-TopK).
+Its products are S [B*g, N] times a dense matrix, rows (token, band): band j of a token holds its active
+latents with `bounds[j-1] <= index < bounds[j]` (one band, g = 1, for plain TopK); `products.py` computes
+them by the path `kernel` names (csr, gather or dense: the same values and gradients):
 
     decode           S @ W_dec                          -> band sums [B, g, d]      O(B k d)
-    grad of values   sampled_addmm(S, G, W_dec^T)       -> <G[row], W_dec[index]>   O(B k d)
+    grad of values   <G[row], W_dec[index]>             -> [B, k]                   O(B k d)
     grad of W_dec    S^T @ G                            -> [N, d]                   O(B k d)
     grad of W_enc    S'^T @ (x - b_dec)                 -> [N, d]                   O(B k d)
     grad of input    S' @ W_enc^T (b_dec: W_enc (1^T S'))   -> [B, d]                   O(B k d)
 
-so the only dense GEMM of a training step is the encoder's forward, 2·B·d·N FLOPs. The plain dense
-twins of these functions live in tests/reference.py, which checks losses and gradients against them.
-`bf16_gemm_speedup` times that GEMM in both precisions (what training's `precision auto` decides by).
+so the only dense GEMM of a training step is the encoder's forward, 2·B·d·N FLOPs (the dense path's
+products add their own). Nothing here reads a number back to the host: a step runs on a GPU without a
+synchronisation. The plain dense twins of these functions live in tests/reference.py.
 """
 
 from __future__ import annotations
 
-import time
-import warnings
 from typing import NamedTuple
 
 import torch
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+from .products import sparse
 
 ENCODE_CHUNK = 1024  # rows of the B x N pre-activation kept live at once (never stored whole); 512 and 2048 measured slower
 
@@ -45,38 +43,17 @@ class TopKCode(NamedTuple):
     aux_indices: torch.Tensor  # [B, k_aux]
 
 
-def _csr(values: torch.Tensor, cols: torch.Tensor, crow: torch.Tensor, n_cols: int) -> torch.Tensor:
-    return torch.sparse_csr_tensor(
-        crow, cols.reshape(-1), values.reshape(-1), (crow.numel() - 1, n_cols), check_invariants=False
-    )
-
-
-def _spmm(S: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """S @ dense for a sparse CSR/CSC S, written into fresh memory that is never zero-filled (beta = 0)."""
-    out = dense.new_empty(S.shape[0], dense.shape[1])
-    return torch.addmm(out, S, dense, beta=0.0, out=out)
-
-
-def band_crow(indices: torch.Tensor, bounds: torch.Tensor | None) -> torch.Tensor:
-    """CSR row pointers [B*g + 1] splitting each token's sorted active latents at `bounds` (ascending, last = N)."""
-    B, k = indices.shape
-    if bounds is None:
-        return torch.arange(0, B * k + 1, k, dtype=torch.long, device=indices.device)
-    ends = torch.searchsorted(indices, bounds.to(indices.device).expand(B, -1).contiguous())  # [B, g]: # < bound
-    ends = ends + torch.arange(0, B * k, k, device=indices.device).unsqueeze(1)
-    return torch.cat([ends.new_zeros(1), ends.reshape(-1)])
-
-
 class TopKEncode(torch.autograd.Function):
     """values, indices = TopK_k(ReLU((x - b_dec) @ W_enc + b_enc)), indices sorted ascending per row.
 
     With `dead` (bool [N]) and `k_aux` > 0 it also returns the AuxK code: the top `k_aux` pre-activations
-    among dead latents that are not already in the token's main code (ReLU'd). Both codes share one
-    encoder pass; the backward touches only the selected (token, latent) pairs.
+    among dead latents that are not already in the token's main code (ReLU'd; where fewer are left, the rest
+    of the width holds zeros). Both codes share one encoder pass; the backward touches only the selected
+    (token, latent) pairs, by the path `kernel` names.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead=None, k_aux: int = 0, bf16: bool = False):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead=None, k_aux: int = 0, bf16=False, kernel="csr"):
         B = x.shape[0]
         xc = x - b_dec
         dt = torch.bfloat16 if bf16 else x.dtype  # bf16: the GEMM and the selection only
@@ -98,11 +75,15 @@ class TopKEncode(torch.autograd.Function):
                 _topk(pre, k_aux, aux_values[s:e], aux_indices[s:e])
         values, indices = _sorted_code(values, indices)
         aux_values, aux_indices = _sorted_code(aux_values, aux_indices)
-        if bf16:  # the selected latents' pre-activations again, in fp32: O(B k d)
-            values, aux_values = _pre_at(xc, W_enc, b_enc, indices), _pre_at(xc, W_enc, b_enc, aux_indices)
+        if bf16:  # the selected latents' pre-activations again, in fp32: O(B k d); an AuxK pick of a live
+            # latent (-inf: fewer dead latents than k_aux) stays at 0
+            live = aux_values == float("-inf")
+            values, aux_values = (_pre_at(xc, W_enc, b_enc, i, kernel) for i in (indices, aux_indices))
+            aux_values.masked_fill_(live, 0.0)
         values, aux_values = values.relu_(), aux_values.relu_()
         ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
         ctx.mark_non_differentiable(indices, aux_indices)
+        ctx.kernel = kernel
         return values, indices, aux_values, aux_indices
 
     @staticmethod
@@ -116,18 +97,18 @@ class TopKEncode(torch.autograd.Function):
                 torch.cat([grad_pre, grad_aux * (aux_values > 0)], 1), torch.cat([indices, aux_indices], 1)
             )
         N = W_enc.shape[1]
-        S = _csr(grad_pre, indices, band_crow(indices, None), N)  # [B, N]
+        S = sparse(ctx.kernel, grad_pre, indices, N)  # [B, N]
         grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[1]:
-            grad_W_enc = _spmm(S.t(), xc).t()  # [d, N], strides of a transposed [N, d] like the parameter
+            grad_W_enc = S.tmm(xc).t()  # [d, N], strides of a transposed [N, d] like the parameter
         column_sums = grad_pre.new_zeros(N).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))  # 1^T S
         if ctx.needs_input_grad[2]:
             grad_b_enc = column_sums
         if ctx.needs_input_grad[0]:
-            grad_x = _spmm(S, W_enc.t())
+            grad_x = S.mm(W_enc.t())
         if ctx.needs_input_grad[3]:  # -sum_b (S W_enc^T)[b] = -W_enc (1^T S): O(N d), not O(B k d)
             grad_b_dec = -(W_enc @ column_sums)
-        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None
+        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None, None
 
 
 def _topk(pre: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -150,14 +131,12 @@ def _topk(pre: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor
     torch.gather(members, 1, top.indices, out=indices)
 
 
-def _pre_at(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def _pre_at(xc, W_enc, b_enc, indices, kernel: str) -> torch.Tensor:
     """pre[b, j] = xc[b] . W_enc[:, indices[b, j]] + b_enc[indices[b, j]] (indices ascending per row), as a
     sampled product at the code's own pattern."""
     if indices.shape[1] == 0:
         return xc.new_empty(indices.shape)
-    B, w = indices.shape
-    S = _csr(xc.new_zeros(B, w), indices, band_crow(indices, None), W_enc.shape[1])
-    return torch.sparse.sampled_addmm(S, xc, W_enc, beta=0.0).values().view(B, w) + b_enc[indices]
+    return sparse(kernel, None, indices, W_enc.shape[1]).sampled(xc, W_enc.t()) + b_enc[indices]
 
 
 @torch.no_grad()
@@ -200,15 +179,14 @@ class NestedDecode(torch.autograd.Function):
     """Prefix reconstructions [B, g, d] (without b_dec): row j sums v_i W_dec[i] over active i < bounds[j].
 
     One sparse product gives the band sums; a cumulative sum over bands gives the nested prefixes, so a
-    Matryoshka decode with g granularities costs one decode, not g.
+    Matryoshka decode with g granularities costs one decode, not g. `bounds`: a list of ints (host side).
     """
 
     @staticmethod
-    def forward(ctx, values, indices, W_dec, bounds=None):
+    def forward(ctx, values, indices, W_dec, bounds=None, kernel="csr"):
         B = values.shape[0]
-        N, d = W_dec.shape
-        S = _csr(values, indices, band_crow(indices, bounds), N)
-        out = _spmm(S, W_dec).view(B, -1, d)
+        S = sparse(kernel, values, indices, W_dec.shape[0], bounds)
+        out = S.mm(W_dec).view(B, -1, W_dec.shape[1])
         if out.shape[1] > 1:
             out = out.cumsum(1)
         ctx.save_for_backward(values, W_dec)
@@ -220,7 +198,7 @@ class NestedDecode(torch.autograd.Function):
         values, W_dec = ctx.saved_tensors
         grad = _reverse_cumsum_(grad.clone())  # d(prefix j)/d(band i) = 1 for i <= j
         grad_values, grad_W_dec = _band_grads(ctx, ctx.S, grad, values, W_dec, 0, 2)
-        return grad_values, None, grad_W_dec, None
+        return grad_values, None, grad_W_dec, None, None
 
 
 class NestedSSE(torch.autograd.Function):
@@ -233,11 +211,10 @@ class NestedSSE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, indices, W_dec, r, bounds=None):
+    def forward(ctx, values, indices, W_dec, r, bounds=None, kernel="csr"):
         B = values.shape[0]
-        N, d = W_dec.shape
-        S = _csr(values, indices, band_crow(indices, bounds), N)
-        R = _spmm(S, W_dec).view(B, -1, d)  # band sums, turned in place into residuals R_j = R_{j-1} - band_j
+        S = sparse(kernel, values, indices, W_dec.shape[0], bounds)
+        R = S.mm(W_dec).view(B, -1, W_dec.shape[1])  # band sums, turned in place into residuals R_j = R_{j-1} - band_j
         torch.sub(r, R[:, 0], out=R[:, 0])
         for j in range(1, R.shape[1]):
             torch.sub(R[:, j - 1], R[:, j], out=R[:, j])
@@ -252,14 +229,14 @@ class NestedSSE(torch.autograd.Function):
     def backward(ctx, grad_sse, _grad_residual):
         values, W_dec = ctx.saved_tensors
         R = ctx.R  # consumed, in place: d loss / d band_i = sum_{j >= i} -2 grad_sse_j R_j
-        c = (-2 * grad_sse).tolist()
+        c = -2 * grad_sse  # stays on the device (a 0-d factor per band)
         R[:, -1].mul_(c[-1])
         for j in range(R.shape[1] - 2, -1, -1):
-            torch.add(R[:, j + 1], R[:, j], alpha=c[j], out=R[:, j])
+            R[:, j].mul_(c[j]).add_(R[:, j + 1])
         grad = R
         grad_values, grad_W_dec = _band_grads(ctx, ctx.S, grad, values, W_dec, 0, 2)
         grad_r = -grad[:, 0] if ctx.needs_input_grad[3] else None
-        return grad_values, None, grad_W_dec, grad_r, None
+        return grad_values, None, grad_W_dec, grad_r, None, None
 
 
 def _reverse_cumsum_(t: torch.Tensor) -> torch.Tensor:
@@ -275,45 +252,23 @@ def _band_grads(ctx, S, grad, values, W_dec, i_values: int, i_W: int):
     grad = grad.reshape(B * g, d)
     grad_values = grad_W_dec = None
     if ctx.needs_input_grad[i_values]:
-        grad_values = torch.sparse.sampled_addmm(S, grad, W_dec.t(), beta=0.0).values().view_as(values)
+        grad_values = S.sampled(grad, W_dec).view_as(values)
     if ctx.needs_input_grad[i_W]:
-        grad_W_dec = _spmm(S.t(), grad)
+        grad_W_dec = S.tmm(grad)
     return grad_values, grad_W_dec
 
 
-def topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0, bf16=False) -> TopKCode:
+def topk_encode(x, W_enc, b_enc, b_dec, k, dead=None, k_aux=0, bf16=False, kernel="csr") -> TopKCode:
     """Functional form of `TopKEncode`: a `TopKCode` (values, indices, aux_values, aux_indices). `bf16`: the
     encoder GEMM and the top-k selection in bfloat16, the selected values recomputed in float32."""
-    return TopKCode(*TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux, bf16))
+    return TopKCode(*TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux, bf16, kernel))
 
 
-def decode_nested(values, indices, W_dec, bounds=None):
+def decode_nested(values, indices, W_dec, bounds=None, kernel="csr"):
     """Functional form of `NestedDecode`: prefix reconstructions [B, g, d] without b_dec."""
-    return NestedDecode.apply(values, indices, W_dec, bounds)
+    return NestedDecode.apply(values, indices, W_dec, bounds, kernel)
 
 
-def nested_sse(values, indices, W_dec, r, bounds=None):
+def nested_sse(values, indices, W_dec, r, bounds=None, kernel="csr"):
     """Functional form of `NestedSSE`: (sse [g], full-size residual [B, d])."""
-    return NestedSSE.apply(values, indices, W_dec, r, bounds)
-
-
-def bf16_gemm_speedup(d: int, N: int, device) -> float:
-    """How many times faster the encoder's GEMM (ENCODE_CHUNK x d times d x N) runs in bfloat16 than in
-    float32 on `device`: best of 3 timings of each, after a warm-up. Its operands come from torch's global RNG."""
-    device = str(device)
-    x, W = torch.randn(ENCODE_CHUNK, d, device=device), torch.randn(N, d, device=device).t()
-    xb, Wb = x.bfloat16(), W.bfloat16()
-
-    def best(a, b):
-        times = []
-        for _ in range(4):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            a @ b
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return min(times[1:])
-
-    return best(x, W) / best(xb, Wb)
+    return NestedSSE.apply(values, indices, W_dec, r, bounds, kernel)

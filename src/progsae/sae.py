@@ -95,6 +95,7 @@ class SAE(nn.Module):
         # how `encode` selects (not saved): fp32, or bf16 for a TopK SAE, whose encoder GEMM and top-k then run
         # in bfloat16 and whose selected values are recomputed in fp32 (as in training with precision bf16)
         self.precision = "fp32"
+        self.kernel = "csr"  # the sparse products' path of encode and decode (products.KERNELS; not saved)
 
     @property
     def d_sae(self) -> int:
@@ -183,9 +184,11 @@ class SAE(nn.Module):
             )
         if mode == "rescaled":
             k = rescaled_k(self.k, G, self.d_sae)
-            return SparseCode(*topk_encode(x, self.W_enc[:, :G], self.b_enc[:G], self.b_dec, k, bf16=bf16)[:2])
+            return SparseCode(*topk_encode(x, self.W_enc[:, :G], self.b_enc[:G], self.b_dec, k, bf16=bf16,
+                                           kernel=self.kernel)[:2])  # fmt: skip
         if self.architecture == "topk":
-            code = SparseCode(*topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, bf16=bf16)[:2])
+            code = SparseCode(*topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, bf16=bf16,
+                                           kernel=self.kernel)[:2])  # fmt: skip
         else:
             threshold = self.threshold if self.architecture in THRESHOLD_ARCHITECTURES else None
             code = threshold_encode(x, self.W_enc, self.b_enc, self.b_dec, threshold)
@@ -195,7 +198,7 @@ class SAE(nn.Module):
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x_hat [B, d_in] = sum of values * W_dec[indices] + b_dec."""
-        return decode_nested(values, indices, self.W_dec)[:, 0] + self.b_dec
+        return decode_nested(values, indices, self.W_dec, kernel=self.kernel)[:, 0] + self.b_dec
 
     def forward(self, x: torch.Tensor, G: int | None = None, mode: str = "prefix") -> torch.Tensor:
         """Reconstruction of x at granularity G: encode once, keep the first G latents, decode."""

@@ -1,10 +1,5 @@
-"""Training TopK and Matryoshka SAEs: the config, the losses and the loop.
+"""Training TopK and Matryoshka SAEs: the config and the loop (the loss of a batch: losses.py).
 
-Loss (all reconstruction terms normalised as FVU over the batch):
-    TopK          FVU(x, x_hat)
-    Matryoshka    sum_m c_m FVU(x, x_hat_m),  x_hat_m decoded from the latents with index < m
-    AuxK          + aux_coef * FVU(e, e_hat),  e = x - x_hat (detached), e_hat decoded without b_dec from
-                  the top k_aux pre-activations among dead latents
 Optimiser: Adam, lr = base_lr / sqrt(N / 2^14) with linear warmup; decoder rows kept at unit norm (the
 gradient's component along each row removed before the step, rows renormalised after).
 
@@ -20,18 +15,19 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import dist
+from .autotune import choose_kernel, choose_precision
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import REQUIRED, check_fields, from_dict, opt
 from .errors import ProgsaeError, check_device
 from .files import save_json
 from .formats import write_sae
-from .kernels import bf16_gemm_speedup, nested_sse, topk_encode
+from .losses import sae_loss
+from .products import KERNELS
 from .sae import SAE, SAEConfig, geometric_median
 
 SAMPLERS = ("uniform", "pareto")
@@ -57,6 +53,7 @@ class TrainConfig:
     seed: int = opt(0, "seeds the initialisation, the batch order and the sampler")
     device: str = opt("cpu", "where the SAE trains: cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     precision: str = opt("fp32", "encoder GEMM and top-k selection: fp32, bf16 (the selected values recomputed in fp32; weights and Adam stay fp32), or auto (bf16 where a timed GEMM of the encoder's shape is 1.5x faster; a resumed run keeps its choice)", choices=PRECISIONS)
+    kernel: str = opt("auto", "the sparse products' path: csr (PyTorch's CSR products), gather (embedding_bag / index_add_), dense (a [B, N] code: SAELens' computation), or auto (each timed on the run's shape at start-up, the fastest kept; a resumed run keeps its choice); every path gives the same values and gradients", choices=("auto", *KERNELS))
     log_every: int = opt(50, "steps between history entries", min=1)
     checkpoint_every: int = opt(500, "steps between checkpoints", min=1)
     keep_checkpoints: int = opt(2, "checkpoints kept (the newest K)", min=1)
@@ -142,69 +139,6 @@ def granularity_weights(cfg: TrainConfig, bounds: list[int]) -> torch.Tensor:
     return torch.full((len(bounds),), 1.0 / len(bounds))
 
 
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained over the batch: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-
-
-class Loss(NamedTuple):
-    """What `sae_loss` returns; every number is this rank's share under torchrun."""
-
-    loss: torch.Tensor  # the training loss, to backpropagate
-    fvu: torch.Tensor  # the FVU at full size (detached)
-    aux: torch.Tensor | None  # the AuxK FVU (None without dead latents or k_aux)
-    values: torch.Tensor  # the batch's code [B, k] (detached)
-    indices: torch.Tensor  # [B, k], ascending per row
-
-
-def sae_loss(
-    sae: SAE,
-    x: torch.Tensor,
-    *,
-    bounds: list[int] | None = None,
-    weights: torch.Tensor | None = None,
-    dead: torch.Tensor | None = None,
-    k_aux: int = 0,
-    aux_coef: float = 1 / 32,
-    total_var: torch.Tensor | None = None,
-    bf16: bool = False,
-) -> Loss:
-    """Training loss for one batch x [B, d_in], with the batch's code (a `Loss`).
-
-    bounds/weights: the Matryoshka granularities and their c_m (None: plain TopK).
-    Data-parallel: x is this rank's share of the global batch and total_var the global batch's
-    sum ||x - mean||^2; every returned number is this rank's share, summing over the ranks to the
-    global one (so do the gradients).
-    """
-    n_dead = int(dead.sum()) if dead is not None else 0
-    k_aux = min(k_aux, n_dead)
-    code = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead if k_aux else None, k_aux, bf16)
-    b = None if bounds is None or bounds == [sae.d_sae] else torch.tensor(bounds, device=x.device)
-    sse, residual = nested_sse(code.values, code.indices, sae.W_dec, x - sae.b_dec, b)  # [g], [B, d]
-    if total_var is None:
-        total_var = (x - x.mean(0)).pow(2).sum()
-    w = torch.ones(1, device=x.device) if weights is None else weights.to(x.device)
-    loss = (w * sse).sum() / total_var
-    full_fvu = sse[-1].detach() / total_var
-    aux = None
-    if k_aux:  # AuxK: dead latents reconstruct the (detached) residual, without b_dec
-        aux_sse, _ = nested_sse(code.aux_values, code.aux_indices, sae.W_dec, residual)
-        mean = dist.all_sum(residual.sum(0)) / (residual.shape[0] * dist.world())  # every rank holds an equal share
-        aux = aux_sse[0] / dist.all_sum((residual - mean).pow(2).sum())
-        loss = loss + aux_coef * aux
-    return Loss(loss, full_fvu, aux, code.values.detach(), code.indices)
-
-
-def choose_precision(precision: str, d: int, N: int, device: str) -> tuple[str, float | None]:
-    """("fp32" | "bf16", the measured bf16 speedup or None). auto: time a GEMM of the encoder's shape in each
-    precision (`kernels.bf16_gemm_speedup`) and take bf16 only where it is clearly (1.5x) faster; under
-    torchrun rank 0's measurement decides for every rank."""
-    if precision != "auto":
-        return precision, None
-    speedup = bf16_gemm_speedup(d, N, device)
-    return ("bf16" if dist.agree(speedup >= 1.5) else "fp32"), speedup
-
-
 # -- the loop --------------------------------------------------------------------------------------------
 
 
@@ -251,7 +185,7 @@ class Trainer:
         self.elapsed = 0.0
         ck = latest_checkpoint(self.out) if self.out is not None else None
         if ck is not None:
-            load_checkpoint(self, ck)  # its precision too: auto is measured once, when the run begins
+            load_checkpoint(self, ck)  # its precision and kernel too: auto is measured once, when the run begins
         else:
             self.precision, self.bf16_speedup = choose_precision(cfg.precision, d_in, cfg.d_sae, self.device)
             t0 = time.perf_counter()
@@ -259,6 +193,18 @@ class Trainer:
             self.elapsed = time.perf_counter() - t0  # the first batch's cost (an LM stream's first buffer) counts
         for p in self.sae.parameters():  # every rank starts from rank 0's weights
             dist.broadcast(p.data)
+        if ck is None or cfg.kernel != "auto":  # forced, or measured on the initial weights
+            self.kernel, self.kernel_timings = choose_kernel(cfg.kernel, self._timed_step, self.device)
+
+    def _timed_step(self, kernel: str) -> None:
+        """A training step's forward and backward by `kernel`, on a seeded random batch of this rank's share
+        (what `kernel: auto` times; the weights and every RNG of the run are left as they were)."""
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        x = torch.randn(self.cfg.batch_size // self.world, self.sae.cfg.d_in, generator=g).to(self.device)
+        bounds = sample_granularities(self.cfg, g)
+        sae_loss(self.sae, x, bounds=bounds, weights=granularity_weights(self.cfg, bounds),
+                 bf16=self.precision == "bf16", kernel=kernel).loss.backward()  # fmt: skip
+        self.sae.zero_grad(set_to_none=True)
 
     def _init_weights(self) -> None:
         if self.init is not None:  # training keeps decoder rows at unit norm
@@ -272,8 +218,9 @@ class Trainer:
         warm = min(self.cfg.warmup_steps, self.cfg.steps // 10)
         return self.cfg.base_lr() * min(1.0, (step + 1) / warm) if warm else self.cfg.base_lr()
 
-    def train_step(self, x: torch.Tensor) -> dict:
-        """One step on the global batch x [batch_size, d_in] (each rank trains on its share of it)."""
+    def train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One step on the global batch x [batch_size, d_in] (each rank trains on its share of it). Nothing is
+        read back to the host: it returns the step's numbers on the device (`metrics` reads them)."""
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, non_blocking=True)
         if getattr(self.source, "sharded", False):  # x is already this rank's share (an LM stream)
@@ -284,18 +231,18 @@ class Trainer:
             share = x.shape[0] // self.world
             x = x[self.rank * share : (self.rank + 1) * share]
         bounds = sample_granularities(cfg, self.gen)
-        dead = self.since_fired >= cfg.dead_tokens
-        res = sae_loss(sae, x, bounds=bounds, weights=granularity_weights(cfg, bounds), dead=dead, k_aux=self.k_aux,
-                       aux_coef=cfg.aux_coef, total_var=total_var, bf16=self.precision == "bf16")  # fmt: skip
+        dead = self.since_fired >= cfg.dead_tokens  # none can be dead before dead_tokens have gone by
+        res = sae_loss(sae, x, bounds=bounds, weights=granularity_weights(cfg, bounds), k_aux=self.k_aux,
+                       dead=dead if self.step * cfg.batch_size >= cfg.dead_tokens else None, aux_coef=cfg.aux_coef,
+                       total_var=total_var, bf16=self.precision == "bf16", kernel=self.kernel)  # fmt: skip
         sae.zero_grad(set_to_none=True)
         res.loss.backward()
-        fired = res.indices[res.values > 0]
+        fired = torch.zeros(cfg.d_sae, device=self.device)
+        fired.index_add_(0, res.indices.reshape(-1), (res.values > 0).reshape(-1).to(fired.dtype))
         if self.world > 1:
             for p in sae.parameters():
                 dist.all_sum(p.grad)
-            mask = torch.zeros(cfg.d_sae, device=self.device)
-            mask[fired] = 1
-            fired = dist.all_sum(mask).nonzero().flatten()
+            dist.all_sum(fired)
         sae.project_decoder_grad()
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
@@ -307,30 +254,26 @@ class Trainer:
             a.grad = None
         sae.normalize_decoder()
         self.since_fired += cfg.batch_size
-        self.since_fired[fired] = 0
+        self.since_fired.masked_fill_(fired > 0, 0)
         self.step += 1
-        aux = torch.zeros((), device=self.device) if res.aux is None else res.aux.detach()
-        numbers = torch.stack([res.loss.detach(), res.fvu, aux, (res.values > 0).sum().float()])
-        loss_, fvu_, aux_, active = dist.all_sum(numbers).tolist()
-        return {
-            "step": self.step,
-            "loss": loss_,
-            "fvu": fvu_,
-            "aux_fvu": None if res.aux is None else aux_,
-            "l0": active / cfg.batch_size,
-            "dead_frac": float(dead.float().mean()),
-            "lr": self.lr_at(self.step - 1),
-        }
+        aux = torch.full((), float("nan"), device=self.device) if res.aux is None else res.aux.detach()
+        numbers = dist.all_sum(torch.stack([res.loss.detach(), res.fvu, aux, (res.values > 0).sum().float()]))
+        return torch.cat([numbers, dead.float().mean().unsqueeze(0)])
+
+    def metrics(self, numbers: torch.Tensor) -> dict:
+        """A history entry from `train_step`'s numbers (read back to the host here, at log steps only)."""
+        loss_, fvu_, aux_, active, dead_frac = numbers.tolist()
+        return {"step": self.step, "loss": loss_, "fvu": fvu_, "aux_fvu": None if math.isnan(aux_) else aux_,
+                "l0": active / self.cfg.batch_size, "dead_frac": dead_frac, "lr": self.lr_at(self.step - 1)}  # fmt: skip
 
     def run(self, progress: bool = True) -> SAE:
         return train_together([self], progress)[0]
 
-    def after_step(self, m: dict) -> None:
+    def after_step(self, numbers: torch.Tensor) -> None:
         """Log every log_every steps, checkpoint every checkpoint_every (rank 0)."""
         cfg = self.cfg
         if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-            m["tokens"] = self.step * cfg.batch_size
-            self.history.append(m)
+            self.history.append({**self.metrics(numbers), "tokens": self.step * cfg.batch_size})
         if self.out is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
             if dist.is_main():
                 self.save_checkpoint()
@@ -341,8 +284,10 @@ class Trainer:
         self.sae.cfg.progsae["training"] = {
             "tokens": self.step * cfg.batch_size, "steps": self.step, "final_fvu": last.get("fvu"),
             "final_l0": last.get("l0"), "dead_frac": float((self.since_fired >= cfg.dead_tokens).float().mean()),
-            "seconds": round(self.elapsed, 2), "precision": self.precision,  # fmt: skip
+            "seconds": round(self.elapsed, 2), "precision": self.precision, "kernel": self.kernel,  # fmt: skip
             **({"bf16_gemm_speedup": round(self.bf16_speedup, 2)} if self.bf16_speedup else {}),
+            **({"kernel_seconds": {k: round(v, 5) for k, v in self.kernel_timings.items()}}
+               if self.kernel_timings else {}),  # fmt: skip
             "config": cfg.jsonable(),
             **({"ranks": self.world} if self.world > 1 else {}),
         }
@@ -369,9 +314,9 @@ def train_together(trainers: list[Trainer], progress: bool = True) -> list[SAE]:
     start, end = min(t.step for t in trainers), max(t.cfg.steps for t in trainers)
     desc = "train" if len(trainers) == 1 else f"train {len(trainers)} SAEs"
     precisions = sorted({t.precision for t in trainers})
-    if precisions != ["fp32"]:  # bf16 chosen or asked for: say so
-        speedup = [t.bf16_speedup for t in trainers if t.bf16_speedup]
-        desc += f" [{'/'.join(precisions)}" + (f"; bf16 GEMM {speedup[0]:.1f}x fp32" if speedup else "") + "]"
+    speedup = [t.bf16_speedup for t in trainers if t.bf16_speedup]
+    desc += f" [{'/'.join(precisions)}" + (f"; bf16 GEMM {speedup[0]:.1f}x fp32" if speedup else "")
+    desc += f"; {'/'.join(sorted({t.kernel for t in trainers}))}]"
     desc += "" if first.world == 1 else f" ({first.world} ranks)"
     bar = tqdm(total=end, initial=start, disable=not (progress and main), unit="step", desc=desc, dynamic_ncols=True)
     batches = first.source.batches(cfg.batch_size, cfg.seed, start) if start < end else iter(())

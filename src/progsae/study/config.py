@@ -14,6 +14,7 @@ from ..data.activations import DTYPES
 from ..data.hook import HookConfig
 from ..data.synthetic import SyntheticConfig
 from ..errors import ProgsaeError
+from ..products import KERNELS
 from ..train import PRECISIONS, TrainConfig
 
 # the fields a finished run may change: SAEs added or dropped, another judge (their own stages only)
@@ -42,6 +43,7 @@ class RunConfig(HookConfig):
     sae_tokens: int = opt(2_000_000, "training tokens per SAE", min=1)
     batch_size: int = opt(4096, "tokens per training step", min=1)
     precision: str = opt("fp32", "of the SAEs' encoder GEMM and top-k in training: fp32, bf16 or auto (see progsae train --help)", choices=PRECISIONS)
+    kernel: str = opt("auto", "the sparse products' path in training: csr, gather, dense or auto (see progsae train --help)", choices=("auto", *KERNELS))
     matryoshka_sampled: int = opt(8, "granularities drawn per step by the sampled Matryoshka SAE", min=1)
     grid: list[int] = opt([], "G values (default N/16, N/8, N/4, N/2, N)", min=1)
     stats_tokens: int = opt(200_000, "held-out tokens of the importance statistics", min=1)
@@ -105,6 +107,7 @@ class RunConfig(HookConfig):
             device=self.device,
             batch_size=self.batch_size,
             precision=self.precision,
+            kernel=self.kernel,
             seed=self.seed + spec.seed,
             log_every=max(1, self.sae_tokens // self.batch_size // 40),  # ~40 points: enough for the convergence slope
             metadata=dict(metadata or {}),

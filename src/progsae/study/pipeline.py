@@ -151,9 +151,9 @@ class Run:
         return load_json(self.dir.outliers)["threshold"]
 
     def load(self, name: str) -> SAE:
-        """An SAE of this run, encoding in the precision it was trained in (pretrained ones: fp32)."""
+        """An SAE of this run, encoding in the precision and by the kernel it was trained with (pretrained: fp32, csr)."""
         sae = load_sae(self.dir.sae(name)).to(self.device)
-        sae.precision = trained_precision(sae)
+        sae.precision, sae.kernel = trained_as(sae)
         return sae
 
     def _extract(self, split: str, tokens: int) -> None:
@@ -306,9 +306,10 @@ class Run:
                                          LEXICAL: judge_check(LexicalJudge(), rows)})  # fmt: skip
 
 
-def trained_precision(sae: SAE) -> str:
-    """The precision an SAE was trained in (its training metadata), fp32 for any other."""
-    return sae.cfg.progsae.get("training", {}).get("precision", "fp32")
+def trained_as(sae: SAE) -> tuple[str, str]:
+    """The precision and kernel path an SAE was trained with (its training metadata); fp32 and csr for any other."""
+    training = sae.cfg.progsae.get("training", {})
+    return training.get("precision", "fp32"), training.get("kernel", "csr")
 
 
 def unlink_stale(done: Path, settings: dict) -> None:
