@@ -214,7 +214,7 @@ def main() -> None:
         best = min((med[n] for n in ANCHOR_NAMES if n in med), default=None)
         print(f"the four O(B k d) products of a step (gathers, scatters): {med['gathers'] * 1e3:.0f} ms"
               f" = {med['gathers'] / med['gemm fp32']:.2f} fp32 GEMMs")  # fmt: skip
-        print(f"{'step':<31}{'tokens/s':>10}{'vs best anchor':>16}{'fp32 GEMMs':>12}{'GEMMs (own)':>13}"
+        print(f"{'step':<36}{'tokens/s':>10}{'vs best anchor':>16}{'fp32 GEMMs':>12}{'GEMMs (own)':>13}"
               f"{'gathers/rest':>14}{'peak MB':>13}")  # fmt: skip
         for name in names:
             if name.startswith("gemm") or name == "gathers" or name not in med:
@@ -224,7 +224,7 @@ def main() -> None:
             rest = med[name] - med["gemm " + own]  # beyond the encoder GEMM: the gathers' share of it (progsae)
             floor = f"{med['gathers'] / rest:.0%}" if name.startswith("progsae") and rest > 0 else "-"
             label = name + (f" ({got[name][0]['kernel']})" if name.endswith("auto") else "")  # auto's pick
-            print(f"{label:<31}{a.batch / med[name]:>10.0f}{vs:>16}{med[name] / med['gemm fp32']:>11.2f}x"
+            print(f"{label:<36}{a.batch / med[name]:>10.0f}{vs:>16}{med[name] / med['gemm fp32']:>11.2f}x"
                   f"{med[name] / med['gemm ' + own]:>8.2f}x {own:<4}{floor:>14}{rss[name]:>13.0f}")  # fmt: skip
 
 

@@ -43,7 +43,7 @@ d_sae: 65536
 k: 256
 train_tokens: 200000
 test_tokens: 40000
-sae_tokens: 4000000
+sae_tokens: 2000000
 buffer_tokens: 262144
 stats_tokens: 40000
 lm_tokens: 4096
@@ -52,6 +52,7 @@ interp_latents: 0
 interp_tokens: 8192
 seeds: 1
 bootstrap: 200
+minutes_estimate: null
 YAML
   /usr/bin/time -f "smoke run: %e s wall" timeout 420 $PY -m progsae run --preset demo --config "$OUT/smoke.yaml" \
     --out "$OUT/smoke" 2>&1 | tail -25 | tee "$OUT/smoke.log"

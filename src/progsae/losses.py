@@ -14,6 +14,7 @@ import torch
 
 from . import dist
 from .kernels import nested_sse, topk_encode
+from .products import host_to
 from .sae import SAE
 
 
@@ -59,7 +60,7 @@ def sae_loss(
     sse, residual = nested_sse(code.values, code.indices, sae.W_dec, x - sae.b_dec, bounds, kernel)  # [g], [B, d]
     if total_var is None:
         total_var = (x - x.mean(0)).pow(2).sum()
-    w = torch.ones(1, device=x.device) if weights is None else weights.to(x.device)
+    w = torch.ones(1, device=x.device) if weights is None else host_to(weights, x.device, weights.dtype)
     loss = (w * sse).sum() / total_var
     full_fvu = sse[-1].detach() / total_var
     aux = None

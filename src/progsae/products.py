@@ -28,7 +28,18 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 KERNELS = ("csr", "gather", "dense")
-GATHER_FLOATS = 2**22  # elements of a chunk's gathered rows [c*k, d] (16 MB in fp32)
+# elements of a chunk's gathered rows [c*k, d]: 16 MB in fp32 on a CPU (cache-sized); 512 MB on a GPU, where a
+# chunk of a few tokens would be a kernel launch per few tokens
+GATHER_FLOATS = {"cpu": 2**22, "cuda": 2**27}
+
+
+def host_to(data, device, dtype=torch.long) -> torch.Tensor:
+    """A small host list or tensor on `device`, without making the host wait for it (pinned and non-blocking on
+    CUDA; a plain copy from pageable memory would wait for the device's queue)."""
+    t = torch.as_tensor(data, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def band_crow(indices: torch.Tensor, bounds: torch.Tensor | None) -> torch.Tensor:
@@ -61,20 +72,19 @@ class _Banded:
         self.values, self.indices, self.N, self.bounds = values, indices, N, bounds
         self.B, self.k = indices.shape
         self.g = 1 if bounds is None else len(bounds)
-        self._crow = None
+        self._crow = self._bounds = None
+
+    @property
+    def bounds_t(self) -> torch.Tensor:
+        if self._bounds is None:
+            self._bounds = host_to(self.bounds, self.indices.device)
+        return self._bounds
 
     @property
     def crow(self) -> torch.Tensor:
         if self._crow is None:
-            b = None if self.bounds is None else torch.tensor(self.bounds, device=self.indices.device)
-            self._crow = band_crow(self.indices, b)
+            self._crow = band_crow(self.indices, None if self.bounds is None else self.bounds_t)
         return self._crow
-
-    def with_values(self, values: torch.Tensor):
-        """The same pattern with other values (the backward's gradients at the code)."""
-        other = type(self)(values, self.indices, self.N, self.bounds)
-        other._crow = self._crow
-        return other
 
 
 class CSR(_Banded):
@@ -101,10 +111,10 @@ class Gather(_Banded):
         b = torch.arange(s, e, device=idx.device).unsqueeze(1) * self.g
         if self.bounds is None:
             return b.expand_as(idx)
-        return b + torch.bucketize(idx, torch.tensor(self.bounds, device=idx.device), right=True)
+        return b + torch.bucketize(idx, self.bounds_t, right=True)
 
     def _chunks(self, d: int):
-        c = max(1, GATHER_FLOATS // max(1, self.k * d))
+        c = max(1, GATHER_FLOATS["cuda" if self.indices.is_cuda else "cpu"] // max(1, self.k * d))
         return [(s, min(self.B, s + c)) for s in range(0, self.B, c)]
 
     def mm(self, D):
