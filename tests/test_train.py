@@ -206,40 +206,43 @@ def test_forcing_each_kernel_trains_to_the_same_fvu(mode):
         torch.testing.assert_close(runs[k].W_dec, runs["csr"].W_dec, rtol=0, atol=2e-3)
 
 
-def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch):
-    """What torch.cuda.set_sync_debug_mode("error") would catch on a GPU, caught on the CPU: no .item(),
-    .tolist(), .cpu(), bool/int/float of a tensor, nonzero or boolean-mask indexing inside train_step
-    (every kernel, Matryoshka, AuxK with dead latents)."""
+def test_a_training_step_reads_back_to_the_host_only_auxk_width(monkeypatch):
+    """What torch.cuda.set_sync_debug_mode would report on a GPU, caught on the CPU: .item(), .tolist(), .cpu(),
+    bool/int/float of a tensor, nonzero, boolean-mask indexing. Before any latent can be dead a step reads
+    nothing back; after, exactly one number: the count of dead latents that sizes AuxK (every kernel,
+    Matryoshka fixed and sampled)."""
     from torch.overrides import TorchFunctionMode
 
     T = torch.Tensor
     reads = {T.item, T.tolist, T.cpu, T.numpy, T.__bool__, T.__int__, T.__float__, T.__index__, T.nonzero,
              torch.nonzero, T.masked_select, torch.masked_select}  # fmt: skip
 
-    class NoHostRead(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func in reads:
-                raise AssertionError(f"host read inside a step: {func.__name__}")
-            if func is T.__getitem__ and any(isinstance(i, T) and i.dtype == torch.bool
-                                             for i in (args[1] if isinstance(args[1], tuple) else (args[1],))):  # fmt: skip
-                raise AssertionError("boolean-mask indexing inside a step")
-            return func(*args, **kwargs)
+    class HostReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
 
-    with NoHostRead(), pytest.raises(AssertionError, match="host read"):  # the detector detects
-        int(torch.ones(3).sum())
-    with NoHostRead(), pytest.raises(AssertionError, match="boolean-mask"):
-        torch.ones(3)[torch.ones(3) > 0]
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            bool_index = func is T.__getitem__ and any(isinstance(i, T) and i.dtype == torch.bool
+                                                       for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))  # fmt: skip
+            if func in reads or bool_index:
+                self.seen.append("boolean-mask index" if bool_index else func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with HostReads() as probe:  # the probe sees what it should
+        int(torch.ones(3).sum()), torch.ones(3)[torch.ones(3) > 0]
+    assert probe.seen == ["__int__", "boolean-mask index"]
     for kernel in ("csr", "gather", "dense"):
         for mode in ({}, {"matryoshka": [32, 128]}, {"matryoshka_sampled": 3}):
-            cfg = small_config(tokens=40 * 512, batch_size=512, dead_tokens=1024, kernel=kernel, **mode)
+            cfg = small_config(tokens=40 * 512, batch_size=512, dead_tokens=2048, kernel=kernel, **mode)
             trainer = Trainer(cfg, synthetic(1.0))
             batches = trainer.source.batches(cfg.batch_size, cfg.seed)
-            for _ in range(4):  # past dead_tokens: AuxK runs
-                trainer.train_step(next(batches))
-            trainer.since_fired[::2] = 10**9  # half the latents dead
-            draw = sample_granularities(cfg, trainer.gen)  # the sampler's draw: a CPU generator's, by design
-            monkeypatch.setattr(sys.modules["progsae.train"], "sample_granularities", lambda c, g, b=draw: b)
-            with NoHostRead():
-                numbers = trainer.train_step(next(batches))
+            for step in range(6):  # latents can be dead from step 4 (4 x 512 tokens) on
+                if step >= 4:
+                    trainer.since_fired[::2] = 10**9  # half the latents dead
+                draw = sample_granularities(cfg, trainer.gen)
+                monkeypatch.setattr(sys.modules["progsae.train"], "sample_granularities", lambda c, g, b=draw: b)
+                with HostReads() as probe:  # (the sampler's draw above: a CPU generator's, on the host by design)
+                    numbers = trainer.train_step(next(batches))
+                assert probe.seen == ([] if step < 4 else ["__int__"]), (kernel, mode, step, probe.seen)
             assert trainer.metrics(numbers)["aux_fvu"] > 0  # read here, outside the step

@@ -12,8 +12,8 @@ them by the path `kernel` names (csr, gather or dense: the same values and gradi
     grad of input    S' @ W_enc^T (b_dec: W_enc (1^T S'))   -> [B, d]                   O(B k d)
 
 so the only dense GEMM of a training step is the encoder's forward, 2·B·d·N FLOPs (the dense path's
-products add their own). Nothing here reads a number back to the host: a step runs on a GPU without a
-synchronisation. The plain dense twins of these functions live in tests/reference.py.
+products add their own). Nothing here reads a number back to the host (a GPU's queue never waits on
+these functions). The plain dense twins of these functions live in tests/reference.py.
 """
 
 from __future__ import annotations

@@ -52,10 +52,12 @@ def sae_loss(
     Data-parallel: x is this rank's share of the global batch and total_var the global batch's
     sum ||x - mean||^2; every returned number is this rank's share, summing over the ranks to the
     global one (so do the gradients).
-    AuxK runs whenever `dead` is given, at width k_aux whatever the number of dead latents (no number is read
-    back from the device): picks beyond the dead latents have value 0, and with none dead the term is 0.
+    AuxK runs when `dead` is given, at width min(k_aux, number of dead latents): the one number a step reads
+    back from the device, as sparsify and SAELens do (a fixed width k_aux, padded with zeros, needs no read but
+    costs B·k_aux·d products per step when few or none are dead: 3-9x slower steps measured on a CPU, see
+    docs/ARCHITECTURE.md's fast paths). The trainer passes `dead` only once a latent can be dead.
     """
-    k_aux = min(k_aux, sae.d_sae) if dead is not None else 0
+    k_aux = min(k_aux, int(dead.sum())) if dead is not None else 0
     code = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead if k_aux else None, k_aux, bf16, kernel)
     sse, residual = nested_sse(code.values, code.indices, sae.W_dec, x - sae.b_dec, bounds, kernel)  # [g], [B, d]
     if total_var is None:
@@ -68,7 +70,5 @@ def sae_loss(
         aux_sse, _ = nested_sse(code.aux_values, code.aux_indices, sae.W_dec, residual, None, kernel)
         mean = dist.all_sum(residual.sum(0)) / (residual.shape[0] * dist.world())  # every rank holds an equal share
         aux = aux_sse[0] / dist.all_sum((residual - mean).pow(2).sum())
-        some = dead.any()  # none dead: no term (and the logged aux FVU is NaN, written as None)
-        loss = loss + aux_coef * torch.where(some, aux, 0.0)
-        aux = torch.where(some, aux, float("nan"))
+        loss = loss + aux_coef * aux
     return Loss(loss, full_fvu, aux, code.values.detach(), code.indices)

@@ -219,8 +219,9 @@ class Trainer:
         return self.cfg.base_lr() * min(1.0, (step + 1) / warm) if warm else self.cfg.base_lr()
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
-        """One step on the global batch x [batch_size, d_in] (each rank trains on its share of it). Nothing is
-        read back to the host: it returns the step's numbers on the device (`metrics` reads them)."""
+        """One step on the global batch x [batch_size, d_in] (each rank trains on its share of it). It reads one
+        number back to the host, AuxK's width (see `sae_loss`), and returns the step's numbers on the device
+        (`metrics` reads them)."""
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, non_blocking=True)
         if getattr(self.source, "sharded", False):  # x is already this rank's share (an LM stream)
