@@ -77,9 +77,9 @@ class TopKEncode(torch.autograd.Function):
         aux_values, aux_indices = _sorted_code(aux_values, aux_indices)
         if bf16:  # the selected latents' pre-activations again, in fp32: O(B k d); an AuxK pick of a live
             # latent (-inf: fewer dead latents than k_aux) stays at 0
-            live = aux_values == float("-inf")
+            past = aux_values == float("-inf")
             values, aux_values = (_pre_at(xc, W_enc, b_enc, i, kernel) for i in (indices, aux_indices))
-            aux_values.masked_fill_(live, 0.0)
+            aux_values.masked_fill_(past, 0.0)
         values, aux_values = values.relu_(), aux_values.relu_()
         ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
         ctx.mark_non_differentiable(indices, aux_indices)
