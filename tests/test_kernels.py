@@ -164,6 +164,27 @@ def test_bf16_selection_path_matches_the_dense_fp32_reference_in_loss_and_grads(
             torch.testing.assert_close(fast[name], ref[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_auxk_picks_past_the_dead_latents_stay_zero(kernel):
+    """Dead latents 3 and 90 sit in every token's main code, so with k_aux = the number of dead latents each
+    token's AuxK width holds two picks past the eligible ones (pre-activation -inf once masked): in bf16 they
+    must not be recomputed to their real fp32 pre-activations. Against the fp32 selection's code."""
+    sae, dead = planted_sae()
+    dead[[3, 90]] = True
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    n = int(dead.sum())
+    bf = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, 5, dead, n, bf16=True, kernel=kernel)
+    fp = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, 5, dead, n, kernel=kernel)
+    eligible = dead.clone()
+    eligible[[3, 20, 50, 70, 90]] = False  # the main code
+    past = ~eligible[bf.aux_indices]
+    assert past.sum(1).eq(2).all()  # two picks per token past the eligible dead latents
+    assert (bf.aux_values[past] == 0).all() and (bf.aux_values[~past] > 0).any()
+    live_fp = torch.zeros(64, 96).scatter(1, fp.aux_indices, fp.aux_values)
+    live_bf = torch.zeros(64, 96).scatter(1, bf.aux_indices, bf.aux_values)
+    torch.testing.assert_close(live_bf, live_fp, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_selection_keeps_fp32_values_of_the_latents_it_selects():
     g = torch.Generator().manual_seed(3)
     x, W, b, b_dec = torch.randn(200, 32, generator=g), torch.randn(512, 32, generator=g).t(), torch.randn(512, generator=g), torch.randn(32, generator=g)

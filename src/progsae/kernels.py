@@ -75,8 +75,8 @@ class TopKEncode(torch.autograd.Function):
                 _topk(pre, k_aux, aux_values[s:e], aux_indices[s:e])
         values, indices = _sorted_code(values, indices)
         aux_values, aux_indices = _sorted_code(aux_values, aux_indices)
-        if bf16:  # the selected latents' pre-activations again, in fp32: O(B k d); an AuxK pick of a live
-            # latent (-inf: fewer dead latents than k_aux) stays at 0
+        if bf16:  # the selected latents' pre-activations again, in fp32: O(B k d); an AuxK pick past the
+            # eligible dead latents (-inf: fewer left outside the token's code than the width) stays at 0
             past = aux_values == float("-inf")
             values, aux_values = (_pre_at(xc, W_enc, b_enc, i, kernel) for i in (indices, aux_indices))
             aux_values.masked_fill_(past, 0.0)

@@ -134,7 +134,8 @@ class RunConfig(HookConfig):
 
 
 PRESETS = {
-    # 2 CPU cores, 34 minutes measured where bf16 is fast (auto trains in bf16; longer in fp32): the embedded
+    # 2 CPU cores, 34 minutes measured where bf16 is fast (an Intel Xeon with AMX; 46 on an AMD EPYC with AVX-512
+    # BF16; auto trains in bf16 on both, longer in fp32): the embedded
     # SmolLM2-135M and the KJV corpus; two seeds; interpretability (records, browsers, the local judge on 15
     # latents per SAE) ~4 minutes; shrinking and evaluating the shrunk SAEs ~7 minutes
     "demo": RunConfig(seeds=2, precision="auto", minutes_estimate=34),
