@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py curve [--d 2304 --N 65536 --k 256 --rows 262144]   one-pass curve vs one FVU pass
     python benchmarks/gpu.py recaptured [--N 65536 --k 256]   recaptured LM loss at five G on the embedded model
+    python benchmarks/gpu.py compile [--d 576 --N 16384 --k 64 --batch 4096]   torch.compile against eager
     python benchmarks/gpu.py table OUT_DIR                    the table from OUT_DIR's logs (gpu.sh writes them)
 
 Each check prints one `GPU {...}` JSON line; `table` gathers them with compare.py's lines and the smoke run's
@@ -83,11 +84,48 @@ def recaptured(a) -> dict:
             "seconds": time.perf_counter() - t}  # fmt: skip
 
 
+def compile_check(a) -> dict:
+    """torch.compile where a step could use it, against the eager code it would replace, interleaved: the loss's
+    forward and backward (`losses.sae_loss`: its sparse autograd functions are graph breaks, the rest is fused), and
+    the decoder's update after the backward (`project_decoder_grad` then `normalize_decoder`, in place; compiled as
+    the functional twin, since Inductor is asked to fuse it)."""
+    from progsae.losses import sae_loss
+
+    sae, x = random_sae(a.d, a.N, a.k, a.device, "csr"), torch.randn(a.batch, a.d, device=a.device)
+
+    def step(loss_fn):
+        loss_fn(sae, x, kernel="csr").loss.backward()
+        sae.zero_grad(set_to_none=True)
+
+    def update(g, W):  # what `SAE.project_decoder_grad` and `SAE.normalize_decoder` compute
+        return g - W * (g * W).sum(1, keepdim=True), W / W.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    W, g = sae.W_dec.detach().clone(), torch.randn_like(sae.W_dec)
+
+    def in_place():
+        g.addcmul_(W, torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1), value=-1)
+        W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    out = {"check": "compile", "d": a.d, "N": a.N, "k": a.k, "batch": a.batch}
+    compiled_loss, compiled_update = torch.compile(sae_loss), torch.compile(update)
+    t = time.perf_counter()
+    step(compiled_loss)
+    compiled_update(g, W)
+    out["compile_s"] = time.perf_counter() - t
+    runs = {"loss_eager_s": lambda: step(sae_loss), "loss_compiled_s": lambda: step(compiled_loss),
+            "update_in_place_s": in_place, "update_compiled_s": lambda: compiled_update(g, W)}  # fmt: skip
+    times = {key: [] for key in runs}
+    for _ in range(a.rounds):  # interleaved: A, B, C, D, A, B, ...
+        for key, fn in runs.items():
+            times[key].append(timed(fn, a.device, repeats=1))
+    return out | {key: sorted(v)[len(v) // 2] for key, v in times.items()}  # medians
+
+
 def table(out: Path) -> None:
     rows = []
     compare = (out / "compare.log").read_text() if (out / "compare.log").is_file() else ""
     rows += [line for line in compare.splitlines() if re.match(r"(progsae|sparsify|sae-lens|d=|the four|step )", line)]
-    for name in ("curve.log", "recaptured.log"):
+    for name in ("curve.log", "recaptured.log", "compile.log"):
         for line in (out / name).read_text().splitlines() if (out / name).is_file() else []:
             if line.startswith("GPU "):
                 got = json.loads(line[4:])
@@ -102,7 +140,7 @@ def table(out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=("curve", "recaptured", "table"))
+    p.add_argument("check", choices=("curve", "recaptured", "compile", "table"))
     p.add_argument("out", nargs="?", default=".")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--d", type=int, default=2304)
@@ -112,10 +150,13 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--contexts", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args()
     if a.check == "table":
         return table(Path(a.out))
-    print("GPU " + json.dumps((curve if a.check == "curve" else recaptured)(a)), flush=True)
+    check = {"curve": curve, "recaptured": recaptured, "compile": compile_check}[a.check]
+    print("GPU " + json.dumps(check(a)), flush=True)
 
 
 if __name__ == "__main__":
