@@ -102,9 +102,10 @@ def compile_check(a) -> dict:
 
     W, g = sae.W_dec.detach().clone(), torch.randn_like(sae.W_dec)
 
-    def in_place():
-        g.addcmul_(W, torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1), value=-1)
-        W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-8))
+    def in_place():  # the trainer's own update
+        sae.W_dec.grad = g
+        sae.project_decoder_grad()
+        sae.normalize_decoder()
 
     out = {"check": "compile", "d": a.d, "N": a.N, "k": a.k, "batch": a.batch}
     compiled_loss, compiled_update = torch.compile(sae_loss), torch.compile(update)
